@@ -1,0 +1,43 @@
+# nas-janitor: set-up and checks. Run as root on Debian 12.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := btrfs-progs docker.io busybox-static debootstrap docker-compose make
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: test deps venv lint typecheck unit lab-tests demo clean
+
+## test: install what is needed, then lint, type checks, unit and lab tests
+test: deps venv lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## deps: the system packages the lab needs (installed only when missing)
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+## venv: a virtualenv with the pinned dependencies and dev tools
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest -m "not lab" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,99 @@
+"""The agent's one error tree. Every error the API can show is an ``AgentError``;
+``agent.problems`` turns it into RFC 9457 problem+json in one place.
+
+    AgentError                       (500 internal)
+    ├── NotFound                     (404 not_found)
+    ├── ValidationFailed             (422 validation_failed, per-field ``errors``)
+    ├── Refused                      (409, code says why)
+    │   ├── Protected                (409 protected)
+    │   ├── InUse                    (409 in_use)
+    │   ├── OutsideRoots             (409 outside_roots)
+    │   ├── PlanExpired              (409 plan_expired)
+    │   └── Conflict                 (409 conflict)
+    ├── Unavailable                  (503)
+    │   ├── DockerUnavailable        (503 docker_unavailable)
+    │   └── BtrfsUnavailable         (503 btrfs_unavailable)
+    └── ToolFailed                   (502 tool_failed: a command ran and failed)
+        └── BtrfsCommandError        (502 btrfs_failed, carries the command and its output)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class AgentError(Exception):
+    status: int = 500
+    code: str = "internal"
+    title: str = "Internal error"
+
+    def __init__(self, detail: str = "", *, extra: Mapping[str, Any] | None = None) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra: dict[str, Any] = dict(extra or {})
+
+
+class NotFound(AgentError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class ValidationFailed(AgentError):
+    status, code, title = 422, "validation_failed", "Validation failed"
+
+    def __init__(self, detail: str = "", *, errors: Mapping[str, Any] | None = None) -> None:
+        super().__init__(detail, extra={"errors": dict(errors or {})})
+
+
+class Refused(AgentError):
+    status, code, title = 409, "conflict", "Refused"
+
+
+class Protected(Refused):
+    code, title = "protected", "Protected target"
+
+
+class InUse(Refused):
+    code, title = "in_use", "Target in use"
+
+
+class OutsideRoots(Refused):
+    code, title = "outside_roots", "Target outside the configured roots"
+
+
+class PlanExpired(Refused):
+    code, title = "plan_expired", "Plan expired"
+
+
+class Conflict(Refused):
+    code, title = "conflict", "Conflict"
+
+
+class Unavailable(AgentError):
+    status, code, title = 503, "unavailable", "Service unavailable"
+
+
+class DockerUnavailable(Unavailable):
+    code, title = "docker_unavailable", "Docker is unavailable"
+
+
+class BtrfsUnavailable(Unavailable):
+    code, title = "btrfs_unavailable", "btrfs is unavailable"
+
+
+class ToolFailed(AgentError):
+    status, code, title = 502, "tool_failed", "A tool the agent runs failed"
+
+
+class BtrfsCommandError(ToolFailed):
+    code, title = "btrfs_failed", "A btrfs command failed"
+
+    def __init__(
+        self, cmd: Sequence[str], returncode: int, stdout: str, stderr: str
+    ) -> None:
+        self.cmd = tuple(cmd)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        first = stderr.strip().splitlines()[0] if stderr.strip() else f"exit {returncode}"
+        super().__init__(f"{' '.join(self.cmd[:3])}: {first}")

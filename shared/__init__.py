@@ -1,0 +1,1 @@
+"""Code both the agent and the controller use: the API's schemas and models."""
