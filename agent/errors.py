@@ -88,9 +88,7 @@ class ToolFailed(AgentError):
 class BtrfsCommandError(ToolFailed):
     code, title = "btrfs_failed", "A btrfs command failed"
 
-    def __init__(
-        self, cmd: Sequence[str], returncode: int, stdout: str, stderr: str
-    ) -> None:
+    def __init__(self, cmd: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
         self.cmd = tuple(cmd)
         self.returncode = returncode
         self.stdout = stdout

@@ -1,0 +1,318 @@
+"""Marshmallow schemas of the agent API (version 1), shared by both sides.
+
+The agent dumps its responses and loads its requests with these schemas, and builds
+its OpenAPI document from them; the controller loads the agent's answers with the
+same schemas. A field renamed here breaks a contract test on one side or the other.
+
+Responses are loaded with ``unknown=EXCLUDE`` by clients, so an agent that adds
+fields does not break an older controller (the contract allows additions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import Schema, fields, validate
+
+FINDING_KINDS = ("dind-volume", "orphan-layer", "dangling-volume")
+OWNER_KINDS = ("docker-layer", "docker-volume", "orphan-layer", "other")
+SCOPES = ("read", "clean")
+JOB_STATES = ("queued", "running", "succeeded", "partial", "failed", "interrupted")
+ACTION_OPS = ("delete_subvolumes", "remove_volume")
+RESULT_OUTCOMES = ("deleted", "skipped", "failed")
+DEFAULT_PLAN_KINDS = ("dind-volume", "orphan-layer")
+DEFAULT_PROTECT_LABELS = ("keep", "nas-janitor.keep")
+DEFAULT_MIN_AGE_SECONDS = 86400
+DEFAULT_LIMIT = 500
+MAX_LIMIT = 5000
+
+
+class Base(Schema):
+    class Meta:
+        ordered = True
+
+
+# -- problems ------------------------------------------------------------------
+
+
+class ProblemSchema(Base):
+    """RFC 9457 problem details."""
+
+    type = fields.String(required=True)
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
+    code = fields.String(required=True, metadata={"description": "stable machine word"})
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.Raw(),
+        metadata={"description": "per-field messages (422 only)"},
+    )
+
+
+# -- unauthenticated -------------------------------------------------------------
+
+
+class HealthSchema(Base):
+    status = fields.String(required=True)
+
+
+# -- host ----------------------------------------------------------------------
+
+
+class KernelSchema(Base):
+    release = fields.String(required=True)
+    rmdir_deletes_subvolumes = fields.Boolean(required=True)
+
+
+class DockerSummarySchema(Base):
+    server_version = fields.String(required=True)
+    api_version = fields.String(required=True)
+    storage_driver = fields.String(required=True)
+    data_root = fields.String(required=True)
+
+
+class HostSchema(Base):
+    hostname = fields.String(required=True)
+    agent_version = fields.String(required=True)
+    kernel = fields.Nested(KernelSchema, required=True)
+    btrfs_progs_version = fields.String(required=True)
+    docker = fields.Nested(DockerSummarySchema, required=True)
+    roots = fields.List(fields.String(), required=True)
+
+
+# -- filesystems and subvolumes ----------------------------------------------------
+
+
+class FilesystemSchema(Base):
+    uuid = fields.String(required=True)
+    label = fields.String(required=True, allow_none=True)
+    mountpoints = fields.List(fields.String(), required=True)
+    size_bytes = fields.Integer(required=True)
+    used_bytes = fields.Integer(required=True)
+    free_bytes = fields.Integer(required=True)
+    quota_enabled = fields.Boolean(required=True)
+
+
+class OwnerSchema(Base):
+    kind = fields.String(required=True, validate=validate.OneOf(OWNER_KINDS))
+    ref = fields.String(required=True, allow_none=True)
+
+
+class SubvolumeSchema(Base):
+    id = fields.Integer(required=True)
+    parent_id = fields.Integer(required=True)
+    path = fields.String(required=True, metadata={"description": "absolute, as the host sees it"})
+    read_only = fields.Boolean(required=True)
+    generation = fields.Integer(required=True)
+    created_at = fields.DateTime(required=True, allow_none=True)
+    uuid = fields.String(required=True, allow_none=True)
+    parent_uuid = fields.String(required=True, allow_none=True)
+    referenced_bytes = fields.Integer(required=True, allow_none=True)
+    exclusive_bytes = fields.Integer(required=True, allow_none=True)
+    owner = fields.Nested(OwnerSchema, required=True)
+
+
+class SubvolumeRefSchema(Base):
+    id = fields.Integer(required=True)
+    path = fields.String(required=True)
+    read_only = fields.Boolean(required=True)
+
+
+# -- volumes -----------------------------------------------------------------------
+
+
+class VolumeSchema(Base):
+    name = fields.String(required=True)
+    driver = fields.String(required=True)
+    mountpoint = fields.String(required=True)
+    labels = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
+    created_at = fields.DateTime(required=True, allow_none=True)
+    anonymous = fields.Boolean(required=True)
+    in_use_by = fields.List(fields.String(), required=True)
+    nested_subvolumes = fields.List(fields.Nested(SubvolumeRefSchema), required=True)
+    exclusive_bytes = fields.Integer(required=True, allow_none=True)
+    protected = fields.String(required=True, allow_none=True)
+
+
+# -- findings ----------------------------------------------------------------------
+
+
+class TargetSchema(Base):
+    type = fields.String(required=True, validate=validate.OneOf(("volume", "subvolume")))
+    name = fields.String(required=True, allow_none=True)
+    id = fields.Integer(required=True, allow_none=True)
+    path = fields.String(required=True, allow_none=True)
+
+
+class FindingSchema(Base):
+    id = fields.String(required=True)
+    kind = fields.String(required=True, validate=validate.OneOf(FINDING_KINDS))
+    target = fields.Nested(TargetSchema, required=True)
+    reclaimable_bytes = fields.Integer(required=True, allow_none=True)
+    evidence = fields.List(fields.String(), required=True)
+    blocked_by = fields.List(fields.String(), required=True)
+    age_seconds = fields.Integer(required=True, allow_none=True)
+    filesystem_uuid = fields.String(allow_none=True)
+    subvolume_ids = fields.List(fields.Integer())
+
+
+# -- clean ---------------------------------------------------------------------------
+
+
+class DeletedSchema(Base):
+    id = fields.Integer(required=True)
+    path = fields.String(required=True)
+
+
+class DeleteResultSchema(Base):
+    dry_run = fields.Boolean(required=True)
+    deleted = fields.List(fields.Nested(DeletedSchema), required=True)
+    reclaimable_bytes = fields.Integer(required=True, allow_none=True)
+    audit_seq = fields.Integer(required=True)
+    volume = fields.String(allow_none=True)
+
+
+class PlanRequestSchema(Base):
+    kinds = fields.List(
+        fields.String(validate=validate.OneOf(FINDING_KINDS)),
+        load_default=lambda: list(DEFAULT_PLAN_KINDS),
+        validate=validate.Length(min=1),
+    )
+    min_age_seconds = fields.Integer(
+        load_default=DEFAULT_MIN_AGE_SECONDS, validate=validate.Range(min=0, max=10 * 365 * 86400)
+    )
+    protect_labels = fields.List(
+        fields.String(validate=validate.Length(min=1, max=255)),
+        load_default=lambda: list(DEFAULT_PROTECT_LABELS),
+    )
+    finding_ids = fields.List(
+        fields.String(validate=validate.Length(min=1, max=200)), load_default=None, allow_none=True
+    )
+
+
+class ActionSchema(Base):
+    seq = fields.Integer(required=True)
+    finding_id = fields.String(required=True)
+    op = fields.String(required=True, validate=validate.OneOf(ACTION_OPS))
+    target = fields.Nested(TargetSchema, required=True)
+    subvolume_ids = fields.List(fields.Integer(), required=True)
+    reclaimable_bytes = fields.Integer(required=True, allow_none=True)
+
+
+class SkippedSchema(Base):
+    finding_id = fields.String(required=True)
+    reason = fields.String(required=True)
+
+
+class PlanSchema(Base):
+    id = fields.String(required=True)
+    created_at = fields.DateTime(required=True)
+    expires_at = fields.DateTime(required=True)
+    actions = fields.List(fields.Nested(ActionSchema), required=True)
+    skipped = fields.List(fields.Nested(SkippedSchema), required=True)
+    reclaimable_bytes = fields.Integer(required=True, allow_none=True)
+    policy = fields.Nested(PlanRequestSchema)
+
+
+class ApplyResponseSchema(Base):
+    job_id = fields.String(required=True)
+    plan_id = fields.String(required=True)
+
+
+class ProgressSchema(Base):
+    done = fields.Integer(required=True)
+    total = fields.Integer(required=True)
+
+
+class ActionResultSchema(Base):
+    seq = fields.Integer(required=True)
+    outcome = fields.String(required=True, validate=validate.OneOf(RESULT_OUTCOMES))
+    detail = fields.String(required=True)
+    reclaimed_bytes = fields.Integer(required=True, allow_none=True)
+
+
+class JobSchema(Base):
+    id = fields.String(required=True)
+    plan_id = fields.String(required=True)
+    state = fields.String(required=True, validate=validate.OneOf(JOB_STATES))
+    progress = fields.Nested(ProgressSchema, required=True)
+    results = fields.List(fields.Nested(ActionResultSchema), required=True)
+    reclaimed_bytes = fields.Integer(required=True)
+    started_at = fields.DateTime(required=True, allow_none=True)
+    finished_at = fields.DateTime(required=True, allow_none=True)
+
+
+# -- audit -----------------------------------------------------------------------------
+
+
+class AuditEntrySchema(Base):
+    seq = fields.Integer(required=True)
+    at = fields.DateTime(required=True)
+    actor = fields.String(required=True)
+    action = fields.String(required=True)
+    target = fields.String(required=True)
+    outcome = fields.String(required=True)
+    detail = fields.Dict(keys=fields.String(), values=fields.Raw(), required=True)
+    prev_hash = fields.String(required=True)
+    hash = fields.String(required=True)
+
+
+class AuditVerifySchema(Base):
+    ok = fields.Boolean(required=True)
+    count = fields.Integer(required=True)
+    head = fields.String(required=True)
+    first_bad_seq = fields.Integer(required=True, allow_none=True)
+
+
+# -- lists and queries -------------------------------------------------------------------
+
+
+def page_of(item: type[Schema], name: str) -> type[Schema]:
+    """A list answer: ``{"items": [...], "next_cursor": null|"..."}``."""
+    attrs: dict[str, Any] = {
+        "items": fields.List(fields.Nested(item), required=True),
+        "next_cursor": fields.String(required=True, allow_none=True),
+    }
+    return type(name, (Base,), attrs)
+
+
+FilesystemPageSchema = page_of(FilesystemSchema, "FilesystemPageSchema")
+SubvolumePageSchema = page_of(SubvolumeSchema, "SubvolumePageSchema")
+VolumePageSchema = page_of(VolumeSchema, "VolumePageSchema")
+FindingPageSchema = page_of(FindingSchema, "FindingPageSchema")
+AuditPageSchema = page_of(AuditEntrySchema, "AuditPageSchema")
+
+
+class PageQuerySchema(Base):
+    limit = fields.Integer(
+        load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT)
+    )
+    cursor = fields.String(load_default=None, validate=validate.Length(max=200))
+
+
+class SubvolumeQuerySchema(PageQuerySchema):
+    under = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=4096),
+        metadata={"description": "absolute path prefix"},
+    )
+
+
+class VolumeQuerySchema(Base):
+    dangling = fields.Boolean(load_default=None)
+
+
+class FindingQuerySchema(Base):
+    kind = fields.List(fields.String(validate=validate.OneOf(FINDING_KINDS)), load_default=None)
+
+
+class AuditQuerySchema(Base):
+    after_seq = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Integer(
+        load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT)
+    )
+
+
+class DryRunQuerySchema(Base):
+    dry_run = fields.Boolean(load_default=True)
