@@ -2,6 +2,8 @@
 ``agent.problems`` turns it into RFC 9457 problem+json in one place.
 
     AgentError                       (500 internal)
+    ├── Unauthorized                 (401 unauthorized, WWW-Authenticate: Bearer)
+    ├── Forbidden                    (403 forbidden)
     ├── NotFound                     (404 not_found)
     ├── ValidationFailed             (422 validation_failed, per-field ``errors``)
     ├── Refused                      (409, code says why)
@@ -32,6 +34,14 @@ class AgentError(Exception):
         super().__init__(detail or self.title)
         self.detail = detail or self.title
         self.extra: dict[str, Any] = dict(extra or {})
+
+
+class Unauthorized(AgentError):
+    status, code, title = 401, "unauthorized", "Unauthorized"
+
+
+class Forbidden(AgentError):
+    status, code, title = 403, "forbidden", "Forbidden"
 
 
 class NotFound(AgentError):

@@ -248,7 +248,8 @@ class JobSchema(Base):
 
 class AuditEntrySchema(Base):
     seq = fields.Integer(required=True)
-    at = fields.DateTime(required=True)
+    # Kept as the exact string the agent hashed, so a client can recompute the chain.
+    at = fields.String(required=True, metadata={"format": "date-time"})
     actor = fields.String(required=True)
     action = fields.String(required=True)
     target = fields.String(required=True)
@@ -263,6 +264,7 @@ class AuditVerifySchema(Base):
     count = fields.Integer(required=True)
     head = fields.String(required=True)
     first_bad_seq = fields.Integer(required=True, allow_none=True)
+    reason = fields.String(allow_none=True, metadata={"description": "what is wrong, in words"})
 
 
 # -- lists and queries -------------------------------------------------------------------

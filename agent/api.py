@@ -1,0 +1,161 @@
+"""The HTTP skeleton: flask-smorest's ``Api`` with RFC 9457 problems everywhere, and
+the bearer-token guard every ``/v1`` view wears.
+
+Every error a client can see goes through ``problem_response``: ``AgentError``s
+raised by the domain, HTTP errors (404 of an unknown path, 405, webargs' 422), and
+anything unexpected (a 500 problem with no stack trace; the trace goes to the log).
+"""
+
+from __future__ import annotations
+
+import functools
+import http
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from flask import Response, current_app, g, json, request
+from flask_smorest import Api as SmorestApi
+from flask_smorest import Blueprint
+from flask_smorest.utils import prepare_response
+from werkzeug.exceptions import HTTPException
+
+from agent.errors import AgentError, Unauthorized
+from shared.schemas import ProblemSchema
+
+log = logging.getLogger("nas_janitor.agent")
+PROBLEM_JSON = "application/problem+json"
+F = TypeVar("F", bound=Callable[..., Any])
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "validation_failed",
+    429: "too_many_requests",
+    500: "internal",
+    503: "unavailable",
+}
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    title: str | None = None,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {
+        "type": f"https://nas-janitor.dev/problems/{code}",
+        "title": title or http.HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if extra:
+        body.update(extra)
+    resp = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="nas-janitor"'
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+class Api(SmorestApi):  # type: ignore[misc]
+    ERROR_SCHEMA = ProblemSchema
+
+    def _register_responses(self) -> None:
+        for status in http.HTTPStatus:
+            response: dict[str, Any] = {"description": status.phrase}
+            if not (100 <= status < 200) and status not in (204, 304):
+                response["schema"] = self.ERROR_SCHEMA
+            prepare_response(response, self.spec, PROBLEM_JSON)
+            self.spec.components.response(status.name, response, lazy=True)
+        response = {"description": "Default error response", "schema": self.ERROR_SCHEMA}
+        prepare_response(response, self.spec, PROBLEM_JSON)
+        self.spec.components.response("DEFAULT_ERROR", response, lazy=True)
+
+    def _register_error_handlers(self) -> None:
+        self._app.register_error_handler(HTTPException, self.handle_http_exception)
+        self._app.register_error_handler(AgentError, handle_agent_error)
+        self._app.register_error_handler(Exception, handle_unexpected)
+
+    def handle_http_exception(self, error: HTTPException) -> Response:
+        status = error.code or 500
+        if status >= 500:
+            log.error("internal error: %s", error, exc_info=error.__cause__ or error)
+            return problem_response(500, "internal", "internal error; see the agent's log")
+        data = getattr(error, "data", None) or {}
+        extra: dict[str, Any] = {}
+        errors = data.get("errors") or data.get("messages")
+        detail = data.get("message") or error.description or http.HTTPStatus(status).phrase
+        if errors:
+            # webargs nests messages under the location ("query", "json"); flatten that.
+            if isinstance(errors, dict) and set(errors) <= {"query", "json", "view_args"}:
+                flat: dict[str, Any] = {}
+                for part in errors.values():
+                    if isinstance(part, dict):
+                        flat.update(part)
+                errors = flat
+            extra["errors"] = errors
+            detail = "the request did not validate: see errors"
+        if status == 400 and request.mimetype != "application/json" and request.data:
+            status = 415
+            detail = "send JSON with Content-Type: application/json"
+        return problem_response(
+            status, _HTTP_CODES.get(status, "error"), str(detail), extra=extra or None
+        )
+
+
+def handle_agent_error(error: AgentError) -> Response:
+    if error.status >= 500 and error.status != 503:
+        log.warning("%s: %s", error.code, error.detail)
+    return problem_response(
+        error.status, error.code, error.detail, title=error.title, extra=error.extra or None
+    )
+
+
+def handle_unexpected(error: Exception) -> Response:
+    if isinstance(error, HTTPException):  # pragma: no cover - routed above
+        return cast(Response, current_app.handle_http_exception(error))
+    log.exception("unexpected error")
+    return problem_response(500, "internal", "internal error; see the agent's log")
+
+
+def needs(blp: Blueprint, scope: str) -> Callable[[F], F]:
+    """Guard a view with a bearer token holding ``scope``; document 401/403.
+
+    Put it above ``@blp.arguments`` so the token is checked before the input."""
+
+    def decorator(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            tokens = current_app.extensions["nas_janitor"].tokens
+            principal = tokens.authenticate(request.headers.get("Authorization"))
+            tokens.require(principal, scope)
+            g.principal = principal
+            return fn(*args, **kwargs)
+
+        wrapped: Any = wrapper
+        wrapped = blp.alt_response(401, response="UNAUTHORIZED")(wrapped)
+        wrapped = blp.alt_response(403, response="FORBIDDEN")(wrapped)
+        wrapped = blp.doc(security=[{"bearerAuth": []}])(wrapped)
+        return cast(F, wrapped)
+
+    return decorator
+
+
+def actor() -> str:
+    principal = g.get("principal")
+    if principal is None:
+        raise Unauthorized("no principal")
+    return str(principal.id)

@@ -1,0 +1,191 @@
+"""``janitor-agent``: serve the API, make tokens, check the config, health-check.
+
+Exit codes: 0 ok, 1 a check failed, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import click
+import yaml
+
+from agent import __version__
+from agent.auth import hash_token, new_token
+from agent.config import SCOPES, AgentConfig, ConfigError, load_config
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML config file (default: $NAS_JANITOR_CONFIG or /etc/nas-janitor/agent.yaml).",
+)
+
+
+def _load(config_path: str | None) -> AgentConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(2) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="janitor-agent")
+def cli() -> None:
+    """nas-janitor agent: finds and safely removes btrfs subvolumes Docker leaks."""
+
+
+def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
+    """gunicorn settings for a small NAS: one gthread worker, a few threads."""
+    opts: dict[str, Any] = {
+        "bind": config.listen,
+        "workers": config.gunicorn.workers,
+        "worker_class": "gthread",
+        "threads": config.gunicorn.threads,
+        "timeout": config.gunicorn.timeout,
+        "graceful_timeout": 30,
+        "keepalive": 5,
+        "accesslog": "-",
+        "errorlog": "-",
+        "loglevel": "info",
+        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        "forwarded_allow_ips": "127.0.0.1",
+    }
+    if config.tls.enabled:
+        opts["certfile"] = config.tls.cert
+        opts["keyfile"] = config.tls.key
+        if config.tls.client_ca:
+            opts["ca_certs"] = config.tls.client_ca
+            opts["cert_reqs"] = ssl.CERT_REQUIRED
+    return opts
+
+
+@cli.command()
+@CONFIG_OPTION
+def serve(config_path: str | None) -> None:
+    """Serve the API under gunicorn (TLS when a certificate is configured)."""
+    from gunicorn.app.base import BaseApplication
+
+    config = _load(config_path)
+    if not config.tokens:
+        click.echo("warning: no tokens configured; every /v1 request will get 401", err=True)
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in gunicorn_options(config).items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            from agent.app import create_app
+
+            return create_app(config)
+
+    Server().run()
+
+
+@cli.group()
+def token() -> None:
+    """Make API tokens."""
+
+
+@token.command("new")
+@click.option("--id", "token_id", required=True, help="A short name; the audit log's actor.")
+@click.option("--scopes", default="read", show_default=True, help="Comma-separated: read,clean")
+def token_new(token_id: str, scopes: str) -> None:
+    """Print a new random token once, and the config entry that holds its hash."""
+    wanted = [s.strip() for s in scopes.split(",") if s.strip()]
+    bad = sorted(set(wanted) - SCOPES)
+    if not wanted or bad:
+        raise click.UsageError(f"--scopes takes {sorted(SCOPES)}; got {scopes!r}")
+    try:
+        load_config(data={"tokens": [{"id": token_id, "sha256": "0" * 64, "scopes": wanted}]})
+    except ConfigError as exc:
+        raise click.UsageError("; ".join(p for p in exc.problems if "tokens" in p)) from None
+    tok = new_token()
+    entry = {"id": token_id, "sha256": hash_token(tok), "scopes": wanted}
+    click.echo(f"token: {tok}")
+    click.echo("# keep the token secret; it is shown only now. Add this to the agent's tokens:")
+    click.echo(yaml.safe_dump({"tokens": [entry]}, sort_keys=False).rstrip())
+
+
+@cli.command("check-config")
+@CONFIG_OPTION
+def check_config(config_path: str | None) -> None:
+    """Validate the configuration and print it (token hashes elided)."""
+    config = _load(config_path)
+    shown = {
+        "listen": config.listen,
+        "tls": {
+            "cert": config.tls.cert,
+            "key": config.tls.key,
+            "client_ca": config.tls.client_ca,
+        },
+        "tokens": [{"id": t.id, "scopes": sorted(t.scopes)} for t in config.tokens],
+        "roots": list(config.roots) or "(the Docker data root)",
+        "state_dir": config.state_dir,
+        "docker_host": config.docker_host,
+        "host_prefix": config.host_prefix,
+        "plan_ttl_seconds": config.plan_ttl_seconds,
+    }
+    click.echo(json.dumps(shown, indent=2))
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--timeout", default=5.0, show_default=True)
+def healthcheck(config_path: str | None, timeout: float) -> None:
+    """GET /healthz on the configured listen address; exit 0 when it answers ok."""
+    config = _load(config_path)
+    host, port = config.host_port
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    scheme = "https" if config.tls.enabled else "http"
+    url = f"{scheme}://{host}:{port}/healthz"
+    ctx = None
+    if config.tls.enabled:
+        # A liveness probe on our own port: the certificate's name need not match
+        # 127.0.0.1, and a client CA (mutual TLS) would refuse us without a key.
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=ctx) as resp:  # noqa: S310
+            ok = resp.status == 200 and json.load(resp).get("status") == "ok"
+    except ssl.SSLError as exc:
+        # With mutual TLS the handshake is refused without a client certificate:
+        # the server answered, so it is alive.
+        ok = "CERTIFICATE_REQUIRED" in str(exc) or "alert" in str(exc).lower()
+    except (OSError, ValueError, urllib.error.URLError) as exc:
+        click.echo(f"unhealthy: {exc}", err=True)
+        raise SystemExit(1) from None
+    if not ok:
+        click.echo("unhealthy", err=True)
+        raise SystemExit(1)
+    click.echo("ok")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        return 1
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Agent configuration: one YAML file plus environment overrides.
+
+    listen: "0.0.0.0:8443"
+    tls: {cert: /etc/nas-janitor/tls.crt, key: /etc/nas-janitor/tls.key, client_ca: null}
+    tokens:                        # or tokens_file: a YAML file holding this list
+      - {id: controller, sha256: "<hex>", scopes: [read, clean]}
+    roots: []                      # default: the Docker data root
+    state_dir: /var/lib/nas-janitor
+    docker_host: unix:///var/run/docker.sock
+    host_prefix: ""                # where the host's / is mounted, when not at /
+    plan_ttl_seconds: 3600
+    gunicorn: {workers: 1, threads: 4, timeout: 120}
+
+The file is ``$NAS_JANITOR_CONFIG`` (default ``/etc/nas-janitor/agent.yaml``); each
+``NAS_JANITOR_<KEY>`` variable below overrides one key. A bad config raises
+``ConfigError`` with every problem found, and ``janitor-agent serve`` stops with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PATH = "/etc/nas-janitor/agent.yaml"
+SCOPES = frozenset({"read", "clean"})
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TOKEN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+ENV_KEYS = {
+    "NAS_JANITOR_LISTEN": "listen",
+    "NAS_JANITOR_TLS_CERT": "tls.cert",
+    "NAS_JANITOR_TLS_KEY": "tls.key",
+    "NAS_JANITOR_CLIENT_CA": "tls.client_ca",
+    "NAS_JANITOR_ROOTS": "roots",
+    "NAS_JANITOR_STATE_DIR": "state_dir",
+    "NAS_JANITOR_DOCKER_HOST": "docker_host",
+    "NAS_JANITOR_HOST_PREFIX": "host_prefix",
+    "NAS_JANITOR_TOKENS_FILE": "tokens_file",
+    "NAS_JANITOR_PLAN_TTL_SECONDS": "plan_ttl_seconds",
+}
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid agent configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    id: str
+    sha256: str
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str | None = None
+    key: str | None = None
+    client_ca: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True)
+class GunicornConfig:
+    workers: int = 1
+    threads: int = 4
+    timeout: int = 120
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    listen: str = "0.0.0.0:8443"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    tokens: tuple[TokenEntry, ...] = ()
+    roots: tuple[str, ...] = ()  # host paths; empty: the Docker data root
+    state_dir: str = "/var/lib/nas-janitor"
+    docker_host: str = "unix:///var/run/docker.sock"
+    host_prefix: str = ""
+    plan_ttl_seconds: int = 3600
+    gunicorn: GunicornConfig = field(default_factory=GunicornConfig)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for var, key in ENV_KEYS.items():
+        if var not in env:
+            continue
+        raw = env[var]
+        value: Any = raw
+        if key == "roots":
+            value = [p for p in raw.split(":") if p]
+        elif key == "plan_ttl_seconds":
+            value = raw
+        elif key.startswith("tls.") and raw == "":
+            value = None
+        _set_dotted(data, key, value)
+
+
+def _load_yaml(path: Path, problems: list[str], what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(f"{what}: cannot read {path}: {exc.strerror or exc}")
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problems.append(f"{what}: {path} is not valid YAML: {exc}")
+        return None
+
+
+def _tokens(raw: Any, problems: list[str], where: str) -> tuple[TokenEntry, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(f"{where}: must be a list of {{id, sha256, scopes}}")
+        return ()
+    out: list[TokenEntry] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{at}: must be a mapping")
+            continue
+        tid, digest, scopes = item.get("id"), item.get("sha256"), item.get("scopes")
+        if not isinstance(tid, str) or not _TOKEN_ID.match(tid):
+            problems.append(f"{at}.id: a short name of letters, digits, '.', '_' or '-'")
+            continue
+        if tid in seen:
+            problems.append(f"{at}.id: duplicate token id {tid!r}")
+        seen.add(tid)
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            problems.append(f"{at}.sha256: 64 lowercase hex characters (the token's hash)")
+            continue
+        if not isinstance(scopes, list) or not scopes or not set(scopes) <= SCOPES:
+            problems.append(f"{at}.scopes: a non-empty list of {sorted(SCOPES)}")
+            continue
+        out.append(TokenEntry(id=tid, sha256=digest, scopes=frozenset(scopes)))
+    return tuple(out)
+
+
+def _abs_path(value: Any, key: str, problems: list[str], *, optional: bool) -> str | None:
+    if value is None or value == "":
+        if not optional:
+            problems.append(f"{key}: required")
+        return None
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        problems.append(f"{key}: must be an absolute path")
+        return None
+    return os.path.normpath(value)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Read the config file (or ``data``), apply environment overrides, validate."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    if data is not None:
+        raw = dict(data)
+    else:
+        file = Path(path or env.get("NAS_JANITOR_CONFIG") or DEFAULT_PATH)
+        if file.exists() or path is not None or "NAS_JANITOR_CONFIG" in env:
+            loaded = _load_yaml(file, problems, "config")
+            if loaded is None and not problems:
+                loaded = {}
+            if loaded is not None and not isinstance(loaded, dict):
+                problems.append(f"config: {file} must hold a mapping")
+            elif isinstance(loaded, dict):
+                raw = loaded
+    _env_overrides(raw, env)
+
+    known = {
+        "listen",
+        "tls",
+        "tokens",
+        "tokens_file",
+        "roots",
+        "state_dir",
+        "docker_host",
+        "host_prefix",
+        "plan_ttl_seconds",
+        "gunicorn",
+    }
+    for key in sorted(set(raw) - known):
+        problems.append(f"{key}: unknown setting")
+
+    listen = raw.get("listen", AgentConfig.listen)
+    if not isinstance(listen, str) or not re.match(
+        r"^(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}$", listen
+    ):
+        problems.append("listen: HOST:PORT, e.g. 0.0.0.0:8443")
+    elif not 0 < int(listen.rpartition(":")[2]) < 65536:
+        problems.append("listen: port out of range")
+
+    tls_raw = raw.get("tls") or {}
+    if not isinstance(tls_raw, dict):
+        problems.append("tls: must be a mapping with cert, key, client_ca")
+        tls_raw = {}
+    cert = _abs_path(tls_raw.get("cert"), "tls.cert", problems, optional=True)
+    tls_key = _abs_path(tls_raw.get("key"), "tls.key", problems, optional=True)
+    ca = _abs_path(tls_raw.get("client_ca"), "tls.client_ca", problems, optional=True)
+    if bool(cert) != bool(tls_key):
+        problems.append("tls: cert and key go together")
+    if ca and not cert:
+        problems.append("tls.client_ca: needs tls.cert and tls.key")
+    for name, p in (("tls.cert", cert), ("tls.key", tls_key), ("tls.client_ca", ca)):
+        if p and not os.path.isfile(p):
+            problems.append(f"{name}: no such file: {p}")
+
+    tokens = _tokens(raw.get("tokens"), problems, "tokens")
+    tokens_file = raw.get("tokens_file")
+    if tokens_file:
+        tf = _abs_path(tokens_file, "tokens_file", problems, optional=False)
+        if tf:
+            loaded = _load_yaml(Path(tf), problems, "tokens_file")
+            if isinstance(loaded, dict):
+                loaded = loaded.get("tokens")
+            tokens = tokens + _tokens(loaded, problems, f"tokens_file {tf}")
+            ids = [t.id for t in tokens]
+            for dup in sorted({i for i in ids if ids.count(i) > 1}):
+                problems.append(f"tokens: duplicate token id {dup!r}")
+
+    roots_raw = raw.get("roots") or []
+    roots: list[str] = []
+    if not isinstance(roots_raw, list):
+        problems.append("roots: must be a list of absolute paths")
+    else:
+        for i, r in enumerate(roots_raw):
+            p = _abs_path(r, f"roots[{i}]", problems, optional=False)
+            if p == "/":
+                problems.append(f"roots[{i}]: '/' is too wide a root")
+            elif p:
+                roots.append(p)
+
+    state_dir = _abs_path(
+        raw.get("state_dir", AgentConfig.state_dir), "state_dir", problems, optional=False
+    )
+    docker_host = raw.get("docker_host", AgentConfig.docker_host)
+    if not isinstance(docker_host, str) or not re.match(r"^(unix|tcp|ssh|npipe)://", docker_host):
+        problems.append("docker_host: a URL such as unix:///var/run/docker.sock")
+    host_prefix: str = ""
+    if raw.get("host_prefix"):
+        host_prefix = _abs_path(raw["host_prefix"], "host_prefix", problems, optional=False) or ""
+        host_prefix = "" if host_prefix == "/" else host_prefix
+
+    ttl: Any = raw.get("plan_ttl_seconds", AgentConfig.plan_ttl_seconds)
+    try:
+        ttl = int(ttl)
+        if not 60 <= ttl <= 7 * 86400:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append("plan_ttl_seconds: a whole number from 60 to 604800")
+        ttl = AgentConfig.plan_ttl_seconds
+
+    g_raw = raw.get("gunicorn") or {}
+    gun = GunicornConfig()
+    if not isinstance(g_raw, dict):
+        problems.append("gunicorn: must be a mapping")
+    else:
+        try:
+            gun = GunicornConfig(
+                workers=int(g_raw.get("workers", 1)),
+                threads=int(g_raw.get("threads", 4)),
+                timeout=int(g_raw.get("timeout", 120)),
+            )
+            if gun.workers != 1:
+                problems.append(
+                    "gunicorn.workers: must be 1 (one process owns the job runner and the "
+                    "per-filesystem locks); raise gunicorn.threads instead"
+                )
+            if not 1 <= gun.threads <= 64 or gun.timeout < 10:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append("gunicorn: threads 1-64, timeout >= 10 seconds")
+
+    if problems:
+        raise ConfigError(problems)
+    assert state_dir is not None
+    return AgentConfig(
+        listen=str(listen),
+        tls=TlsConfig(cert=cert, key=tls_key, client_ca=ca),
+        tokens=tokens,
+        roots=tuple(roots),
+        state_dir=state_dir,
+        docker_host=str(docker_host),
+        host_prefix=host_prefix,
+        plan_ttl_seconds=ttl,
+        gunicorn=gun,
+    )

@@ -1,0 +1,320 @@
+"""What is on this NAS: filesystems, subvolumes, volumes, and who owns each.
+
+``take_snapshot`` asks the two backends once (a fixed number of btrfs processes per
+filesystem, one Docker call per kind of object, whatever the number of subvolumes)
+and joins the answers into a ``Snapshot``: plain values the findings, the safety rules
+and the views read. Ownership of a layer subvolume is decided from Docker's own
+metadata (the layerdb), never from a directory listing alone.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from agent.backend import Btrfs, Docker
+from agent.model import (
+    ContainerRecord,
+    DockerInfo,
+    FsUsage,
+    LayerRefs,
+    MountEntry,
+    SubvolumeRecord,
+    VolumeRecord,
+)
+from agent.paths import PathMap, is_under
+
+TOP_LEVEL_ID = 5
+_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+@dataclass(frozen=True)
+class FsView:
+    uuid: str
+    label: str | None
+    mountpoints: tuple[str, ...]  # host paths
+    usage: FsUsage
+    quota_enabled: bool
+    default_id: int
+    local_mount: str  # where btrfs commands for this filesystem are pointed
+    mounts: tuple[MountEntry, ...]
+
+
+@dataclass(frozen=True)
+class SubvolView:
+    fs_uuid: str
+    id: int
+    parent_id: int
+    path: str | None  # host path; None when no mount of this process shows it
+    local_path: str | None
+    read_only: bool
+    generation: int
+    uuid: str | None
+    parent_uuid: str | None
+    referenced_bytes: int | None
+    exclusive_bytes: int | None
+    owner_kind: str  # docker-layer | docker-volume | orphan-layer | other
+    owner_ref: str | None
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    record: VolumeRecord
+    in_use_by: tuple[str, ...]
+    nested: tuple[SubvolView, ...]
+    exclusive_bytes: int | None
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+
+@dataclass
+class Snapshot:
+    taken_at: datetime
+    docker: DockerInfo
+    roots: tuple[str, ...]
+    filesystems: dict[str, FsView]
+    subvolumes: dict[str, dict[int, SubvolView]]  # fs uuid -> id -> subvolume
+    volumes: dict[str, VolumeView]
+    containers: tuple[ContainerRecord, ...]
+    refs: LayerRefs
+    layerdb_known: bool  # False: Docker's layer records could not be read
+    mountpoints: frozenset[str]  # host paths where anything is mounted
+    mounted_roots: frozenset[tuple[str, str]]  # (fs uuid, in-fs path) mounted somewhere
+    _children: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+    # -- lookups ------------------------------------------------------------------
+    def fs_for_host_path(self, path: str) -> FsView | None:
+        best: tuple[int, FsView] | None = None
+        for fs in self.filesystems.values():
+            for mp in fs.mountpoints:
+                if is_under(path, mp) and (best is None or len(mp) > best[0]):
+                    best = (len(mp), fs)
+        return best[1] if best else None
+
+    def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView | None:
+        return self.subvolumes.get(fs_uuid, {}).get(sub_id)
+
+    def subvolume_at(self, host_path: str) -> SubvolView | None:
+        fs = self.fs_for_host_path(host_path)
+        if fs is None:
+            return None
+        for sv in self.subvolumes.get(fs.uuid, {}).values():
+            if sv.path == host_path:
+                return sv
+        return None
+
+    def children(self, fs_uuid: str, sub_id: int) -> list[int]:
+        if not self._children:
+            for uuid, subs in self.subvolumes.items():
+                for sv in subs.values():
+                    self._children.setdefault((uuid, sv.parent_id), []).append(sv.id)
+        return self._children.get((fs_uuid, sub_id), [])
+
+    def subtree(self, fs_uuid: str, sub_id: int) -> list[SubvolView]:
+        """The subvolume and everything nested in it, deepest first (delete order)."""
+        out: list[tuple[int, SubvolView]] = []
+        stack = [(sub_id, 0)]
+        while stack:
+            cur, depth = stack.pop()
+            sv = self.subvolume(fs_uuid, cur)
+            if sv is None:
+                continue
+            out.append((depth, sv))
+            stack.extend((c, depth + 1) for c in self.children(fs_uuid, cur))
+        out.sort(key=lambda t: (-t[0], t[1].id))
+        return [sv for _, sv in out]
+
+    def delete_order(self, subs: Iterable[SubvolView]) -> list[SubvolView]:
+        """Children before parents: deeper in the subvolume tree first."""
+
+        def depth(sv: SubvolView) -> int:
+            d, cur, seen = 0, sv, set()
+            while cur.parent_id not in seen:
+                seen.add(cur.parent_id)
+                parent = self.subvolume(cur.fs_uuid, cur.parent_id)
+                if parent is None:
+                    break
+                d, cur = d + 1, parent
+            return d
+
+        return sorted(subs, key=lambda s: (-depth(s), -len(s.path or ""), s.id))
+
+    def volume_users(self, name: str) -> tuple[str, ...]:
+        return tuple(c.id for c in self.containers if name in c.volume_names)
+
+
+def protected_reason(labels: dict[str, str], protect_labels: Sequence[str]) -> str | None:
+    """Why a volume's labels protect it, or None. A protect label protects unless its
+    value says false/0/no/off."""
+    for key in protect_labels:
+        if key in labels and labels[key].strip().lower() not in _FALSE_WORDS:
+            value = labels[key]
+            return f"label {key}={value}" if value else f"label {key}"
+    return None
+
+
+def _map_path(rec_path: str, mounts: Sequence[MountEntry]) -> str | None:
+    """Local path of a subvolume (path relative to top level) through any mount."""
+    full = "/" + rec_path.lstrip("/") if rec_path else "/"
+    best: tuple[int, str] | None = None
+    for m in mounts:
+        root = m.root.rstrip("/") or ""
+        if full == (root or "/") or full.startswith(root + "/"):
+            rest = full[len(root) :]
+            local = posixpath.normpath(m.mountpoint + rest) if rest else m.mountpoint
+            if best is None or len(root) > best[0]:
+                best = (len(root), local)
+    return best[1] if best else None
+
+
+def take_snapshot(
+    btrfs: Btrfs,
+    docker: Docker,
+    *,
+    now: datetime,
+    roots: Sequence[str] = (),
+    pathmap: PathMap | None = None,
+    fs_cache: dict[str, tuple[str, str | None]] | None = None,
+) -> Snapshot:
+    """Ask both backends once and join the answers. ``fs_cache`` (device -> uuid,
+    label) spares a ``filesystem show`` per request for filesystems seen before."""
+    pathmap = pathmap or PathMap()
+    info = docker.info()
+    data_root = info.data_root
+    roots = tuple(roots) or (data_root,)
+    volumes = docker.volumes()
+    containers = tuple(docker.containers())
+    layerdb_local = pathmap.to_local(data_root)
+    refs = docker.layer_refs(layerdb_local)
+    layerdb_known = bool(refs.all)
+
+    all_mounts = btrfs.mounts()
+    by_source: dict[str, list[MountEntry]] = {}
+    for m in all_mounts:
+        by_source.setdefault(m.source, []).append(m)
+
+    filesystems: dict[str, FsView] = {}
+    subvolumes: dict[str, dict[int, SubvolView]] = {}
+    mounted_roots: set[tuple[str, str]] = set()
+    mountpoints: set[str] = set()
+    for m in all_mounts:
+        host_mp = pathmap.to_host(m.mountpoint)
+        if host_mp is not None:
+            mountpoints.add(host_mp)
+
+    layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
+    volumes_dir = posixpath.join(data_root, "volumes")
+    vol_by_name = {v.name: v for v in volumes}
+    users: dict[str, list[str]] = {}
+    for c in containers:
+        for vn in c.volume_names:
+            users.setdefault(vn, []).append(c.id)
+
+    for source, mounts in sorted(by_source.items()):
+        # Point commands at a mount of the top level when there is one.
+        mounts.sort(key=lambda m: (m.root != "/", len(m.mountpoint)))
+        local_mount = mounts[0].mountpoint
+        if fs_cache is not None and source in fs_cache:
+            uuid, label = fs_cache[source]
+        else:
+            ident = btrfs.filesystem(local_mount)
+            uuid, label = ident.uuid, ident.label
+            if fs_cache is not None:
+                fs_cache[source] = (uuid, label)
+        if uuid in filesystems:
+            continue
+        host_mps = tuple(
+            hp for hp in (pathmap.to_host(m.mountpoint) for m in mounts) if hp is not None
+        )
+        if not host_mps:
+            continue
+        for m in mounts:
+            mounted_roots.add((uuid, m.root.rstrip("/") or "/"))
+        records: list[SubvolumeRecord] = btrfs.list_subvolumes(local_mount)
+        ro = btrfs.readonly_ids(local_mount)
+        qg = btrfs.qgroups(local_mount)
+        filesystems[uuid] = FsView(
+            uuid=uuid,
+            label=label,
+            mountpoints=host_mps,
+            usage=btrfs.usage(local_mount),
+            quota_enabled=qg is not None,
+            default_id=btrfs.default_subvolume(local_mount),
+            local_mount=local_mount,
+            mounts=tuple(mounts),
+        )
+        subs: dict[int, SubvolView] = {}
+        for rec in records:
+            local = _map_path(rec.path, mounts)
+            host = pathmap.to_host(local) if local is not None else None
+            kind, ref = "other", None
+            if host is not None:
+                parent_dir, name = posixpath.split(host)
+                if parent_dir == layer_dir:
+                    if name in refs.all:
+                        kind, ref = "docker-layer", name
+                    elif layerdb_known:
+                        kind, ref = "orphan-layer", name
+                    else:
+                        kind, ref = "other", name
+                elif host.startswith(volumes_dir + "/"):
+                    vname = host[len(volumes_dir) + 1 :].split("/", 1)[0]
+                    if vname in vol_by_name:
+                        kind, ref = "docker-volume", vname
+            q = qg.get(rec.id) if qg is not None else None
+            subs[rec.id] = SubvolView(
+                fs_uuid=uuid,
+                id=rec.id,
+                parent_id=rec.parent_id,
+                path=host,
+                local_path=local,
+                read_only=rec.id in ro,
+                generation=rec.generation,
+                uuid=rec.uuid,
+                parent_uuid=rec.parent_uuid,
+                referenced_bytes=q.referenced if q else None,
+                exclusive_bytes=q.exclusive if q else None,
+                owner_kind=kind,
+                owner_ref=ref,
+            )
+        subvolumes[uuid] = subs
+
+    nested_by_volume: dict[str, list[SubvolView]] = {}
+    quota_by_fs = {u: fs.quota_enabled for u, fs in filesystems.items()}
+    for subs in subvolumes.values():
+        for sv in subs.values():
+            if sv.owner_kind == "docker-volume" and sv.owner_ref:
+                nested_by_volume.setdefault(sv.owner_ref, []).append(sv)
+
+    views: dict[str, VolumeView] = {}
+    for v in volumes:
+        nested = tuple(sorted(nested_by_volume.get(v.name, []), key=lambda s: s.id))
+        # Only what sits in nested subvolumes can be counted cheaply: plain files in
+        # ``_data`` belong to the enclosing subvolume's qgroup.
+        excl: int | None = None
+        if nested and all(quota_by_fs.get(s.fs_uuid) for s in nested):
+            excl = sum(s.exclusive_bytes or 0 for s in nested)
+        views[v.name] = VolumeView(
+            record=v,
+            in_use_by=tuple(users.get(v.name, ())),
+            nested=nested,
+            exclusive_bytes=excl,
+        )
+
+    return Snapshot(
+        taken_at=now,
+        docker=info,
+        roots=roots,
+        filesystems=filesystems,
+        subvolumes=subvolumes,
+        volumes=views,
+        containers=containers,
+        refs=refs,
+        layerdb_known=layerdb_known,
+        mountpoints=frozenset(mountpoints),
+        mounted_roots=frozenset(mounted_roots),
+    )
