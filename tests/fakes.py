@@ -1,0 +1,1169 @@
+"""Stateful fakes of ``agent.backend.Btrfs`` and ``agent.backend.Docker`` for unit tests.
+
+They keep state and behave like the real tools as the lab showed them (see
+``/work/shared/lab.md`` and the captures of btrfs-progs output):
+
+- ``FakeBtrfs`` holds one or more filesystems, each with its subvolumes (ids from 256,
+  parent ids, generations, uuids, read-only flags), quotas on or off, a default subvolume,
+  and the usage they add up to. ``delete`` has btrfs' real rules: a batch is one process
+  that goes on past a bad path; a subvolume that still holds subvolumes fails with
+  "Directory not empty", one inside a read-only subvolume with "Read-only file system",
+  a missing path with "No such file or directory"; a read-only leaf deletes fine.
+  Every method that would run a ``btrfs`` process appends to ``calls``.
+- ``FakeDocker`` holds images, containers (running or stopped) and volumes. Linked to a
+  ``FakeBtrfs`` (``FakeDocker(btrfs=fs)``), images and containers get their layer
+  subvolumes under ``<data_root>/btrfs/subvolumes/`` and ``remove_volume`` does what
+  dockerd's ``os.RemoveAll`` does to a volume full of subvolumes: it removes what it
+  can and fails, leaving the volume listed and half-deleted, while a subvolume remains.
+
+Paths: what the ``Btrfs`` methods take and return are local paths (``/volume1/docker``);
+``SubvolumeRecord.path`` is relative to the filesystem's top level, as btrfs prints it
+(``docker``). A filesystem added with ``add_filesystem(mount="/volume1")`` is mounted
+there at its top level, so local path = mount + "/" + path.
+
+A typical test::
+
+    fs = FakeBtrfs()
+    fs.add_filesystem(mount="/volume1")
+    fs.create_subvolume("/volume1/docker")
+    fs.create_subvolume("/volume1/docker/volumes/v/_data/p", read_only=True)
+    fs.create_subvolume("/volume1/docker/volumes/v/_data/p/c")
+    fs.delete(["/volume1/docker/volumes/v/_data/p/c"])   # -> Read-only file system
+
+or the whole lab at once: ``s = make_leak_scenario()``, then ``s.btrfs``, ``s.docker``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import threading
+import uuid as uuidlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from agent.dockerd import ANONYMOUS_LABEL, is_anonymous
+from agent.errors import (
+    BtrfsCommandError,
+    BtrfsUnavailable,
+    DockerUnavailable,
+    InUse,
+    NotFound,
+    ToolFailed,
+)
+from agent.model import (
+    ContainerRecord,
+    DeleteResult,
+    DockerInfo,
+    FilesystemIdent,
+    FsUsage,
+    LayerRefs,
+    MountEntry,
+    Qgroup,
+    SubvolumeRecord,
+    VolumeRecord,
+)
+
+TOP_LEVEL = 5  # btrfs' FS_TREE: the top-level subvolume of every filesystem
+FIRST_ID = 256
+
+# Why ``delete`` failed for one path: the reasons ``agent.btrfs`` reads from btrfs' output.
+ENOENT = "No such file or directory"
+ENOTEMPTY = "Directory not empty"
+EROFS = "Read-only file system"
+EPERM = "Operation not permitted"
+NOT_SUBVOLUME = "Not a btrfs subvolume"  # a plain folder
+DEFAULT_SUBVOLUME = "It is the default subvolume"  # btrfs-progs refuses it
+NOT_ON_BTRFS = "Not on a btrfs filesystem"  # a top level: its mount point's parent is not btrfs
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+DEFAULT_NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+_NAMESPACE = uuidlib.UUID("5b0a9c1e-7c1e-4d8e-9a53-2f1d6f3c0b7a")
+
+
+def fake_hex(*seed: object) -> str:
+    """A deterministic 64-hex-digit id (what Docker uses for ids and layer names)."""
+    return hashlib.sha256("/".join(map(str, seed)).encode()).hexdigest()
+
+
+def _kernel_at_least(release: str, want: tuple[int, int]) -> bool:
+    numbers = [int(n) for n in re.findall(r"\d+", release)[:2]]
+    return len(numbers) == 2 and (numbers[0], numbers[1]) >= want
+
+
+def _ancestors(rel: str) -> Iterator[str]:
+    """Proper ancestors of a top-level-relative path, nearest first, ending with ""."""
+    while rel:
+        rel = posixpath.dirname(rel)
+        yield rel
+
+
+def _under(rel: str, prefix: str) -> bool:
+    return prefix == "" or rel == prefix or rel.startswith(prefix + "/")
+
+
+# --------------------------------------------------------------------------- btrfs
+
+
+@dataclass(frozen=True)
+class Call:
+    """One ``btrfs`` process the fake stood in for: ``op`` is the subcommand
+    (``"subvolume delete"``), ``args`` its path arguments."""
+
+    op: str
+    args: tuple[str, ...] = ()
+
+
+@dataclass
+class FakeSubvolume:
+    """A subvolume's whole state. ``FakeBtrfs.subvolume(path)`` returns the live object:
+    changing a field changes the fake (e.g. ``.exclusive_bytes = 10 * MiB``)."""
+
+    id: int
+    parent_id: int  # the subvolume whose tree holds it
+    path: str  # relative to the top level; "" for the top level itself
+    generation: int
+    cgen: int
+    uuid: str
+    parent_uuid: str | None  # the snapshot source
+    read_only: bool
+    created_at: datetime
+    exclusive_bytes: int
+    referenced_bytes: int
+
+    def record(self) -> SubvolumeRecord:
+        return SubvolumeRecord(
+            id=self.id,
+            parent_id=self.parent_id,
+            top_level=self.parent_id,
+            generation=self.generation,
+            uuid=self.uuid,
+            parent_uuid=self.parent_uuid,
+            path=self.path,
+        )
+
+
+@dataclass
+class FakeFilesystem:
+    """One btrfs filesystem. Built by ``FakeBtrfs.add_filesystem``."""
+
+    uuid: str
+    label: str | None
+    device: str
+    size_bytes: int
+    base_used_bytes: int  # metadata and whatever is not in a subvolume the fake tracks
+    quota_enabled: bool
+    default_id: int = TOP_LEVEL
+    generation: int = 7
+    next_id: int = FIRST_ID
+    pending_free_bytes: int = 0  # deleted but not cleaned yet (``lazy_free``)
+    subvolumes: dict[int, FakeSubvolume] = field(default_factory=dict)
+    by_path: dict[str, int] = field(default_factory=dict)
+    directories: set[str] = field(default_factory=set)  # plain folders, top-level-relative
+
+    def commit(self) -> int:
+        """A new transaction: returns its generation."""
+        self.generation += 1
+        return self.generation
+
+    def exists(self, rel: str) -> bool:
+        return rel == "" or rel in self.by_path or rel in self.directories
+
+    def containing(self, rel: str) -> FakeSubvolume:
+        """The subvolume whose tree holds ``rel`` (not ``rel`` itself)."""
+        for ancestor in _ancestors(rel):
+            if ancestor in self.by_path:
+                return self.subvolumes[self.by_path[ancestor]]
+        return self.subvolumes[TOP_LEVEL]
+
+    def children(self, sid: int) -> list[FakeSubvolume]:
+        return [s for s in self.subvolumes.values() if s.parent_id == sid and s.id != sid]
+
+    def used_bytes(self) -> int:
+        live = sum(s.exclusive_bytes for s in self.subvolumes.values())
+        return self.base_used_bytes + live + self.pending_free_bytes
+
+
+class FakeBtrfs:
+    """``agent.backend.Btrfs`` over in-memory filesystems.
+
+    Switches: ``missing`` (every btrfs process raises ``BtrfsUnavailable``), ``lazy_free``
+    (deleted bytes stay used until ``sync``, as on a real filesystem), ``kernel`` (e.g.
+    ``"4.4.302+"`` for Synology's; ``rmdir_deletes_subvolumes`` follows it unless
+    ``rmdir_subvol`` is set), ``created_at_supported``, ``progs_version``.
+    ``fail_next(op, error)`` makes the next process ``op`` raise; ``refuse_delete(path,
+    reason)`` makes ``delete`` fail for that path with ``reason``.
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel: str = "6.1.0-28-amd64",
+        progs_version: str = "6.2",
+        now: datetime = DEFAULT_NOW,
+    ) -> None:
+        self.kernel = kernel
+        self.progs_version = progs_version
+        self.now = now
+        self.missing = False
+        self.lazy_free = False
+        self.created_at_supported = True
+        self.rmdir_subvol: bool | None = None
+        self.calls: list[Call] = []
+        self.filesystems: list[FakeFilesystem] = []
+        self._mounts: list[tuple[MountEntry, FakeFilesystem]] = []
+        self._failures: dict[str, list[Exception]] = {}
+        self._refusals: dict[str, str] = {}
+        self._lock = threading.RLock()
+
+    # ----------------------------------------------------------------- building
+
+    def add_filesystem(
+        self,
+        *,
+        mount: str,
+        uuid: str | None = None,
+        label: str | None = None,
+        device: str | None = None,
+        size_bytes: int = 6 * GiB,
+        base_used_bytes: int = 16 * MiB,
+        quota: bool = True,
+    ) -> FakeFilesystem:
+        """A new filesystem mounted at its top level on ``mount``."""
+        with self._lock:
+            mount = self._norm(mount)
+            if any(entry.mountpoint == mount for entry, _ in self._mounts):
+                raise ValueError(f"something is already mounted on {mount}")
+            fs = FakeFilesystem(
+                uuid=uuid or str(uuidlib.uuid5(_NAMESPACE, f"fs:{mount}")),
+                label=label,
+                device=device or f"/dev/loop{len(self.filesystems)}",
+                size_bytes=size_bytes,
+                base_used_bytes=base_used_bytes,
+                quota_enabled=quota,
+            )
+            fs.subvolumes[TOP_LEVEL] = FakeSubvolume(
+                id=TOP_LEVEL,
+                parent_id=0,
+                path="",
+                generation=fs.generation,
+                cgen=0,
+                uuid=str(uuidlib.uuid5(_NAMESPACE, f"{fs.uuid}:5")),
+                parent_uuid=None,
+                read_only=False,
+                created_at=self.now,
+                exclusive_bytes=16 * KiB,
+                referenced_bytes=16 * KiB,
+            )
+            self.filesystems.append(fs)
+            self._add_mount(fs, mount, "")
+            return fs
+
+    def mount_subvolume(self, subvolume: str, mountpoint: str) -> MountEntry:
+        """Mount the subvolume at local path ``subvolume`` also on ``mountpoint``
+        (``mount -o subvol=...``)."""
+        with self._lock:
+            fs, rel = self._resolve(subvolume)
+            if rel not in fs.by_path:
+                raise ValueError(f"{subvolume} is not a subvolume")
+            return self._add_mount(fs, self._norm(mountpoint), rel)
+
+    def bind_mount(self, source: str, mountpoint: str) -> MountEntry:
+        """``mount --bind source mountpoint`` of a folder or subvolume: what dockerd
+        does to its data root and ``<data_root>/btrfs`` (each onto itself)."""
+        with self._lock:
+            fs, rel = self._resolve(source)
+            if not fs.exists(rel):
+                raise FileNotFoundError(source)
+            return self._add_mount(fs, self._norm(mountpoint), rel)
+
+    def create_subvolume(
+        self,
+        path: str,
+        *,
+        read_only: bool = False,
+        exclusive_bytes: int = 16 * KiB,
+        referenced_bytes: int | None = None,
+        created_at: datetime | None = None,
+        snapshot_of: str | None = None,
+    ) -> FakeSubvolume:
+        """A subvolume at local ``path``; missing parent folders are made (mkdir -p).
+        ``snapshot_of`` (a local path) sets its ``parent_uuid``."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            if rel == "" or fs.exists(rel):
+                raise FileExistsError(path)
+            self._make_dirs(fs, posixpath.dirname(rel))
+            source_uuid = None
+            if snapshot_of is not None:
+                src_fs, src_rel = self._resolve(snapshot_of)
+                if src_fs is not fs or src_rel not in fs.by_path:
+                    raise ValueError(f"{snapshot_of} is not a subvolume of the same filesystem")
+                source_uuid = fs.subvolumes[fs.by_path[src_rel]].uuid
+            holder = fs.containing(rel)
+            gen = fs.commit()
+            sid = fs.next_id
+            fs.next_id += 1
+            sub = FakeSubvolume(
+                id=sid,
+                parent_id=holder.id,
+                path=rel,
+                generation=gen,
+                cgen=gen,
+                uuid=str(uuidlib.uuid5(_NAMESPACE, f"{fs.uuid}:{sid}")),
+                parent_uuid=source_uuid,
+                read_only=read_only,
+                created_at=created_at or self.now,
+                exclusive_bytes=exclusive_bytes,
+                referenced_bytes=(
+                    referenced_bytes if referenced_bytes is not None else exclusive_bytes
+                ),
+            )
+            fs.subvolumes[sid] = sub
+            fs.by_path[rel] = sid
+            holder.generation = gen
+            return sub
+
+    def make_dirs(self, path: str) -> None:
+        """A plain folder (and its parents) at local ``path``."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            self._make_dirs(fs, rel)
+
+    def touch(self, path: str, *, add_bytes: int = 0) -> int:
+        """Write into the subvolume holding local ``path``: moves its generation (and
+        grows it by ``add_bytes``). Returns the new generation."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            sub = fs.subvolumes[fs.by_path[rel]] if rel in fs.by_path else fs.containing(rel)
+            sub.generation = fs.commit()
+            sub.exclusive_bytes += add_bytes
+            sub.referenced_bytes += add_bytes
+            return sub.generation
+
+    def set_default(self, path: str) -> None:
+        """``btrfs subvolume set-default`` (a builder: not logged in ``calls``)."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            fs.default_id = fs.by_path[rel] if rel else TOP_LEVEL
+
+    def enable_quota(self, mount: str, enabled: bool = True) -> None:
+        with self._lock:
+            self._resolve(mount)[0].quota_enabled = enabled
+
+    def fail_next(self, op: str, error: Exception) -> None:
+        """The next process ``op`` (e.g. ``"subvolume list"``) raises ``error``."""
+        with self._lock:
+            self._failures.setdefault(op, []).append(error)
+
+    def refuse_delete(self, path: str, reason: str = EPERM) -> None:
+        """``delete`` fails for local ``path`` with ``reason`` until cleared with
+        ``refuse_delete(path, "")``."""
+        with self._lock:
+            if reason:
+                self._refusals[self._norm(path)] = reason
+            else:
+                self._refusals.pop(self._norm(path), None)
+
+    def destroy(self, path: str) -> None:
+        """Remove the subvolume at local ``path`` whatever its flags, as a program using
+        the destroy ioctl directly would (dockerd's btrfs driver removing a layer). It
+        must hold no subvolume. Not logged in ``calls``: the agent did not run it."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            if rel not in fs.by_path:
+                raise ValueError(f"{path} is not a subvolume")
+            sub = fs.subvolumes[fs.by_path[rel]]
+            if fs.children(sub.id):
+                raise ValueError(f"{path} still holds subvolumes")
+            self._destroy(fs, sub)
+
+    def remove_all(self, path: str) -> str | None:
+        """What ``rm -rf path`` (Go's ``os.RemoveAll``, which dockerd uses) does: remove
+        everything it can, deepest first, and return the first error in Go's words, or
+        None when ``path`` is gone. A subvolume goes only when the kernel lets rmdir
+        remove subvolumes (Linux >= 4.18), it is writable (its files can be unlinked),
+        the subvolume holding it is writable, and nothing is left in it."""
+        with self._lock:
+            fs, top = self._resolve(path)
+            if top == "" or top in fs.by_path:
+                raise ValueError(f"remove_all({path}): the fake removes folders, not {path}")
+            if not fs.exists(top):
+                return None
+            inside = sorted(
+                (s for s in fs.subvolumes.values() if _under(s.path, top)),
+                key=lambda s: s.path.count("/"),
+                reverse=True,
+            )
+            first_error: str | None = None
+            for sub in inside:
+                local = self._local(fs, sub.path) or sub.path
+                if not self.rmdir_deletes_subvolumes():
+                    reason = f"unlinkat {local}: operation not permitted"
+                elif sub.read_only:
+                    reason = f"unlinkat {local}/bin: read-only file system"
+                elif fs.containing(sub.path).read_only:
+                    reason = f"unlinkat {local}: read-only file system"
+                elif fs.children(sub.id):
+                    reason = f"unlinkat {local}: directory not empty"
+                else:
+                    self._destroy(fs, sub)
+                    continue
+                first_error = first_error or reason
+            left = [s.path for s in fs.subvolumes.values() if _under(s.path, top)]
+            fs.directories = {
+                d for d in fs.directories if not _under(d, top) or any(_under(p, d) for p in left)
+            }
+            return first_error
+
+    # ----------------------------------------------------------------- inspecting
+
+    def subvolume(self, path: str) -> FakeSubvolume | None:
+        """The live subvolume at local ``path``, or None."""
+        with self._lock:
+            try:
+                fs, rel = self._resolve(path)
+            except ValueError:
+                return None
+            sid = fs.by_path.get(rel, TOP_LEVEL if rel == "" else None)
+            return fs.subvolumes[sid] if sid is not None else None
+
+    def exists(self, path: str) -> bool:
+        with self._lock:
+            try:
+                fs, rel = self._resolve(path)
+            except ValueError:
+                return False
+            return fs.exists(rel)
+
+    def subvolume_paths(self, under: str | None = None) -> list[str]:
+        """Local paths of every subvolume (not the top levels), by id, optionally only
+        those strictly under local path ``under``."""
+        with self._lock:
+            out: list[str] = []
+            for fs in self.filesystems:
+                for sub in sorted(fs.subvolumes.values(), key=lambda s: s.id):
+                    local = self._local(fs, sub.path)
+                    if sub.id == TOP_LEVEL or local is None:
+                        continue
+                    if under is None or local.startswith(self._norm(under).rstrip("/") + "/"):
+                        out.append(local)
+            return out
+
+    def filesystem_at(self, path: str) -> FakeFilesystem:
+        with self._lock:
+            return self._resolve(path)[0]
+
+    def calls_to(self, op: str) -> list[tuple[str, ...]]:
+        """The argument tuples of every ``op`` process run so far."""
+        return [c.args for c in self.calls if c.op == op]
+
+    # ----------------------------------------------------------------- agent.backend.Btrfs
+
+    def version(self) -> str:
+        self._process("version")
+        return self.progs_version
+
+    def kernel_release(self) -> str:
+        return self.kernel
+
+    def rmdir_deletes_subvolumes(self) -> bool:
+        if self.rmdir_subvol is not None:
+            return self.rmdir_subvol
+        return _kernel_at_least(self.kernel, (4, 18))
+
+    def mounts(self) -> list[MountEntry]:
+        with self._lock:
+            return [entry for entry, _ in self._mounts]
+
+    def filesystem(self, mount: str) -> FilesystemIdent:
+        with self._lock:
+            fs = self._fs_for("filesystem show", mount)
+            return FilesystemIdent(uuid=fs.uuid, label=fs.label, devices=(fs.device,))
+
+    def usage(self, mount: str) -> FsUsage:
+        with self._lock:
+            fs = self._fs_for("filesystem usage", mount)
+            used = fs.used_bytes()
+            return FsUsage(
+                size_bytes=fs.size_bytes, used_bytes=used, free_bytes=fs.size_bytes - used
+            )
+
+    def list_subvolumes(self, mount: str) -> list[SubvolumeRecord]:
+        with self._lock:
+            fs = self._fs_for("subvolume list", mount)
+            return [
+                s.record()
+                for s in sorted(fs.subvolumes.values(), key=lambda s: s.id)
+                if s.id != TOP_LEVEL
+            ]
+
+    def readonly_ids(self, mount: str) -> set[int]:
+        with self._lock:
+            fs = self._fs_for("subvolume list -r", mount)
+            return {s.id for s in fs.subvolumes.values() if s.read_only and s.id != TOP_LEVEL}
+
+    def qgroups(self, mount: str) -> dict[int, Qgroup] | None:
+        with self._lock:
+            fs = self._fs_for("qgroup show", mount)
+            if not fs.quota_enabled:
+                return None
+            return {
+                s.id: Qgroup(id=s.id, referenced=s.referenced_bytes, exclusive=s.exclusive_bytes)
+                for s in fs.subvolumes.values()
+            }
+
+    def default_subvolume(self, mount: str) -> int:
+        with self._lock:
+            return self._fs_for("subvolume get-default", mount).default_id
+
+    def created_at(self, path: str) -> datetime | None:
+        if not self.created_at_supported:
+            return None
+        sub = self.subvolume(path)
+        return sub.created_at if sub is not None and sub.id != TOP_LEVEL else None
+
+    def set_readonly(self, path: str, value: bool) -> None:
+        with self._lock:
+            cmd = ("btrfs", "property", "set", path, "ro", "true" if value else "false")
+            fs = self._fs_for("property set ro", path, cmd=cmd)
+            rel = self._resolve(path)[1]
+            if rel not in fs.by_path and rel != "":
+                stderr = (
+                    "ERROR: object is not compatible with property: ro\n"
+                    if fs.exists(rel)
+                    else f"ERROR: cannot access '{path}': {ENOENT}\n"
+                )
+                raise BtrfsCommandError(cmd, 1, "", stderr)
+            sub = fs.subvolumes[fs.by_path[rel]] if rel else fs.subvolumes[TOP_LEVEL]
+            sub.read_only = value
+            sub.generation = fs.commit()
+
+    def delete(self, paths: Sequence[str]) -> list[DeleteResult]:
+        with self._lock:
+            self._process("subvolume delete", tuple(paths))
+            return [self._delete_one(path) for path in paths]
+
+    def sync(self, mount: str) -> None:
+        with self._lock:
+            self._fs_for("subvolume sync", mount).pending_free_bytes = 0
+
+    # ----------------------------------------------------------------- internals
+
+    def _delete_one(self, path: str) -> DeleteResult:
+        def fail(reason: str) -> DeleteResult:
+            return DeleteResult(path=path, ok=False, error=reason)
+
+        try:
+            fs, rel = self._resolve(path)
+        except ValueError:
+            return fail(ENOENT)
+        if not fs.exists(rel):
+            return fail(ENOENT)
+        if rel != "" and rel not in fs.by_path:
+            return fail(NOT_SUBVOLUME)
+        refusal = self._refusals.get(self._norm(path))
+        if refusal:
+            return fail(refusal)
+        sub = fs.subvolumes[fs.by_path[rel]] if rel else fs.subvolumes[TOP_LEVEL]
+        if sub.id == TOP_LEVEL:
+            return fail(NOT_ON_BTRFS)
+        if sub.id == fs.default_id:
+            return fail(DEFAULT_SUBVOLUME)
+        # A subvolume mounted or bind-mounted somewhere deletes fine on Linux 6 (the
+        # mounts go with it): keeping mount points is the caller's rule, not btrfs'.
+        if fs.containing(rel).read_only:
+            return fail(EROFS)
+        if fs.children(sub.id):
+            return fail(ENOTEMPTY)
+        self._destroy(fs, sub)
+        return DeleteResult(path=path, ok=True)
+
+    def _destroy(self, fs: FakeFilesystem, sub: FakeSubvolume) -> None:
+        """Remove ``sub`` (which holds no subvolume) and the folders in it."""
+        del fs.subvolumes[sub.id]
+        del fs.by_path[sub.path]
+        fs.directories = {d for d in fs.directories if not _under(d, sub.path)}
+        self._mounts = [
+            (entry, entry_fs)
+            for entry, entry_fs in self._mounts
+            if entry_fs is not fs or not _under(entry.root.strip("/"), sub.path)
+        ]
+        if self.lazy_free:
+            fs.pending_free_bytes += sub.exclusive_bytes
+        holder = fs.subvolumes.get(sub.parent_id)
+        gen = fs.commit()
+        if holder is not None:
+            holder.generation = gen
+
+    def _process(self, op: str, args: tuple[str, ...] = ()) -> None:
+        """Bookkeeping for one btrfs process: the ``missing`` switch, the log, injected
+        failures."""
+        if self.missing:
+            raise BtrfsUnavailable("btrfs: command not found")
+        self.calls.append(Call(op, args))
+        queued = self._failures.get(op)
+        if queued:
+            raise queued.pop(0)
+
+    def _fs_for(self, op: str, path: str, *, cmd: tuple[str, ...] | None = None) -> FakeFilesystem:
+        self._process(op, (path,))
+        try:
+            return self._resolve(path)[0]
+        except ValueError:
+            raise BtrfsCommandError(
+                cmd or ("btrfs", *op.split(), path),
+                1,
+                "",
+                f"ERROR: not a btrfs filesystem: {path}\nERROR: can't access '{path}'\n",
+            ) from None
+
+    def _add_mount(self, fs: FakeFilesystem, mountpoint: str, rel: str) -> MountEntry:
+        holder = fs.subvolumes[fs.by_path[rel]] if rel in fs.by_path else fs.containing(rel)
+        if rel == "":
+            holder = fs.subvolumes[TOP_LEVEL]
+        entry = MountEntry(
+            mountpoint=mountpoint,
+            root="/" + rel,
+            source=fs.device,
+            options=(f"rw,relatime,space_cache=v2,subvolid={holder.id},subvol=/{holder.path}"),
+        )
+        self._mounts.append((entry, fs))
+        return entry
+
+    @staticmethod
+    def _norm(path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"not an absolute path: {path!r}")
+        return posixpath.normpath(path) if path != "/" else path
+
+    def _resolve(self, path: str) -> tuple[FakeFilesystem, str]:
+        """(filesystem, top-level-relative path) of a local path, through the mount with
+        the longest matching mount point. ValueError when no fake filesystem holds it."""
+        path = self._norm(path)
+        best: tuple[MountEntry, FakeFilesystem] | None = None
+        for entry, fs in self._mounts:
+            mp = entry.mountpoint
+            if path == mp or path.startswith(mp.rstrip("/") + "/"):
+                if best is None or len(mp) > len(best[0].mountpoint):
+                    best = (entry, fs)
+        if best is None:
+            raise ValueError(f"{path} is on no fake btrfs filesystem")
+        entry, fs = best
+        inside = path[len(entry.mountpoint) :].strip("/")
+        rel = posixpath.join(entry.root.strip("/"), inside).strip("/")
+        return fs, rel
+
+    def _local(self, fs: FakeFilesystem, rel: str) -> str | None:
+        """The local path of ``rel`` through the first mount that shows it."""
+        for entry, entry_fs in self._mounts:
+            root = entry.root.strip("/")
+            if entry_fs is fs and _under(rel, root):
+                inside = rel[len(root) :].strip("/")
+                return posixpath.join(entry.mountpoint, inside) if inside else entry.mountpoint
+        return None
+
+    @staticmethod
+    def _make_dirs(fs: FakeFilesystem, rel: str) -> None:
+        while rel and not fs.exists(rel):
+            fs.directories.add(rel)
+            rel = posixpath.dirname(rel)
+
+
+# --------------------------------------------------------------------------- Docker
+
+
+@dataclass
+class FakeImage:
+    id: str  # "sha256:<hex>"
+    name: str
+    cache_ids: tuple[str, ...]  # its layers' subvolume names, bottom first
+
+
+@dataclass
+class FakeContainer:
+    id: str
+    name: str
+    image_id: str
+    running: bool
+    volume_names: list[str]
+    mount_id: str  # its layer's subvolume name; the -init layer is mount_id + "-init"
+    created: bool = False  # created and never started
+
+    @property
+    def init_id(self) -> str:
+        return self.mount_id + "-init"
+
+    def record(self) -> ContainerRecord:
+        if self.running:
+            state = "Up 2 hours"
+        elif self.created:
+            state = "Created"
+        else:
+            state = "Exited (0) 2 hours ago"
+        return ContainerRecord(
+            id=self.id,
+            name=self.name,
+            running=self.running,
+            status=state,
+            image_id=self.image_id,
+            volume_names=tuple(self.volume_names),
+        )
+
+
+class FakeDocker:
+    """``agent.backend.Docker`` over in-memory images, containers and volumes.
+
+    Linked to a ``FakeBtrfs`` (``btrfs=fs``), the data root must lie on one of its
+    filesystems: volumes get their ``_data`` folder there, images and containers their
+    layer subvolumes in ``<data_root>/btrfs/subvolumes/``, and ``remove_volume`` meets
+    the subvolumes inside a volume the way dockerd does.
+
+    Switches: ``down`` (every API call raises ``DockerUnavailable``; ``layer_refs``
+    reads files, so it still works), ``anonymous_label`` (label anonymous volumes the
+    way Docker 23+ does; 20.10 only gives them a 64-hex name). ``calls`` logs the
+    Protocol methods called.
+    """
+
+    def __init__(
+        self,
+        *,
+        btrfs: FakeBtrfs | None = None,
+        data_root: str = "/volume1/docker",
+        server_version: str = "20.10.24+dfsg1",
+        api_version: str = "1.41",
+        storage_driver: str = "btrfs",
+        anonymous_label: bool = False,
+        now: datetime | None = None,
+    ) -> None:
+        self.btrfs = btrfs
+        self.data_root = data_root.rstrip("/")
+        self.server_version = server_version
+        self.api_version = api_version
+        self.storage_driver = storage_driver
+        self.anonymous_label = anonymous_label
+        self.now = now or (btrfs.now if btrfs is not None else DEFAULT_NOW)
+        self.down = False
+        self.calls: list[str] = []
+        self.images: dict[str, FakeImage] = {}
+        self.containers_by_id: dict[str, FakeContainer] = {}
+        self.volumes_by_name: dict[str, VolumeRecord] = {}
+        self.extra_layer_refs: dict[str, LayerRefs] = {}
+        self._counter = 0
+        self._lock = threading.RLock()
+        if btrfs is not None:
+            # dockerd bind-mounts its data root and <data_root>/btrfs onto themselves.
+            if not btrfs.exists(self.data_root):
+                btrfs.make_dirs(self.data_root)  # ValueError when on no fake filesystem
+            btrfs.make_dirs(f"{self.data_root}/btrfs/subvolumes")
+            for mountpoint in (self.data_root, f"{self.data_root}/btrfs"):
+                btrfs.bind_mount(mountpoint, mountpoint)
+
+    # ----------------------------------------------------------------- building
+
+    def add_image(
+        self, name: str = "busybox", *, layers: int = 1, layer_bytes: int = 2 * MiB
+    ) -> FakeImage:
+        """An image of ``layers`` layers; linked, each layer is a subvolume snapshotted
+        from the one below."""
+        with self._lock:
+            image_id = "sha256:" + self._hex("image", name)
+            cache_ids = tuple(self._hex("layer", name, i) for i in range(layers))
+            below: str | None = None
+            for cache_id in cache_ids:
+                below = self._layer_subvolume(
+                    cache_id, snapshot_of=below, size=layer_bytes if below is None else 16 * KiB
+                )
+            image = FakeImage(id=image_id, name=name, cache_ids=cache_ids)
+            self.images[image_id] = image
+            return image
+
+    def add_volume(
+        self,
+        name: str | None = None,
+        *,
+        labels: dict[str, str] | None = None,
+        created_at: datetime | None = None,
+        driver: str = "local",
+    ) -> VolumeRecord:
+        """A volume; without a name, an anonymous one (64 hex digits, as Docker names
+        them). Linked, its ``_data`` folder is made."""
+        with self._lock:
+            anonymous = name is None
+            name = name if name is not None else self._hex("volume")
+            if name in self.volumes_by_name:
+                raise ValueError(f"volume {name} exists")
+            labels = dict(labels or {})
+            if anonymous and self.anonymous_label:
+                labels[ANONYMOUS_LABEL] = ""
+            mountpoint = f"{self.data_root}/volumes/{name}/_data"
+            if self.btrfs is not None:
+                self.btrfs.make_dirs(mountpoint)
+            record = VolumeRecord(
+                name=name,
+                driver=driver,
+                mountpoint=mountpoint,
+                labels=labels,
+                created_at=created_at or self.now,
+                anonymous=is_anonymous(name, labels),
+            )
+            self.volumes_by_name[name] = record
+            return record
+
+    def add_container(
+        self,
+        name: str,
+        *,
+        image: FakeImage | None = None,
+        running: bool = True,
+        created: bool = False,
+        volumes: Iterable[str] = (),
+    ) -> FakeContainer:
+        """A container (running, stopped, or ``created`` and never started) using the
+        named ``volumes`` (missing ones are made, like ``docker run -v name:/x``).
+        Without ``image``, the first image, made if there is none. Linked, its layer
+        and ``-init`` layer subvolumes are made."""
+        with self._lock:
+            if any(c.name == name for c in self.containers_by_id.values()):
+                raise ValueError(f"container {name} exists")
+            if image is None:
+                image = next(iter(self.images.values()), None) or self.add_image()
+            for volume in volumes:
+                if volume not in self.volumes_by_name:
+                    self.add_volume(volume)
+            mount_id = self._hex("mount", name)
+            top = image.cache_ids[-1] if image.cache_ids else None
+            self._layer_subvolume(mount_id + "-init", snapshot_of=top, size=16 * KiB)
+            self._layer_subvolume(mount_id, snapshot_of=mount_id + "-init", size=16 * KiB)
+            container = FakeContainer(
+                id=self._hex("container", name),
+                name=name,
+                image_id=image.id,
+                running=running and not created,
+                volume_names=list(volumes),
+                mount_id=mount_id,
+                created=created,
+            )
+            self.containers_by_id[container.id] = container
+            return container
+
+    def stop_container(self, ref: str) -> None:
+        with self._lock:
+            self._container(ref).running = False
+
+    def start_container(self, ref: str) -> None:
+        with self._lock:
+            container = self._container(ref)
+            container.running, container.created = True, False
+
+    def remove_container(self, ref: str, *, volumes: bool = False) -> None:
+        """``docker rm [-v]``: the container and its layer subvolumes go; with
+        ``volumes``, its anonymous volumes too when nothing else uses them (errors
+        ignored, as dockerd does)."""
+        with self._lock:
+            container = self._container(ref)
+            del self.containers_by_id[container.id]
+            if self.btrfs is not None:
+                for layer in (container.mount_id, container.init_id):
+                    self._drop_layer(layer)
+            if volumes:
+                for name in container.volume_names:
+                    record = self.volumes_by_name.get(name)
+                    if record is not None and record.anonymous and not self._users(name):
+                        try:
+                            self._remove_volume_data(record)
+                        except ToolFailed:
+                            continue
+                        del self.volumes_by_name[name]
+
+    def set_layer_refs(self, data_root: str, refs: LayerRefs) -> None:
+        """What ``layer_refs`` answers for another data root (e.g. an inner daemon's)."""
+        with self._lock:
+            self.extra_layer_refs[data_root.rstrip("/")] = refs
+
+    def volume(self, name: str) -> VolumeRecord | None:
+        return self.volumes_by_name.get(name)
+
+    def container(self, ref: str) -> FakeContainer:
+        with self._lock:
+            return self._container(ref)
+
+    def layer_paths(self) -> list[str]:
+        """Local paths of every layer subvolume Docker references (images and
+        containers) in its own data root."""
+        refs = self._own_refs()
+        return sorted(f"{self.data_root}/btrfs/subvolumes/{name}" for name in refs.all)
+
+    # ----------------------------------------------------------------- agent.backend.Docker
+
+    def ping(self) -> None:
+        self._api("ping")
+
+    def info(self) -> DockerInfo:
+        self._api("info")
+        return DockerInfo(
+            server_version=self.server_version,
+            api_version=self.api_version,
+            storage_driver=self.storage_driver,
+            data_root=self.data_root,
+        )
+
+    def volumes(self) -> list[VolumeRecord]:
+        with self._lock:
+            self._api("volumes")
+            return list(self.volumes_by_name.values())
+
+    def containers(self) -> list[ContainerRecord]:
+        with self._lock:
+            self._api("containers")
+            return [c.record() for c in self.containers_by_id.values()]
+
+    def layer_refs(self, data_root: str) -> LayerRefs:
+        with self._lock:
+            self.calls.append("layer_refs")
+            root = data_root.rstrip("/")
+            if root in self.extra_layer_refs:
+                return self.extra_layer_refs[root]
+            if root == self.data_root:
+                return self._own_refs()
+            if self.btrfs is not None and self.btrfs.exists(root):
+                return LayerRefs()
+            raise DockerUnavailable(f"Docker's data root {data_root} is not a folder visible here")
+
+    def remove_volume(self, name: str) -> None:
+        with self._lock:
+            self._api("remove_volume")
+            record = self.volumes_by_name.get(name)
+            if record is None:
+                raise NotFound(f"get {name}: no such volume")
+            users = self._users(name)
+            if users:
+                raise InUse(
+                    f"remove {name}: volume is in use - [{', '.join(users)}]",
+                    extra={"in_use_by": users},
+                )
+            self._remove_volume_data(record)
+            del self.volumes_by_name[name]
+
+    # ----------------------------------------------------------------- internals
+
+    def _api(self, method: str) -> None:
+        if self.down:
+            raise DockerUnavailable(
+                "Docker at unix:///var/run/docker.sock is unreachable: connection refused"
+            )
+        self.calls.append(method)
+
+    def _users(self, volume: str) -> list[str]:
+        return [c.id for c in self.containers_by_id.values() if volume in c.volume_names]
+
+    def _own_refs(self) -> LayerRefs:
+        return LayerRefs(
+            image_cache_ids=frozenset(i for img in self.images.values() for i in img.cache_ids),
+            container_mount_ids=frozenset(c.mount_id for c in self.containers_by_id.values()),
+            container_init_ids=frozenset(c.init_id for c in self.containers_by_id.values()),
+        )
+
+    def _remove_volume_data(self, record: VolumeRecord) -> None:
+        """dockerd removes ``<mountpoint>`` with ``os.RemoveAll``, then the volume's
+        folder; a failure leaves the volume listed, half-deleted."""
+        fs = self.btrfs
+        if fs is None or not fs.exists(record.mountpoint):
+            return
+        error = fs.remove_all(record.mountpoint)
+        if error is not None:
+            raise ToolFailed(
+                f"docker remove volume {record.name}: remove {record.name}: error removing "
+                f"volume path '{record.mountpoint}': {error}",
+                extra={"docker_status": 500},
+            )
+        fs.remove_all(posixpath.dirname(record.mountpoint))
+
+    def _layer_subvolume(self, name: str, *, snapshot_of: str | None, size: int) -> str:
+        path = f"{self.data_root}/btrfs/subvolumes/{name}"
+        if self.btrfs is not None:
+            source = f"{self.data_root}/btrfs/subvolumes/{snapshot_of}" if snapshot_of else None
+            self.btrfs.create_subvolume(
+                path, snapshot_of=source, exclusive_bytes=size, created_at=self.now
+            )
+        return name
+
+    def _drop_layer(self, name: str) -> None:
+        path = f"{self.data_root}/btrfs/subvolumes/{name}"
+        if self.btrfs is not None and self.btrfs.subvolume(path) is not None:
+            self.btrfs.destroy(path)
+
+    def _container(self, ref: str) -> FakeContainer:
+        for container in self.containers_by_id.values():
+            if ref in (container.id, container.name):
+                return container
+        raise NotFound(f"No such container: {ref}")
+
+    def _hex(self, *seed: object) -> str:
+        self._counter += 1
+        return fake_hex(self.data_root, self._counter, *seed)
+
+
+# --------------------------------------------------------------------------- the lab
+
+
+@dataclass(frozen=True)
+class LeakScenario:
+    """What ``make_leak_scenario`` built, by name. Paths are local paths."""
+
+    btrfs: FakeBtrfs
+    docker: FakeDocker
+    now: datetime
+    mount: str  # "/volume1"
+    fs_uuid: str
+    data_root: str  # "/volume1/docker", a subvolume
+    image: FakeImage
+    image_layers: tuple[str, ...]  # the image's layer subvolumes
+    container_layers: tuple[str, ...]  # layer and -init layer of every container
+    orphan_layer: str  # in <data_root>/btrfs/subvolumes/, referenced by nothing
+    dind_volume: str  # name: anonymous, dangling, full of subvolumes
+    dind_mountpoint: str
+    dind_nested: tuple[str, ...]  # every subvolume in the dind volume, parents first
+    dind_ro_leaf: str  # read-only, holds no subvolume
+    dind_ro_parent: str  # read-only, holds dind_ro_parent_child
+    dind_ro_parent_child: str  # a writable subvolume inside dind_ro_parent
+    keep_volume: str  # labelled keep=true, dangling
+    named_volume: str  # dangling, not anonymous
+    in_use_volume: str  # used by the running container
+    running_container: str  # id
+    stopped_container: str  # id
+    stopped_anonymous_volume: str  # anonymous volume of the stopped container
+    share: str  # a user's share subvolume outside the data root
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Every layer subvolume Docker references: images' and containers'."""
+        return self.image_layers + self.container_layers
+
+    @property
+    def dind_read_only(self) -> tuple[str, ...]:
+        return (self.dind_ro_leaf, self.dind_ro_parent)
+
+
+def make_leak_scenario(
+    *,
+    now: datetime = DEFAULT_NOW,
+    age: timedelta = timedelta(days=3),
+    kernel: str = "6.1.0-28-amd64",
+    quota: bool = True,
+) -> LeakScenario:
+    """A ``FakeBtrfs`` + ``FakeDocker`` pair shaped like the real lab (lab.md): one
+    filesystem on ``/volume1``, Docker's data root the subvolume ``docker``, and in it:
+
+    - a 2-layer image and two containers (one running using volume ``used``, one
+      stopped with an anonymous volume), their layers under ``btrfs/subvolumes/``;
+    - one orphan layer subvolume there that nothing references;
+    - the leaked docker-in-docker volume: anonymous, no container, and under its
+      ``_data/btrfs/subvolumes/`` the inner daemon's image layer (read-only), two
+      containers' layers and -init layers, one -init layer read-only and holding a
+      nested subvolume;
+    - a ``keep=true`` labelled volume and a plain named volume, both dangling;
+    - a share subvolume ``photo`` next to ``docker``.
+
+    Everything was made ``age`` before ``now``; the fakes' clocks read ``now``.
+    """
+    made = now - age
+    fs = FakeBtrfs(kernel=kernel, now=made)
+    filesystem = fs.add_filesystem(mount="/volume1", quota=quota)
+    fs.create_subvolume("/volume1/docker", exclusive_bytes=552 * KiB)
+    share = fs.create_subvolume("/volume1/photo", exclusive_bytes=64 * MiB)
+    docker = FakeDocker(btrfs=fs, data_root="/volume1/docker", now=made)
+    image = docker.add_image("busybox", layers=2)
+
+    used = docker.add_volume("used")
+    running = docker.add_container("web", image=image, running=True, volumes=[used.name])
+    anonymous = docker.add_volume()
+    stopped = docker.add_container("batch", image=image, running=False, volumes=[anonymous.name])
+
+    orphan = f"{docker.data_root}/btrfs/subvolumes/{fake_hex('orphan')}"
+    fs.create_subvolume(orphan, exclusive_bytes=4 * MiB)
+
+    dind_image = docker.add_image("dind", layers=1, layer_bytes=1 * MiB)
+    dind = docker.add_volume()
+    inner = f"{dind.mountpoint}/btrfs/subvolumes"
+    inner_layer = f"{inner}/{fake_hex('inner-layer')}"
+    fs.create_subvolume(inner_layer, read_only=True, exclusive_bytes=8 * MiB)
+    nested: list[str] = [inner_layer]
+    for n in (1, 2):
+        mount_id = fake_hex("inner-container", n)
+        fs.create_subvolume(f"{inner}/{mount_id}-init", snapshot_of=inner_layer)
+        fs.create_subvolume(f"{inner}/{mount_id}", snapshot_of=f"{inner}/{mount_id}-init")
+        nested += [f"{inner}/{mount_id}-init", f"{inner}/{mount_id}"]
+    readonly_parent = nested[3]  # the second inner container's -init layer
+    child = f"{readonly_parent}/nested"
+    fs.create_subvolume(child)
+    fs.set_readonly(readonly_parent, True)
+    nested.append(child)
+    fs.calls.clear()  # building is not what tests count
+
+    keep = docker.add_volume("keep-me", labels={"keep": "true"})
+    named = docker.add_volume("named")
+
+    fs.now = docker.now = now
+    container_layers = tuple(
+        f"{docker.data_root}/btrfs/subvolumes/{layer}"
+        for c in (running, stopped)
+        for layer in (c.init_id, c.mount_id)
+    )
+    image_layers = tuple(
+        f"{docker.data_root}/btrfs/subvolumes/{layer}"
+        for img in (image, dind_image)
+        for layer in img.cache_ids
+    )
+    return LeakScenario(
+        btrfs=fs,
+        docker=docker,
+        now=now,
+        mount="/volume1",
+        fs_uuid=filesystem.uuid,
+        data_root=docker.data_root,
+        image=image,
+        image_layers=image_layers,
+        container_layers=container_layers,
+        orphan_layer=orphan,
+        dind_volume=dind.name,
+        dind_mountpoint=dind.mountpoint,
+        dind_nested=tuple(nested),
+        dind_ro_leaf=inner_layer,
+        dind_ro_parent=readonly_parent,
+        dind_ro_parent_child=child,
+        keep_volume=keep.name,
+        named_volume=named.name,
+        in_use_volume=used.name,
+        running_container=running.id,
+        stopped_container=stopped.id,
+        stopped_anonymous_volume=anonymous.name,
+        share="/volume1/" + share.path,
+    )
+
+
+__all__ = [
+    "DEFAULT_SUBVOLUME",
+    "ENOENT",
+    "ENOTEMPTY",
+    "EPERM",
+    "EROFS",
+    "NOT_ON_BTRFS",
+    "NOT_SUBVOLUME",
+    "TOP_LEVEL",
+    "Call",
+    "FakeBtrfs",
+    "FakeContainer",
+    "FakeDocker",
+    "FakeFilesystem",
+    "FakeImage",
+    "FakeSubvolume",
+    "LeakScenario",
+    "fake_hex",
+    "make_leak_scenario",
+]
