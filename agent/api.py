@@ -116,6 +116,16 @@ class Api(SmorestApi):  # type: ignore[misc]
         )
 
 
+def require_json_bodies() -> Response | None:
+    """A request that carries a body must carry JSON (415 otherwise)."""
+    if request.method in ("POST", "PUT", "PATCH") and request.content_length:
+        if request.mimetype != "application/json":
+            return problem_response(
+                415, "unsupported_media_type", "send JSON with Content-Type: application/json"
+            )
+    return None
+
+
 def handle_agent_error(error: AgentError) -> Response:
     if error.status >= 500 and error.status != 503:
         log.warning("%s: %s", error.code, error.detail)

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask
 
 from agent import __version__
-from agent.api import Api
+from agent.api import Api, require_json_bodies
 from agent.audit import AuditLog
 from agent.auth import TokenRegistry
 from agent.backend import Btrfs, Docker
@@ -68,6 +68,7 @@ def create_app(
         PROPAGATE_EXCEPTIONS=False,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.before_request(require_json_bodies)
     api = Api(
         app,
         spec_kwargs={

@@ -57,6 +57,15 @@ class ExecResult:
     detail: str
 
 
+def _times(body: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    """A stored body (times as RFC 3339 strings) with its times as datetimes again."""
+    out = dict(body)
+    for k in keys:
+        if isinstance(out.get(k), str):
+            out[k] = datetime.fromisoformat(out[k])
+    return out
+
+
 def _size(ds: DeleteSet, ids: set[int]) -> int | None:
     sizes = [s.exclusive_bytes for s in ds.subvolumes if s.id in ids]
     if any(x is None for x in sizes):
@@ -351,13 +360,13 @@ class Cleaner:
                 "policy": plan["policy"],
             },
         )
-        return plan
+        return _times(plan, "created_at", "expires_at")
 
     def get_plan(self, plan_id: str) -> dict[str, Any]:
         stored = self.state.get_plan(plan_id)
         if stored is None:
             raise NotFound(f"no plan {plan_id}")
-        return stored.body
+        return _times(stored.body, "created_at", "expires_at")
 
     # -- jobs ------------------------------------------------------------------------------
     def _job_body(
@@ -394,16 +403,20 @@ class Cleaner:
     def _render_job(self, stored: StoredJob) -> dict[str, Any]:
         results = [r.body for r in self.state.results(stored.id)]
         sizes = [r.get("reclaimed_bytes") for r in results if r.get("outcome") == "deleted"]
-        return {
-            "id": stored.id,
-            "plan_id": stored.plan_id,
-            "state": stored.state,
-            "progress": {"done": len(results), "total": int(stored.body.get("total", 0))},
-            "results": results,
-            "reclaimed_bytes": sum(s or 0 for s in sizes),
-            "started_at": stored.body.get("started_at"),
-            "finished_at": stored.body.get("finished_at"),
-        }
+        return _times(
+            {
+                "id": stored.id,
+                "plan_id": stored.plan_id,
+                "state": stored.state,
+                "progress": {"done": len(results), "total": int(stored.body.get("total", 0))},
+                "results": results,
+                "reclaimed_bytes": sum(s or 0 for s in sizes),
+                "started_at": stored.body.get("started_at"),
+                "finished_at": stored.body.get("finished_at"),
+            },
+            "started_at",
+            "finished_at",
+        )
 
     def apply(self, plan_id: str, *, idempotency_key: str | None, actor: str) -> dict[str, Any]:
         stored_plan = self.state.get_plan(plan_id)
