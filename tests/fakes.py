@@ -1065,8 +1065,8 @@ def make_leak_scenario(
     - one orphan layer subvolume there that nothing references;
     - the leaked docker-in-docker volume: anonymous, no container, and under its
       ``_data/btrfs/subvolumes/`` the inner daemon's image layer (read-only), two
-      containers' layers and -init layers, one -init layer read-only and holding a
-      nested subvolume;
+      containers' layers and -init layers; next to them ``_data/ro-parent``, read-only,
+      holding the writable ``_data/ro-parent/child`` (as ``lab.Lab.seed_dind_volume``);
     - a ``keep=true`` labelled volume and a plain named volume, both dangling;
     - a share subvolume ``photo`` next to ``docker``.
 
@@ -1099,11 +1099,13 @@ def make_leak_scenario(
         fs.create_subvolume(f"{inner}/{mount_id}-init", snapshot_of=inner_layer)
         fs.create_subvolume(f"{inner}/{mount_id}", snapshot_of=f"{inner}/{mount_id}-init")
         nested += [f"{inner}/{mount_id}-init", f"{inner}/{mount_id}"]
-    readonly_parent = nested[3]  # the second inner container's -init layer
-    child = f"{readonly_parent}/nested"
+    # as snapshot tools leave them: a read-only subvolume holding a writable child
+    readonly_parent = f"{dind.mountpoint}/ro-parent"
+    child = f"{readonly_parent}/child"
+    fs.create_subvolume(readonly_parent)
     fs.create_subvolume(child)
     fs.set_readonly(readonly_parent, True)
-    nested.append(child)
+    nested += [readonly_parent, child]
     fs.calls.clear()  # building is not what tests count
 
     keep = docker.add_volume("keep-me", labels={"keep": "true"})

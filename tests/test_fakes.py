@@ -480,7 +480,8 @@ def test_scenario_dind_volume_holds_nested_subvolumes_as_the_lab_does() -> None:
     ro = fs.readonly_ids(s.mount)
 
     assert fs.subvolume_paths(s.dind_mountpoint) == list(s.dind_nested)
-    assert all(p.startswith(f"{s.dind_mountpoint}/btrfs/subvolumes/") for p in s.dind_nested)
+    inner_layers = [p for p in s.dind_nested if p.startswith(f"{s.dind_mountpoint}/btrfs/")]
+    assert len(inner_layers) == 5 and s.dind_ro_leaf in inner_layers
     assert {by_path[p].id for p in s.dind_read_only} == ro
     assert by_path[s.dind_ro_parent_child].parent_id == by_path[s.dind_ro_parent].id
     assert by_path[s.dind_ro_leaf].parent_id == by_path[s.data_root].id
