@@ -41,3 +41,12 @@ unit: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: images wheelhouse
+## images: the agent and controller images on $$DOCKER_HOST (wheelhouse, cached Debian base)
+images: deps venv
+	deploy/build-images.sh all
+
+## wheelhouse: wheels of the project and its pinned dependencies, for the image builds
+wheelhouse: venv
+	deploy/build-images.sh wheelhouse
