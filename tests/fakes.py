@@ -135,6 +135,7 @@ class FakeSubvolume:
     created_at: datetime
     exclusive_bytes: int
     referenced_bytes: int
+    holds_files: bool = True  # rm -rf of a read-only subvolume fails on its files
 
     def record(self) -> SubvolumeRecord:
         return SubvolumeRecord(
@@ -291,9 +292,11 @@ class FakeBtrfs:
         referenced_bytes: int | None = None,
         created_at: datetime | None = None,
         snapshot_of: str | None = None,
+        holds_files: bool = True,
     ) -> FakeSubvolume:
         """A subvolume at local ``path``; missing parent folders are made (mkdir -p).
-        ``snapshot_of`` (a local path) sets its ``parent_uuid``."""
+        ``snapshot_of`` (a local path) sets its ``parent_uuid``. ``holds_files=False``
+        makes an empty one (which ``remove_all`` can rmdir even when read-only)."""
         with self._lock:
             fs, rel = self._resolve(path)
             if rel == "" or fs.exists(rel):
@@ -323,6 +326,7 @@ class FakeBtrfs:
                 referenced_bytes=(
                     referenced_bytes if referenced_bytes is not None else exclusive_bytes
                 ),
+                holds_files=holds_files,
             )
             fs.subvolumes[sid] = sub
             fs.by_path[rel] = sid
@@ -342,6 +346,7 @@ class FakeBtrfs:
             fs, rel = self._resolve(path)
             sub = fs.subvolumes[fs.by_path[rel]] if rel in fs.by_path else fs.containing(rel)
             sub.generation = fs.commit()
+            sub.holds_files = True
             sub.exclusive_bytes += add_bytes
             sub.referenced_bytes += add_bytes
             return sub.generation
@@ -387,8 +392,8 @@ class FakeBtrfs:
         """What ``rm -rf path`` (Go's ``os.RemoveAll``, which dockerd uses) does: remove
         everything it can, deepest first, and return the first error in Go's words, or
         None when ``path`` is gone. A subvolume goes only when the kernel lets rmdir
-        remove subvolumes (Linux >= 4.18), it is writable (its files can be unlinked),
-        the subvolume holding it is writable, and nothing is left in it."""
+        remove subvolumes (Linux >= 4.18), its files can be unlinked (it is writable, or
+        empty), the subvolume holding it is writable, and nothing is left in it."""
         with self._lock:
             fs, top = self._resolve(path)
             if top == "" or top in fs.by_path:
@@ -405,7 +410,7 @@ class FakeBtrfs:
                 local = self._local(fs, sub.path) or sub.path
                 if not self.rmdir_deletes_subvolumes():
                     reason = f"unlinkat {local}: operation not permitted"
-                elif sub.read_only:
+                elif sub.read_only and sub.holds_files:
                     reason = f"unlinkat {local}/bin: read-only file system"
                 elif fs.containing(sub.path).read_only:
                     reason = f"unlinkat {local}: read-only file system"

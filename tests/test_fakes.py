@@ -8,7 +8,14 @@ leaves behind, what Docker's layer records reference.
 from __future__ import annotations
 
 import inspect
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -529,3 +536,160 @@ def test_scenario_the_right_fix_children_first_then_docker() -> None:
     assert nested_bytes >= 8 * MiB + 5 * 16 * KiB
     # nothing else moved
     assert all(fs.subvolume(p) is not None for p in (*s.layers, s.orphan_layer, s.share))
+
+
+# --------------------------------------------------------------------------- vs real btrfs
+
+_LIST_LINE = re.compile(r"ID (\d+) gen \d+ parent (\d+) top level \d+ path (.+)")
+
+
+def _btrfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LC_ALL": "C"}
+    return subprocess.run(["btrfs", *args], capture_output=True, text=True, check=check, env=env)
+
+
+def _real_tree(mount: Path, under: str) -> tuple[dict[str, str | None], set[str]]:
+    """Subvolumes below top-level path ``under``: path -> the path of the subvolume
+    holding it (None for one held by a subvolume outside), and the read-only ones."""
+    rows = [
+        _LIST_LINE.fullmatch(line)
+        for line in _btrfs("subvolume", "list", "-p", str(mount)).stdout.splitlines()
+    ]
+    paths = {int(m.group(1)): m.group(3) for m in rows if m}
+    parents = {int(m.group(1)): int(m.group(2)) for m in rows if m}
+    ro_lines = _btrfs("subvolume", "list", "-r", str(mount)).stdout.splitlines()
+    ro = {line.split(" path ", 1)[1] for line in ro_lines if " path " in line}
+    mine = {i: p for i, p in paths.items() if p.startswith(under + "/")}
+    tree = {p: paths.get(parents[i]) if parents[i] in mine else None for i, p in mine.items()}
+    return tree, {p for p in ro if p.startswith(under + "/")}
+
+
+def _fake_tree(fs: FakeBtrfs, mount: Path, under: str) -> tuple[dict[str, str | None], set[str]]:
+    records = fs.list_subvolumes(str(mount))
+    paths = {r.id: r.path for r in records}
+    mine = {r.id: r for r in records if r.path.startswith(under + "/")}
+    tree = {r.path: paths[r.parent_id] if r.parent_id in mine else None for r in mine.values()}
+    ro = {paths[i] for i in fs.readonly_ids(str(mount)) if i in mine}
+    return tree, ro
+
+
+def _build_both(fs: FakeBtrfs, base: Path, shape: list[tuple[str, str]]) -> None:
+    """Make ``shape`` ((kind, relative path): kind is dir, sub, ro-sub, file) for real
+    under ``base`` and in the fake."""
+    for kind, rel in shape:
+        path = base / rel
+        if kind == "dir":
+            path.mkdir(parents=True)
+            fs.make_dirs(str(path))
+        elif kind == "file":
+            path.write_text("data\n")
+            fs.touch(str(path))
+        elif kind in ("sub", "empty-sub"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _btrfs("subvolume", "create", str(path))
+            fs.create_subvolume(str(path), holds_files=kind == "sub")
+            if kind == "sub":
+                (path / "bin").write_text("a file\n")
+        elif kind == "ro":
+            _btrfs("property", "set", str(path), "ro", "true")
+            fs.set_readonly(str(path), True)
+
+
+def _tear_down_real(base: Path) -> None:
+    """Whatever is left of ``base``: clear read-only flags, delete children first."""
+    if not base.exists():
+        return
+    mount = base.parent
+    tree, ro = _real_tree(mount, base.name)
+    for rel in ro:
+        _btrfs("property", "set", str(mount / rel), "ro", "false")
+    for rel in sorted(tree, key=lambda p: p.count("/"), reverse=True):
+        _btrfs("subvolume", "delete", str(mount / rel))
+    subprocess.run(["rm", "-rf", str(base)], check=True)
+
+
+@pytest.fixture
+def scratch(lab: Any) -> Iterator[tuple[Path, FakeBtrfs]]:
+    """A fresh folder at the top of the lab's filesystem and a fake of the same mount."""
+    mount = Path(lab.mnt)
+    base = mount / f"nj-fake-conformance-{os.getpid()}-{time.monotonic_ns()}"
+    fs = FakeBtrfs(kernel=os.uname().release)
+    fs.add_filesystem(mount=str(mount))
+    try:
+        yield base, fs
+    finally:
+        _tear_down_real(base)
+
+
+@pytest.mark.lab
+def test_fake_matches_real_btrfs_on_delete(scratch: tuple[Path, FakeBtrfs]) -> None:
+    base, fs = scratch
+    _build_both(
+        fs,
+        base,
+        [
+            ("dir", "plain/x"),
+            ("sub", "q"),
+            ("sub", "q/c"),
+            ("sub", "p"),
+            ("sub", "p/child"),
+            ("ro", "p"),
+            ("sub", "leaf"),
+            ("ro", "leaf"),
+            ("sub", "vol/_data/btrfs/subvolumes/layer"),
+        ],
+    )
+    mount = base.parent
+    assert _fake_tree(fs, mount, base.name) == _real_tree(mount, base.name)
+
+    steps = ["missing", "q", "q/c", "q", "p/child", "p", "leaf", "plain", "plain/x"]
+    for step in [*steps, "unset-ro p", "p/child", "p", "vol/_data/btrfs/subvolumes/layer"]:
+        if step.startswith("unset-ro "):
+            target = str(base / step.split()[1])
+            _btrfs("property", "set", target, "ro", "false")
+            fs.set_readonly(target, False)
+            continue
+        path = str(base / step)
+        real = _btrfs("subvolume", "delete", path, check=False)
+        fake = fs.delete([path])[0]
+        assert fake.ok == (real.returncode == 0 and not os.path.lexists(path)), (step, real)
+        if not fake.ok:
+            assert fake.error is not None and fake.error.lower() in real.stderr.lower(), (
+                step,
+                fake.error,
+                real.stderr,
+            )
+        assert _fake_tree(fs, mount, base.name) == _real_tree(mount, base.name), step
+
+
+@pytest.mark.lab
+def test_fake_rm_rf_matches_real_rm_rf(scratch: tuple[Path, FakeBtrfs]) -> None:
+    base, fs = scratch
+    _build_both(
+        fs,
+        base,
+        [
+            ("sub", "v/_data/writable"),
+            ("sub", "v/_data/writable/inner"),
+            ("sub", "v/_data/ro-leaf"),
+            ("ro", "v/_data/ro-leaf"),
+            ("empty-sub", "v/_data/ro-empty"),
+            ("ro", "v/_data/ro-empty"),
+            ("sub", "v/_data/ro-parent"),
+            ("sub", "v/_data/ro-parent/child"),
+            ("ro", "v/_data/ro-parent"),
+            ("dir", "v/_data/plain/deeper"),
+            ("file", "v/_data/plain/deeper/f"),
+        ],
+    )
+    target = base / "v" / "_data"
+    real = subprocess.run(["rm", "-rf", str(target)], capture_output=True, text=True)
+    error = fs.remove_all(str(target))
+
+    assert (real.returncode != 0) == (error is not None)
+    assert error is not None and "read-only file system" in error
+    assert "Read-only file system" in real.stderr
+    mount = base.parent
+    assert _fake_tree(fs, mount, base.name) == _real_tree(mount, base.name)
+    for rel in ("plain", "writable", "ro-empty", "ro-leaf", "ro-parent"):
+        assert fs.exists(str(target / rel)) == (target / rel).exists(), rel
