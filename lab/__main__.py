@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
-    folder = Path(args.folder).absolute()
+    folder = Path(os.path.realpath(args.folder))
     try:
         if args.command == "up":
             lab = Lab.up(folder, size=_parse_size(args.size), seed=not args.no_seed)

@@ -186,7 +186,7 @@ class Lab:
         problems = host.host_problems()
         if problems:
             raise LabUnavailable(problems)
-        root = Path(os.path.abspath(root))
+        root = Path(os.path.realpath(root))
         root.mkdir(parents=True, exist_ok=True)
         if any(root.iterdir()):
             raise LabError(f"{root} is not empty")
@@ -212,7 +212,7 @@ class Lab:
     @classmethod
     def load(cls, root: Path | str) -> Lab:
         """Attach to a lab that an ``up`` (in this or another process) left in ``root``."""
-        root = Path(os.path.abspath(root))
+        root = Path(os.path.realpath(root))
         if not Layout(root).state_file.exists():
             raise LabError(f"no lab in {root}")
         return cls(LabState.load(root))

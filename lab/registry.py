@@ -23,14 +23,14 @@ _installed = False
 
 def track(root: Path | str) -> None:
     with _lock:
-        path = Path(os.path.abspath(root))
+        path = Path(os.path.realpath(root))
         if path not in _roots:
             _roots.append(path)
 
 
 def untrack(root: Path | str) -> None:
     with _lock:
-        path = Path(os.path.abspath(root))
+        path = Path(os.path.realpath(root))
         if path in _roots:
             _roots.remove(path)
 

@@ -53,7 +53,7 @@ def down(root: Path | str, *, check: bool = True) -> TeardownReport:
     With ``check``, raises ``TeardownError`` if anything is left behind.
     """
     started = time.monotonic()
-    root = Path(os.path.abspath(root))
+    root = Path(os.path.realpath(root))  # mountinfo shows real paths
     report = TeardownReport(str(root))
     layout = Layout(root)
     if root.exists():
@@ -91,11 +91,29 @@ def _teardown(layout: Layout, report: TeardownReport) -> None:
     if left:
         report.errors.append("still mounted: " + ", ".join(m.mountpoint for m in left))
         return
+    foreign = _other_filesystems(layout.root)
+    if foreign:  # a mount mountinfo did not show us: never delete through it
+        report.errors.append("other filesystems below the lab folder: " + ", ".join(foreign))
+        return
     try:
         shutil.rmtree(layout.root)
         report.removed_dir = True
     except OSError as exc:
         report.errors.append(f"removing {layout.root}: {exc}")
+
+
+def _other_filesystems(root: Path) -> list[str]:
+    """Folders below ``root`` that are on another device than ``root`` itself."""
+    dev = root.lstat().st_dev
+    found: list[str] = []
+    for parent, dirs, _files in os.walk(root):
+        for d in dirs:
+            path = os.path.join(parent, d)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_dev != dev:
+                    found.append(path)
+        dirs[:] = [d for d in dirs if os.path.join(parent, d) not in found]
+    return found
 
 
 def _kill_containers(layout: Layout) -> None:

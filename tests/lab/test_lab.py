@@ -345,7 +345,13 @@ def test_cli_up_then_crash_then_down_from_another_process_leaves_nothing() -> No
         assert set(shims) <= set(still.processes)
         assert any("in cgroup" in cmd for _, cmd in still.processes.values())
         assert mountpoints_below(root)
-        first = lab_cli("down", str(root))
+        link = Path(tempfile.mkdtemp(prefix="nas-janitor-lab-link-")) / "lab"
+        link.symlink_to(root)  # down resolves it: mountinfo names the real path
+        try:
+            first = lab_cli("down", str(link))
+        finally:
+            link.unlink()
+            link.parent.rmdir()
         assert first.returncode == 0, first.stdout + first.stderr
         report = json.loads(first.stdout)
         assert report["ok"] and report["removed_dir"]
@@ -378,3 +384,18 @@ def test_down_refuses_a_folder_that_is_not_a_lab(tmp_path: Path) -> None:
         down(tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "mine"
     assert down(tmp_path / "missing").ok  # nothing there: already torn down
+
+
+@pytest.mark.usefixtures("lab_host")
+def test_down_never_deletes_through_another_filesystem(tmp_path: Path) -> None:
+    from lab.teardown import _other_filesystems
+
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    run(["mount", "-t", "tmpfs", "-o", "size=1m", "lab-test", str(inner)])
+    try:
+        (inner / "file").write_text("x")
+        assert _other_filesystems(tmp_path) == [str(inner)]
+    finally:
+        run(["umount", str(inner)])
+    assert _other_filesystems(tmp_path) == []
