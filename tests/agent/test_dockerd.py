@@ -9,6 +9,7 @@ shared lab, on btrfs, with the leaked docker-in-docker volume it seeded.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -439,3 +440,31 @@ def _destroy_dind(dind: Any) -> None:
     left = [p for p in reversed(dind.subvolumes) if p.exists()]
     if left:
         subprocess.run(["btrfs", "subvolume", "delete", *map(str, left)], check=True)
+
+
+@pytest.mark.lab
+def test_lab_a_daemon_that_dies_after_the_client_connected(lab_factory: Any) -> None:
+    own = lab_factory(seed=False)  # a lab of its own: this test stops its daemon
+    client = DockerClient(base_url=own.docker_host, timeout=10)
+    client.ping()
+    assert client.info().storage_driver == "btrfs"
+
+    pid = own.dockerd_pid
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+    for call in (client.ping, client.volumes, client.containers):
+        with pytest.raises(DockerUnavailable):
+            call()
+    client.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
