@@ -355,8 +355,9 @@ _DELETE_MESSAGES: tuple[tuple[re.Pattern[str], Literal["check", "destroy"], str 
         "check",
         "It is the default subvolume",
     ),
-    # both: btrfs_open_dir on the parent directory
-    (re.compile(r"not a btrfs filesystem: (?P<path>.*)"), "check", "Not on a btrfs filesystem"),
+    # both: btrfs_open_dir on the parent directory (so it names the parent, not the
+    # path): a top level's mount point, whose parent is on another filesystem
+    (re.compile(r"not a btrfs filesystem: .*"), "check", "Not on a btrfs filesystem"),
 )
 
 

@@ -710,3 +710,17 @@ def test_created_at_on_kernels_without_get_subvol_info(
 
     monkeypatch.setattr(agent_btrfs, "otime_via_tree_search", eperm)
     assert tool.created_at(s) is None
+
+
+@lab
+def test_delete_refusals_of_btrfs_itself(loop_btrfs: LoopBtrfs, tool: BtrfsTool) -> None:
+    m = loop_btrfs.mount
+    default = subvol(f"{m}/default")
+    leaf = subvol(f"{m}/leaf")
+    sh("btrfs", "subvolume", "set-default", str(rootid(default)), m)
+    assert tool.delete([m, default, leaf]) == [
+        DeleteResult(m, ok=False, error="Not on a btrfs filesystem"),
+        DeleteResult(default, ok=False, error="It is the default subvolume"),
+        DeleteResult(leaf, ok=True),
+    ]
+    assert os.path.isdir(default)

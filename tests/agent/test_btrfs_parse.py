@@ -625,3 +625,11 @@ def test_mountinfo_garbage(text: str) -> None:
 
 def test_mountinfo_empty() -> None:
     assert parse_mountinfo("") == []
+
+
+def test_delete_of_a_top_level_mount_point() -> None:
+    """btrfs opens the parent folder, which is not on btrfs; the message names the parent."""
+    out = parse_subvolume_delete("", "ERROR: not a btrfs filesystem: /srv\n")
+    assert delete_results([facts("/srv/lab", gone=False)], out) == [
+        DeleteResult("/srv/lab", ok=False, error="Not on a btrfs filesystem")
+    ]
