@@ -356,6 +356,25 @@ class Store:
                 (agent, self.now(), kind, seq, detail),
             )
 
+    def audit_outcomes(
+        self, outcome: str, *, since: datetime | None = None, agents: Iterable[str] | None = None
+    ) -> list[tuple[str, str, int]]:
+        """``(agent, day, count)`` of the audit entries kept with this outcome (e.g.
+        ``refused``: every refusal an agent recorded, a script's direct DELETEs too)."""
+        query = (
+            "SELECT agent, substr(at, 1, 10) AS day, count(*) FROM audit_entries WHERE outcome = ?"
+        )
+        args: list[Any] = [outcome]
+        if since is not None:
+            query += " AND at >= ?"
+            args.append(_iso(since))
+        names = list(agents) if agents is not None else None
+        if names is not None:
+            query += f" AND agent IN ({', '.join('?' for _ in names)})"
+            args.extend(names)
+        query += " GROUP BY agent, day ORDER BY day, agent"
+        return [(str(a), str(d), int(n)) for a, d, n in self._conn.execute(query, args)]
+
     def audit_events(self, agent: str | None = None) -> list[AuditEvent]:
         query = "SELECT agent, at, kind, seq, detail FROM audit_events"
         args: tuple[str, ...] = ()

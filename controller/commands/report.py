@@ -28,11 +28,13 @@ from controller.session import Session
 def report(session: Session, days: int, by: str) -> int:
     """Found, planned, deleted, refused, failed and reclaimed, per agent over time.
 
-    REFUSED counts what the agents would not touch: findings left out of a plan and
-    actions skipped because their target changed. Exit 0."""
+    REFUSED counts what the agents would not touch in runs: findings left out of a plan
+    and actions skipped because their target changed. Refusals the agents' audit logs
+    recorded (pulled by `run` or `audit`) are listed too. Exit 0."""
     since = datetime.now(UTC) - timedelta(days=days)
     store = session.store
     rows = store.report(since=since, by=by, agents=session.agent_names or None)
+    refusals = store.audit_outcomes("refused", since=since, agents=session.agent_names or None)
     events = [
         e
         for e in store.audit_events()
@@ -46,6 +48,7 @@ def report(session: Session, days: int, by: str) -> int:
                 "since": since.isoformat(timespec="seconds"),
                 "by": by,
                 "rows": [r.__dict__ for r in rows],
+                "audit_refusals": [{"agent": a, "day": d, "count": n} for a, d, n in refusals],
                 "audit_events": [e.__dict__ for e in events],
             },
         )
@@ -88,6 +91,14 @@ def report(session: Session, days: int, by: str) -> int:
         totals[r.agent] = totals.get(r.agent, 0) + r.reclaimed_bytes
     for agent, total in sorted(totals.items()):
         session.out.print(f"{agent}: reclaimed {bytes_exact(total)}", highlight=False)
+    if refusals:
+        session.out.print(
+            table(
+                "refusals in the audit logs (every caller, direct DELETEs too)",
+                ("DAY", "AGENT", "REFUSED"),
+                [(d, a, n) for a, d, n in refusals],
+            )
+        )
     if events:
         session.out.print(
             table(

@@ -88,6 +88,7 @@ class FakeAgent:
         self.page_limit_cap: int | None = None  # answer shorter pages than asked
         self.extra_fields = False  # add fields the contract may grow
         self.jobs_stuck = False  # jobs never move
+        self.t0 = T0  # time of the first audit entry; one second more for each next one
         self._ids = itertools.count(256)
         self._plan_ids = itertools.count(1)
         self._job_ids = itertools.count(1)
@@ -118,7 +119,7 @@ class FakeAgent:
         prev = self.audit[-1]["hash"] if self.audit else auditchain.GENESIS
         entry: dict[str, Any] = {
             "seq": len(self.audit) + 1,
-            "at": at_text(T0 + timedelta(seconds=len(self.audit))),
+            "at": at_text(self.t0 + timedelta(seconds=len(self.audit))),
             "actor": "tok-all",
             "action": action,
             "target": target,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +372,10 @@ def test_report_reads_only_the_store(
 ) -> None:
     fleet = make_fleet("nas1", "nas2")
     fleet.fakes["nas2"].fail_targets.add("orphan-layer:263")
+    today = datetime.now(UTC)
+    fleet.fakes["nas1"].t0 = today
+    fleet.fakes["nas1"].log("delete_volume", "ci-busy", "refused", {"code": "in_use"})
+    fleet.fakes["nas2"].log("delete_volume", "ci-busy", "refused", {"code": "in_use"})  # 2024
     assert fleet.cli("run") == 1
     fleet.fakes["nas2"].fail_targets.clear()
     assert fleet.cli("run") == 0  # the second time the orphan goes too
@@ -385,6 +390,9 @@ def test_report_reads_only_the_store(
     assert rows["nas1"]["reclaimed_bytes"] == (3 << 30) + (1 << 20)
     assert rows["nas2"]["failed"] == 1 and rows["nas2"]["refused"] == 2  # ci-busy, twice
     assert rows["nas2"]["deleted"] == 2 and rows["nas2"]["found"] == 4
+    assert data["audit_refusals"] == [
+        {"agent": "nas1", "day": today.date().isoformat(), "count": 1}
+    ]  # nas2's refusal is older than 30 days
     assert {n: len(f.requests) for n, f in fleet.fakes.items()} == calls
     assert main(["--store", store, "report", "--by", "run"], environ={}) == 0
     out = capsys.readouterr().out
