@@ -42,7 +42,8 @@ def real_backends(config: AgentConfig) -> Backends:
     from agent.dockerd import DockerClient
 
     return Backends(
-        btrfs=BtrfsTool(), docker=DockerClient(base_url=config.docker_host, timeout=30.0)
+        btrfs=BtrfsTool(binary=config.btrfs_binary),
+        docker=DockerClient(base_url=config.docker_host, timeout=30.0),
     )
 
 

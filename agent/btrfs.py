@@ -185,8 +185,41 @@ class BtrfsTool:
         return parse_mountinfo(text)
 
     def filesystem(self, mount: str) -> FilesystemIdent:
-        out = self._output(["filesystem", "show", _arg(mount)])
-        return parse_filesystem_show(out)
+        # The kernel names the filesystem of each device in sysfs: no process, and no
+        # device scan (``filesystem show`` scans every block device and fails when an
+        # unrelated one cannot be read, e.g. a dying disk or a detached loop device).
+        ident = self._filesystem_from_sysfs(mount)
+        if ident is not None:
+            return ident
+        code, out, err = self._run(["filesystem", "show", _arg(mount)], check=False)
+        try:
+            return parse_filesystem_show(out)
+        except ValueError:
+            if code != 0:
+                raise BtrfsCommandError(
+                    [self._binary, "filesystem", "show", mount], code, out, err
+                ) from None
+            raise
+
+    def _filesystem_from_sysfs(self, mount: str) -> FilesystemIdent | None:
+        source = next((m.source for m in self.mounts() if m.mountpoint == mount), None)
+        if not source or not source.startswith("/dev/"):
+            return None
+        dev = os.path.basename(os.path.realpath(source))
+        base = os.path.join(self._sys_root, "fs/btrfs")
+        try:
+            uuids = sorted(os.listdir(base))
+        except OSError:
+            return None
+        for uuid in uuids:
+            if os.path.lexists(os.path.join(base, uuid, "devices", dev)):
+                try:
+                    with open(os.path.join(base, uuid, "label"), encoding="utf-8") as f:
+                        label = f.read().strip() or None
+                except OSError:
+                    label = None
+                return FilesystemIdent(uuid=uuid, label=label, devices=(source,))
+        return None
 
     def usage(self, mount: str) -> FsUsage:
         out = self._output(["filesystem", "usage", "-b", _arg(mount)])

@@ -10,6 +10,7 @@
     host_prefix: ""                # where the host's / is mounted, when not at /
     plan_ttl_seconds: 3600
     gunicorn: {workers: 1, threads: 4, timeout: 120}
+    btrfs_binary: btrfs            # a name looked up on PATH (and sbin), or a path
 
 The file is ``$NAS_JANITOR_CONFIG`` (default ``/etc/nas-janitor/agent.yaml``); each
 ``NAS_JANITOR_<KEY>`` variable below overrides one key. A bad config raises
@@ -43,6 +44,7 @@ ENV_KEYS = {
     "NAS_JANITOR_HOST_PREFIX": "host_prefix",
     "NAS_JANITOR_TOKENS_FILE": "tokens_file",
     "NAS_JANITOR_PLAN_TTL_SECONDS": "plan_ttl_seconds",
+    "NAS_JANITOR_BTRFS_BINARY": "btrfs_binary",
 }
 
 
@@ -88,6 +90,7 @@ class AgentConfig:
     host_prefix: str = ""
     plan_ttl_seconds: int = 3600
     gunicorn: GunicornConfig = field(default_factory=GunicornConfig)
+    btrfs_binary: str = "btrfs"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -211,6 +214,7 @@ def load_config(
         "host_prefix",
         "plan_ttl_seconds",
         "gunicorn",
+        "btrfs_binary",
     }
     for key in sorted(set(raw) - known):
         problems.append(f"{key}: unknown setting")
@@ -304,6 +308,13 @@ def load_config(
         except (TypeError, ValueError):
             problems.append("gunicorn: threads 1-64, timeout >= 10 seconds")
 
+    btrfs_binary = raw.get("btrfs_binary") or "btrfs"
+    if not isinstance(btrfs_binary, str) or "\0" in btrfs_binary:
+        problems.append("btrfs_binary: a command name or an absolute path")
+        btrfs_binary = "btrfs"
+    elif "/" in btrfs_binary and not btrfs_binary.startswith("/"):
+        problems.append("btrfs_binary: a command name or an absolute path")
+
     if problems:
         raise ConfigError(problems)
     assert state_dir is not None
@@ -317,4 +328,5 @@ def load_config(
         host_prefix=host_prefix,
         plan_ttl_seconds=ttl,
         gunicorn=gun,
+        btrfs_binary=btrfs_binary,
     )
