@@ -4,6 +4,8 @@ and notice when an agent's history was rewritten since the last pull
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import click
 
 from controller.auditsync import AuditStatus
@@ -53,7 +55,7 @@ def audit(session: Session, full: bool, accept: tuple[str, ...]) -> int:
             [
                 {"agent": name, "ok": False, "error": r}
                 if isinstance(r, str)
-                else {"agent": name, "ok": r.ok, **r.__dict__, "problems": list(r.problems)}
+                else {**asdict(r), "ok": r.ok, "error": None}
                 for name, r in results.items()
             ],
         )

@@ -25,7 +25,7 @@ from shared.models import dump
 @json_option
 @click.pass_obj
 def plan(session: Session, kinds: tuple[str, ...], min_age: int | None) -> int:
-    """Ask every agent for a plan; show it and keep it for ``apply``.
+    """Ask every agent for a plan; show it and keep it for `janitorctl apply`.
 
     Exit 1 when an agent could not make one."""
     policy = effective_policy(session, kinds, min_age)
@@ -110,7 +110,7 @@ def _parse_plan_options(values: tuple[str, ...]) -> dict[str, str]:
 @json_option
 @click.pass_obj
 def apply(session: Session, plan_ids: tuple[str, ...], yes: bool) -> int:
-    """Apply the plans made by ``plan``, with progress while the jobs run.
+    """Apply the plans `janitorctl plan` made, with progress while the jobs run.
 
     Exit 1 when an agent or an action failed; agents with no plan kept are left alone."""
     explicit = _parse_plan_options(plan_ids)

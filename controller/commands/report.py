@@ -3,6 +3,7 @@ from the store alone (no agent is called; a fleet file is not needed)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
 import click
@@ -47,9 +48,9 @@ def report(session: Session, days: int, by: str) -> int:
             {
                 "since": since.isoformat(timespec="seconds"),
                 "by": by,
-                "rows": [r.__dict__ for r in rows],
+                "rows": [asdict(r) for r in rows],
                 "audit_refusals": [{"agent": a, "day": d, "count": n} for a, d, n in refusals],
-                "audit_events": [e.__dict__ for e in events],
+                "audit_events": [asdict(e) for e in events],
             },
         )
         return 0

@@ -11,9 +11,11 @@ Actions the agent skipped (a target that changed since the plan) are not failure
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import click
+from marshmallow import ValidationError
 
 from controller import auditsync
 from controller.auditsync import AuditStatus
@@ -66,8 +68,8 @@ def effective_policy(session: Session, kinds: Sequence[str], min_age: int | None
         data["min_age_seconds"] = min_age
     try:
         return Policy.parse(data)
-    except Exception as exc:  # marshmallow.ValidationError: options already checked by click
-        raise ConfigError(str(exc), where="--kind/--min-age") from exc
+    except ValidationError as exc:
+        raise ConfigError(str(exc.messages), where="--kind/--min-age") from exc
 
 
 def summary_rows(records: Sequence[AgentRunRecord]) -> list[tuple[object, ...]]:
@@ -92,7 +94,7 @@ def show_summary(
     session: Session, title: str, records: Sequence[AgentRunRecord], extra: dict[str, Any]
 ) -> None:
     if session.json:
-        print_json(session.out, {**extra, "agents": [r.__dict__ for r in records]})
+        print_json(session.out, {**extra, "agents": [asdict(r) for r in records]})
         return
     session.out.print(table(title, SUMMARY_COLUMNS, summary_rows(records)))
     total = sum(r.reclaimed_bytes for r in records)
