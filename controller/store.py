@@ -249,13 +249,6 @@ class Store:
         ).fetchone()
         return AuditState(*row) if row else AuditState(agent)
 
-    def audit_states(self) -> list[AuditState]:
-        names = [f.name for f in fields(AuditState)]
-        rows = self._conn.execute(
-            f"SELECT {', '.join(names)} FROM audit_state ORDER BY agent"  # noqa: S608
-        ).fetchall()
-        return [AuditState(*row) for row in rows]
-
     def audit_hashes(self, agent: str, *, first: int, last: int) -> dict[int, str]:
         """Stored ``seq -> hash`` of the current epoch, for ``first <= seq <= last``."""
         epoch = self.audit_state(agent).epoch
