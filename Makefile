@@ -7,6 +7,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: test deps venv lint typecheck unit lab-tests demo clean
 
+## demo: the main job on the embedded lab: leak, agent, controller, reclaim, audit
+demo: deps venv
+	$(PY) -m lab.demo
+
 ## test: install what is needed, then lint, type checks, unit and lab tests
 test: deps venv lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)

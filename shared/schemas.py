@@ -45,7 +45,7 @@ class ProblemSchema(Base):
     code = fields.String(required=True, metadata={"description": "stable machine word"})
     errors = fields.Dict(
         keys=fields.String(),
-        values=fields.Raw(),
+        values=fields.Raw(allow_none=True),
         metadata={"description": "per-field messages (422 only)"},
     )
 
@@ -254,7 +254,7 @@ class AuditEntrySchema(Base):
     action = fields.String(required=True)
     target = fields.String(required=True)
     outcome = fields.String(required=True)
-    detail = fields.Dict(keys=fields.String(), values=fields.Raw(), required=True)
+    detail = fields.Dict(keys=fields.String(), values=fields.Raw(allow_none=True), required=True)
     prev_hash = fields.String(required=True)
     hash = fields.String(required=True)
 
