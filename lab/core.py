@@ -534,6 +534,7 @@ class Lab:
             run(["btrfs", "property", "set", str(path), "ro", "true"])
         if quotas_before and not self.quotas_enabled():
             self.enable_quotas()
+        self.settle()
         return SeededDind(
             volume=volume,
             mountpoint=inner_root,
@@ -557,7 +558,14 @@ class Lab:
         path = self.layer_dir / name
         run(["btrfs", "subvolume", "create", str(path)])
         fill(path, files, size=1024)
+        self.settle()
         return path
+
+    def settle(self) -> None:
+        """Commit what was written, so the seeded subvolumes' generations stop moving
+        (pending writeback would otherwise bump them at the next periodic commit, and a
+        plan made before that would see its targets as changed)."""
+        run(["btrfs", "filesystem", "sync", str(self.mnt)])
 
     # --- quotas --------------------------------------------------------------------------
     def quotas_enabled(self) -> bool:
