@@ -39,7 +39,6 @@ entries pulled over the API).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
@@ -52,6 +51,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.errors import AgentError
+from shared.auditchain import GENESIS, canonical_json, entry_hash
 
 __all__ = [
     "GENESIS",
@@ -66,7 +66,6 @@ __all__ = [
     "verify_entries",
 ]
 
-GENESIS = "0" * 64
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 30.0
 
@@ -79,14 +78,6 @@ class AuditCorrupt(AgentError):
 
 
 # --- encodings shared by the log, the state store and anyone verifying entries ---------
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON encoding that hashes and storage use: sorted keys, no whitespace,
-    non-ASCII kept as is, NaN and infinities refused (``ValueError``)."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
 
 
 def normalize_json_object(value: Mapping[str, Any], *, what: str = "value") -> dict[str, Any]:
@@ -188,32 +179,6 @@ class AuditEntry:
             detail=self.detail,
             prev_hash=self.prev_hash,
         )
-
-
-def entry_hash(
-    *,
-    seq: int,
-    at: str,
-    actor: str,
-    action: str,
-    target: str,
-    outcome: str,
-    detail: Mapping[str, Any],
-    prev_hash: str,
-) -> str:
-    """SHA-256 (hex) of the canonical JSON of every field but ``hash``; ``at`` is the
-    ``format_time`` string."""
-    content = {
-        "seq": seq,
-        "at": at,
-        "actor": actor,
-        "action": action,
-        "target": target,
-        "outcome": outcome,
-        "detail": detail,
-        "prev_hash": prev_hash,
-    }
-    return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
