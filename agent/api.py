@@ -111,8 +111,14 @@ class Api(SmorestApi):  # type: ignore[misc]
         if status == 400 and request.mimetype != "application/json" and request.data:
             status = 415
             detail = "send JSON with Content-Type: application/json"
+        # RFC 9110: a 405 names the methods the resource allows.
+        allow = {k: v for k, v in error.get_headers() if k.lower() == "allow"}
         return problem_response(
-            status, _HTTP_CODES.get(status, "error"), str(detail), extra=extra or None
+            status,
+            _HTTP_CODES.get(status, "error"),
+            str(detail),
+            extra=extra or None,
+            headers=allow if status == 405 else None,
         )
 
 
