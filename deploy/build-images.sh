@@ -153,6 +153,8 @@ EOF
         "$rootfs"/usr/share/info/* "$rootfs"/tmp/*
     find "$rootfs"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias \
         -exec rm -rf {} +
+    # mktemp made the folder 0700: that would be the image's "/", closed to non-root users.
+    chmod 0755 "$rootfs"
     # A fixed mtime for every file so the same package set gives the same tarball.
     tar --one-file-system --numeric-owner --sort=name --mtime='2023-06-10 00:00Z' -C "$rootfs" -c . \
         | gzip -n >"$ROOTFS_TAR.tmp"
