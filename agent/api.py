@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import http
+import json as stdjson
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -123,12 +124,36 @@ class Api(SmorestApi):  # type: ignore[misc]
 
 
 def require_json_bodies() -> Response | None:
-    """A request that carries a body must carry JSON (415 otherwise)."""
+    """A request that carries a body must carry JSON (415 otherwise) that the agent can
+    store: no lone UTF-16 surrogate escape in a string (``"\\ud800"`` parses in Python
+    but cannot be encoded as UTF-8 for the state and audit databases) and no nesting
+    deeper than the parser's recursion limit (400 for either)."""
     if request.method in ("POST", "PUT", "PATCH") and request.content_length:
         if request.mimetype != "application/json":
             return problem_response(
                 415, "unsupported_media_type", "send JSON with Content-Type: application/json"
             )
+        why = _unstorable_json(request.get_data(cache=True))
+        if why is not None:
+            return problem_response(400, "bad_request", why, extra={"errors": {"json": [why]}})
+    return None
+
+
+def _unstorable_json(data: bytes) -> str | None:
+    """Why a JSON body parses but cannot be used, or None. A body that does not parse
+    at all is left to the argument parser, which answers 400 with its own message."""
+    try:
+        value = stdjson.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    except RecursionError:
+        return "the JSON body is nested too deeply"
+    try:
+        stdjson.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "a string in the JSON body holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+    except RecursionError:
+        return "the JSON body is nested too deeply"
     return None
 
 

@@ -32,3 +32,41 @@ def test_405_names_the_allowed_methods(
     assert r.mimetype == "application/problem+json"
     assert r.get_json()["code"] == "method_not_allowed"
     assert {m.strip() for m in r.headers["Allow"].split(",")} == allowed
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ('{"protect_labels": ["\\ud800"]}', "surrogate"),
+        ('{"finding_ids": ["x\\udfff"]}', "surrogate"),
+        ('{"kinds": ["\\udbff"], "extra": 1}', "surrogate"),
+        ('{"\\ud800": 1}', "surrogate"),
+        ('{"kinds": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested too deeply"),
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+    ],
+)
+def test_unstorable_json_bodies_are_400_not_500(agent: AgentUnderTest, body: str, why: str) -> None:
+    """A lone surrogate escape parses in Python but cannot be written to the state or
+    audit databases (UTF-8); a deeply nested body overflows the parser's recursion."""
+    before = agent.get("/v1/audit/verify").get_json()["count"]
+    for url in ("/v1/plans", "/v1/plans/nope/apply"):
+        r = agent.client.post(
+            url, data=body, headers={**auth(), "Content-Type": "application/json"}
+        )
+        assert r.status_code == 400, r.get_data(as_text=True)[:300]
+        assert r.mimetype == "application/problem+json"
+        problem = r.get_json()
+        assert problem["code"] == "bad_request"
+        assert why in problem["detail"]
+        assert problem["errors"] == {"json": [problem["detail"]]}
+    verify = agent.get("/v1/audit/verify").get_json()
+    assert verify["ok"] is True and verify["count"] == before  # nothing half-written
+
+
+def test_valid_surrogate_pairs_and_nul_are_fine(agent: AgentUnderTest) -> None:
+    body = '{"min_age_seconds": 0, "finding_ids": ["\\ud83d\\ude00", "a\\u0000b"]}'
+    r = agent.client.post(
+        "/v1/plans", data=body, headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert r.status_code == 201, r.get_data(as_text=True)
+    assert [s["finding_id"] for s in r.get_json()["skipped"]] == ["\U0001f600", "a\x00b"]
