@@ -103,9 +103,11 @@ class Api(SmorestApi):  # type: ignore[misc]
             # webargs nests messages under the location ("query", "json"); flatten that.
             if isinstance(errors, dict) and set(errors) <= {"query", "json", "view_args"}:
                 flat: dict[str, Any] = {}
-                for part in errors.values():
+                for where, part in errors.items():
                     if isinstance(part, dict):
                         flat.update(part)
+                    else:  # a message about the whole body, e.g. "Invalid JSON body."
+                        flat[where] = part
                 errors = flat
             extra["errors"] = errors
             detail = "the request did not validate: see errors"

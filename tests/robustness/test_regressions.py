@@ -70,3 +70,12 @@ def test_valid_surrogate_pairs_and_nul_are_fine(agent: AgentUnderTest) -> None:
     )
     assert r.status_code == 201, r.get_data(as_text=True)
     assert [s["finding_id"] for s in r.get_json()["skipped"]] == ["\U0001f600", "a\x00b"]
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe", b'{"kinds": [', b"{'a': 1}"])
+def test_invalid_json_keeps_the_parser_message(agent: AgentUnderTest, body: bytes) -> None:
+    r = agent.client.post(
+        "/v1/plans", data=body, headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert r.get_json()["errors"] == {"json": ["Invalid JSON body."]}
