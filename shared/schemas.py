@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, fields, validate
+from marshmallow import INCLUDE, Schema, fields, validate
 
 FINDING_KINDS = ("dind-volume", "orphan-layer", "dangling-volume")
 OWNER_KINDS = ("docker-layer", "docker-volume", "orphan-layer", "other")
@@ -36,7 +36,13 @@ class Base(Schema):
 
 
 class ProblemSchema(Base):
-    """RFC 9457 problem details."""
+    """RFC 9457 problem details. A problem may carry extension members (RFC 9457
+    section 3.2) besides these: e.g. ``job_id`` and ``plan_id`` of a conflicting job,
+    ``in_use_by`` of a volume, ``deleted`` and ``audit_seq`` of a delete that failed
+    part way."""
+
+    class Meta(Base.Meta):
+        unknown = INCLUDE
 
     type = fields.String(required=True)
     title = fields.String(required=True)

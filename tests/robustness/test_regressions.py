@@ -4,7 +4,9 @@ stateful fakes (the schemathesis runs find them again only by chance)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 
 from tests.agent.apphelpers import AgentUnderTest, auth, build
@@ -79,3 +81,29 @@ def test_invalid_json_keeps_the_parser_message(agent: AgentUnderTest, body: byte
     )
     assert r.status_code == 400
     assert r.get_json()["errors"] == {"json": ["Invalid JSON body."]}
+
+
+def _problem_schema(agent: AgentUnderTest) -> dict[str, Any]:
+    spec = agent.client.get("/openapi.json").get_json()
+    schema: dict[str, Any] = spec["components"]["schemas"]["Problem"]
+    return schema
+
+
+def test_problem_extension_members_match_the_served_schema(agent: AgentUnderTest) -> None:
+    """The 409 for an Idempotency-Key reused on another plan names the job and plan it
+    belongs to; the served Problem schema must allow such members (RFC 9457 3.2)."""
+    h = auth()
+    plans = [
+        agent.client.post("/v1/plans", json={"kinds": [k]}, headers=h).get_json()["id"]
+        for k in ("orphan-layer", "dind-volume")
+    ]
+    first = agent.client.post(f"/v1/plans/{plans[0]}/apply", headers={**h, "Idempotency-Key": "k"})
+    assert first.status_code == 202
+    r = agent.client.post(f"/v1/plans/{plans[1]}/apply", headers={**h, "Idempotency-Key": "k"})
+    assert r.status_code == 409
+    body = r.get_json()
+    assert body["job_id"] == first.get_json()["job_id"] and body["plan_id"] == plans[0]
+    jsonschema.validate(body, _problem_schema(agent))
+    # the schema still requires the RFC 9457 members
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"code": "x", "job_id": "j"}, _problem_schema(agent))
