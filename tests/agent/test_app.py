@@ -572,3 +572,68 @@ def test_token_in_no_response_or_audit(agent: AgentUnderTest) -> None:
     agent.client.delete(f"/v1/volumes/{agent.sc.dind_volume}", headers=auth(BOTH))
     text = agent.get("/v1/audit").get_data(as_text=True)
     assert BOTH not in text and "ops" in text
+
+
+# -- the agent in a container that sees the host under a prefix ----------------------------
+
+
+class HostView:
+    """The scenario's Docker as the host's daemon would speak of it when the agent's
+    container mounts the host's / at /host: the fakes live under /host, Docker's
+    answers carry host paths."""
+
+    def __init__(self, docker: Any, prefix: str) -> None:
+        self._d, self._p = docker, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._d, name)
+
+    def info(self) -> Any:
+        import dataclasses
+
+        i = self._d.info()
+        return dataclasses.replace(i, data_root=i.data_root.removeprefix(self._p))
+
+    def volumes(self) -> list[Any]:
+        import dataclasses
+
+        return [
+            dataclasses.replace(v, mountpoint=v.mountpoint.removeprefix(self._p))
+            for v in self._d.volumes()
+        ]
+
+    def layer_refs(self, data_root: str) -> Any:
+        assert data_root.startswith(self._p), "layerdb must be read through the prefix"
+        return self._d.layer_refs(data_root)
+
+
+def test_host_prefix_maps_paths_both_ways(tmp_path: Path) -> None:
+    from agent.app import Backends, create_app
+    from tests.agent.apphelpers import agent_config
+    from tests.fakes import FakeBtrfs, FakeDocker
+
+    fs = FakeBtrfs()
+    fs.add_filesystem(mount="/host/volume1", quota=True)
+    fs.create_subvolume("/host/volume1/docker")
+    docker = FakeDocker(btrfs=fs, data_root="/host/volume1/docker")
+    leak = docker.add_volume()
+    nested = f"{docker.volume(leak.name).mountpoint}/btrfs/subvolumes/x"  # type: ignore[union-attr]
+    fs.create_subvolume(nested, read_only=True)
+    app = create_app(
+        agent_config(tmp_path, host_prefix="/host"),
+        backend=Backends(btrfs=fs, docker=HostView(docker, "/host")),  # type: ignore[arg-type]
+    )
+    c = app.test_client()
+    host = c.get("/v1/host", headers=auth()).get_json()
+    assert host["roots"] == ["/volume1/docker"]
+    f = next(
+        x
+        for x in c.get("/v1/findings?min_age_seconds=0", headers=auth()).get_json()["items"]
+        if x["kind"] == "dind-volume"
+    )
+    assert f["target"]["path"].startswith("/volume1/docker/volumes/")
+    assert f["blocked_by"] == []
+    r = c.delete(f"/v1/volumes/{leak.name}?dry_run=false", headers=auth(CLEAN))
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["deleted"][0]["path"] == nested.removeprefix("/host")
+    assert not fs.exists(nested)  # deleted through the local (prefixed) path
