@@ -68,7 +68,7 @@ def delete_volume(name: str, *, dry_run: bool) -> dict[str, Any]:
 
 @blp.post("/plans")
 @needs(blp, "clean")
-@blp.arguments(PlanRequestSchema)
+@blp.arguments(PlanRequestSchema, required=False)
 @blp.response(201, PlanSchema)
 def create_plan(policy: dict[str, Any]) -> dict[str, Any]:
     """Plan a clean-up from the current findings and a policy. Nothing changes."""
