@@ -28,6 +28,7 @@ log = logging.getLogger("nas_janitor.agent")
 PROBLEM_JSON = "application/problem+json"
 F = TypeVar("F", bound=Callable[..., Any])
 
+_LOCATIONS = frozenset({"query", "json", "view_args", "headers"})
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -101,7 +102,7 @@ class Api(SmorestApi):  # type: ignore[misc]
         detail = data.get("message") or error.description or http.HTTPStatus(status).phrase
         if errors:
             # webargs nests messages under the location ("query", "json"); flatten that.
-            if isinstance(errors, dict) and set(errors) <= {"query", "json", "view_args"}:
+            if isinstance(errors, dict) and set(errors) <= _LOCATIONS:
                 flat: dict[str, Any] = {}
                 for where, part in errors.items():
                     if isinstance(part, dict):

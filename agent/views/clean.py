@@ -7,11 +7,10 @@ from typing import Any
 
 from flask import Response, current_app, jsonify
 from flask_smorest import Blueprint
-from marshmallow import fields
+from marshmallow import fields, validate
 
 from agent.api import actor, needs
 from agent.cleanup import Cleaner
-from agent.errors import ValidationFailed
 from shared.schemas import (
     ApplyResponseSchema,
     Base,
@@ -34,6 +33,8 @@ class ApplyHeaders(Base):
     idempotency_key = fields.String(
         data_key="Idempotency-Key",
         load_default=None,
+        # not blank: at least one character other than space and tab (HTTP's whitespace)
+        validate=validate.Regexp(r"[ \t]*[^ \t]", error="must not be empty"),
         metadata={"description": "a client's key: the same key returns the same job"},
     )
 
@@ -94,10 +95,6 @@ def apply_plan(plan_id: str, *, idempotency_key: str | None) -> Response:
     """Run a plan as a job in the background. Applying it again (or with the same
     ``Idempotency-Key``) returns the same job and runs nothing twice; an interrupted
     job is resumed."""
-    if idempotency_key is not None and not idempotency_key.strip():
-        raise ValidationFailed(
-            "empty Idempotency-Key", errors={"Idempotency-Key": ["must not be empty"]}
-        )
     body = cleaner().apply(plan_id, idempotency_key=idempotency_key, actor=actor())
     resp = jsonify(ApplyResponseSchema().dump(body))
     resp.status_code = 202

@@ -3,6 +3,7 @@ stateful fakes (the schemathesis runs find them again only by chance)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,21 @@ def test_plan_request_body_is_optional_as_documented(agent: AgentUnderTest) -> N
         "protect_labels": ["keep", "nas-janitor.keep"],
         "finding_ids": None,
     }
+
+
+@pytest.mark.parametrize("key", ["", " ", "\t", " \t "])
+def test_blank_idempotency_key_is_refused_as_documented(agent: AgentUnderTest, key: str) -> None:
+    """The agent refuses a blank key (422); the document now says so with a pattern, so
+    a schema-valid key is never refused (schemathesis' positive_data_acceptance)."""
+    spec = agent.client.get("/openapi.json").get_json()
+    (param,) = spec["paths"]["/v1/plans/{plan_id}/apply"]["post"]["parameters"]
+    assert param["name"] == "Idempotency-Key"
+    pattern = re.compile(param["schema"]["pattern"])
+    assert pattern.search(key) is None
+    assert pattern.search("run-42") and pattern.search(" \x1c")
+    plan = agent.client.post("/v1/plans", headers=auth()).get_json()["id"]
+    r = agent.client.post(f"/v1/plans/{plan}/apply", headers={**auth(), "Idempotency-Key": key})
+    assert r.status_code == 422
+    assert r.get_json()["errors"] == {"Idempotency-Key": ["must not be empty"]}
+    r = agent.client.post(f"/v1/plans/{plan}/apply", headers={**auth(), "Idempotency-Key": " \x1c"})
+    assert r.status_code == 202
