@@ -53,10 +53,11 @@ die() { log "error: $*"; exit 1; }
 timed() {  # timed NAME CMD...: runs CMD and reports its wall time
     local name="$1" start end
     shift
-    start=$(date +%s.%N)
+    start=$(date +%s%N)
     "$@"
-    end=$(date +%s.%N)
-    printf '[build-images] step %-10s %6.1f s\n' "$name" "$(echo "$end - $start" | bc)" >&2
+    end=$(date +%s%N)
+    local ds=$(((end - start) / 100000000))  # tenths of a second
+    printf '[build-images] step %-10s %4d.%d s\n' "$name" $((ds / 10)) $((ds % 10)) >&2
 }
 
 # The first "deb" URI that apt on this host uses for SUITE (deb822 or one-line sources).
@@ -109,7 +110,7 @@ step_wheelhouse() {
         "${platforms[@]}" \
         --constraint "$REPO/deploy/constraints.txt" \
         "$project_wheel"
-    log "wheelhouse: $(ls "$WHEELHOUSE" | wc -l) wheels in $WHEELHOUSE"
+    log "wheelhouse: $(find "$WHEELHOUSE" -name "*.whl" | wc -l) wheels in $WHEELHOUSE"
 }
 
 make_rootfs_tarball() {
