@@ -85,6 +85,8 @@ class Snapshot:
     mountpoints: frozenset[str]  # host paths where anything is mounted
     mounted_roots: frozenset[tuple[str, str]]  # (fs uuid, in-fs path) mounted somewhere
     _children: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    # folder -> no symlink on the way, for the safety checks on this snapshot
+    path_memo: dict[str, bool] = field(default_factory=dict)
 
     # -- lookups ------------------------------------------------------------------
     def fs_for_host_path(self, path: str) -> FsView | None:

@@ -52,7 +52,7 @@ def _check_path(snap: Snapshot, sv: SubvolView, pathmap: PathMap) -> str:
         raise OutsideRoots(f"{path} is outside the configured roots {list(snap.roots)}")
     if any(path == r.rstrip("/") for r in snap.roots):
         raise Protected(f"{path} is a configured root itself")
-    if not pathmap.symlink_free(path):
+    if not pathmap.symlink_free(path, snap.path_memo):
         raise OutsideRoots(f"{path} goes through a symbolic link")
     return path
 
@@ -167,7 +167,7 @@ def plan_volume_delete(
         raise OutsideRoots(f"volume {name}: {exc}") from None
     if not under_any(mountpoint, snap.roots):
         raise OutsideRoots(f"volume {name} lives at {mountpoint}, outside the configured roots")
-    if not pathmap.symlink_free(mountpoint):
+    if not pathmap.symlink_free(mountpoint, snap.path_memo):
         raise OutsideRoots(f"{mountpoint} goes through a symbolic link")
     for mp in snap.mountpoints:
         if is_under(mp, mountpoint):
