@@ -93,8 +93,16 @@ step_wheelhouse() {
     [ -x "$PYTHON" ] || die "no Python at $PYTHON (run 'make venv' or set PYTHON)"
     rm -rf "$WHEELHOUSE"
     mkdir -p "$WHEELHOUSE"
-    # The project itself (pure Python), built here from the work tree.
-    "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$WHEELHOUSE" "$REPO"
+    # The project itself (pure Python), from the work tree's files that git tracks or
+    # would track, copied to a fresh folder: no stale build/ output of an earlier build
+    # can slip into the wheel, and nothing is written into the work tree.
+    local src
+    src="$(mktemp -d)"
+    git -C "$REPO" ls-files -z --cached --others --exclude-standard \
+        | tar -C "$REPO" --null --files-from=- --ignore-failed-read -c 2>/dev/null \
+        | tar -C "$src" -x
+    "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$WHEELHOUSE" "$src"
+    rm -rf "$src"
     local project_wheel
     project_wheel="$(ls "$WHEELHOUSE"/nas_janitor-*.whl)"
     # Its dependencies, pinned by deploy/constraints.txt, as binary wheels for the
