@@ -10,9 +10,10 @@ fields does not break an older controller (the contract allows additions).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from marshmallow import INCLUDE, Schema, fields, validate
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
 FINDING_KINDS = ("dind-volume", "orphan-layer", "dangling-volume")
 OWNER_KINDS = ("docker-layer", "docker-volume", "orphan-layer", "other")
@@ -299,10 +300,38 @@ class PageQuerySchema(Base):
     cursor = fields.String(load_default=None, validate=validate.Length(max=200))
 
 
+class FullMatch(validate.Regexp):
+    """``validate.Regexp`` over the whole value. Published as the OpenAPI ``pattern``,
+    where ``$`` is the end of the text (ECMA-262); in Python ``$`` also matches before a
+    final newline, so the value must ``fullmatch``."""
+
+    def __init__(self, pattern: str, *, error: str | None = None) -> None:
+        super().__init__(pattern, error=error)
+        self._full = re.compile(pattern)
+
+    def __call__(self, value: Any) -> Any:
+        if not isinstance(value, str) or self._full.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
+# A path component: not empty, no "/" or NUL, not "." or "..".
+_COMPONENT = r"([^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)"
+# What ``agent.paths.check_abs`` accepts: "/", or an absolute path in normal form
+# (trailing slashes allowed; two leading slashes are kept by POSIX normpath).
+ABSOLUTE_PATH_PATTERN = rf"^(/|//?{_COMPONENT}(/{_COMPONENT})*/*)$"
+
+
 class SubvolumeQuerySchema(PageQuerySchema):
     under = fields.String(
         load_default=None,
-        validate=validate.Length(min=1, max=4096),
+        validate=[
+            validate.Length(min=1, max=4096),
+            FullMatch(
+                ABSOLUTE_PATH_PATTERN,
+                error="an absolute path in normal form (no '.', '..' or empty components)",
+            ),
+        ],
         metadata={"description": "absolute path prefix"},
     )
 

@@ -9,7 +9,10 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from agent.paths import PathRefused, check_abs
 from tests.agent.apphelpers import AgentUnderTest, auth, build
 
 
@@ -142,3 +145,38 @@ def test_blank_idempotency_key_is_refused_as_documented(agent: AgentUnderTest, k
     assert r.get_json()["errors"] == {"Idempotency-Key": ["must not be empty"]}
     r = agent.client.post(f"/v1/plans/{plan}/apply", headers={**auth(), "Idempotency-Key": " \x1c"})
     assert r.status_code == 202
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(under=st.lists(st.sampled_from(["/", ".", "..", "a", "é", "\n", " ", "\x00"])).map("".join))
+def test_under_is_refused_exactly_when_the_document_says(tmp_path_factory: Any, under: str) -> None:
+    """``under`` must be an absolute path in normal form; the document now publishes that
+    as a pattern, so no schema-valid value is refused (it said any string)."""
+    agent = _shared_agent(tmp_path_factory)
+    spec = agent.client.get("/openapi.json").get_json()
+    params = spec["paths"]["/v1/filesystems/{fs_uuid}/subvolumes"]["get"]["parameters"]
+    schema = next(p for p in params if p["name"] == "under")["schema"]
+    # ECMA-262 "$" is the end of the text: fullmatch in Python terms
+    valid = 1 <= len(under) <= 4096 and re.fullmatch(schema["pattern"], under) is not None
+    try:
+        check_abs(under)
+        accepted_by_paths = True
+    except PathRefused:
+        accepted_by_paths = False
+    if under:  # an empty value is not sent as a parameter value at all
+        assert valid == accepted_by_paths, under
+    r = agent.client.get(
+        f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes",
+        query_string={"under": under},
+        headers=auth(),
+    )
+    assert r.status_code == (200 if valid else 422), (under, r.get_data(as_text=True))
+
+
+_AGENTS: dict[str, AgentUnderTest] = {}
+
+
+def _shared_agent(tmp_path_factory: Any) -> AgentUnderTest:
+    if "a" not in _AGENTS:
+        _AGENTS["a"] = build(tmp_path_factory.mktemp("under") / "state")
+    return _AGENTS["a"]
