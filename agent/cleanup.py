@@ -119,6 +119,7 @@ class Cleaner:
                         host = sv.path if sv is not None and sv.path else res.path
                         failed.append((host, res.error or "failed"))
         finally:
+            self.service.forget_listing_snapshot()
             for path in restore:
                 try:
                     btrfs.set_readonly(path, True)

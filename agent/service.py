@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,10 @@ from agent.paths import PathMap, PathRefused, check_abs, is_under
 from shared.schemas import DEFAULT_MIN_AGE_SECONDS, DEFAULT_PROTECT_LABELS, FINDING_KINDS
 
 Clock = Callable[[], datetime]
+
+# How long the pages after the first of a subvolume listing reuse the first page's
+# snapshot (seconds).
+PAGE_SNAPSHOT_SECONDS = 30.0
 
 
 def utcnow() -> datetime:
@@ -46,6 +51,7 @@ class JanitorService:
         self.pathmap = PathMap(config.host_prefix)
         self._fs_cache: dict[str, tuple[str, str | None]] = {}
         self._lock = threading.Lock()
+        self._paged: tuple[float, Snapshot] | None = None  # (monotonic time, snapshot)
 
     # -- snapshot ------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -57,6 +63,26 @@ class JanitorService:
             pathmap=self.pathmap,
             fs_cache=self._fs_cache,
         )
+
+    def _listing_snapshot(self, *, first_page: bool) -> Snapshot:
+        """The snapshot a page of the subvolume listing is cut from: a fresh one for the
+        first page, kept for the pages after it (up to ``PAGE_SNAPSHOT_SECONDS``), so a
+        listing of N pages scans the system once, not N times, and its pages agree.
+        The last page and every delete drop the kept one."""
+        now = time.monotonic()
+        if not first_page:
+            with self._lock:
+                kept = self._paged
+            if kept is not None and now - kept[0] <= PAGE_SNAPSHOT_SECONDS:
+                return kept[1]
+        snap = self.snapshot()
+        with self._lock:
+            self._paged = (now, snap)
+        return snap
+
+    def forget_listing_snapshot(self) -> None:
+        with self._lock:
+            self._paged = None
 
     # -- health ----------------------------------------------------------------------
     def readiness(self) -> None:
@@ -128,7 +154,7 @@ class JanitorService:
                 under = check_abs(under)
             except PathRefused as exc:
                 raise ValidationFailed("bad path", errors={"under": [str(exc)]}) from None
-        snap = self.snapshot()
+        snap = self._listing_snapshot(first_page=cursor is None)
         subs = snap.subvolumes.get(fs_uuid)
         if subs is None:
             raise NotFound(f"no btrfs filesystem with uuid {fs_uuid}")
@@ -144,6 +170,8 @@ class JanitorService:
                 break
             items.append(sv)
         next_cursor = str(items[-1].id) if more and items else None
+        if next_cursor is None:
+            self.forget_listing_snapshot()  # the listing is complete: no page needs it
         return [self._subvol_dict(sv) for sv in items], next_cursor
 
     def subvolume(self, fs_uuid: str, sub_id: int) -> dict[str, Any]:
