@@ -146,7 +146,8 @@ class JanitorService:
     ) -> tuple[list[dict[str, Any]], str | None]:
         after = 0
         if cursor is not None:
-            if not cursor.isdigit() or len(cursor) > 19:
+            # ASCII digits only: str.isdigit() is also true for "²", which int() refuses
+            if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19:
                 raise ValidationFailed("bad cursor", errors={"cursor": ["not a valid cursor"]})
             after = int(cursor)
         if under is not None:

@@ -180,3 +180,11 @@ def _shared_agent(tmp_path_factory: Any) -> AgentUnderTest:
     if "a" not in _AGENTS:
         _AGENTS["a"] = build(tmp_path_factory.mktemp("under") / "state")
     return _AGENTS["a"]
+
+
+@pytest.mark.parametrize("cursor", ["²", "٣", "1²", "0" * 20, "-1", " 1", "x"])
+def test_a_cursor_of_other_digits_is_422_not_500(agent: AgentUnderTest, cursor: str) -> None:
+    """str.isdigit() holds for "²" and "٣"; int() refuses the first (500 before)."""
+    r = agent.get(f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes", query_string={"cursor": cursor})
+    assert r.status_code == 422, r.get_data(as_text=True)
+    assert "cursor" in r.get_json()["errors"]
