@@ -293,13 +293,6 @@ FindingPageSchema = page_of(FindingSchema, "FindingPageSchema")
 AuditPageSchema = page_of(AuditEntrySchema, "AuditPageSchema")
 
 
-class PageQuerySchema(Base):
-    limit = fields.Integer(
-        load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT)
-    )
-    cursor = fields.String(load_default=None, validate=validate.Length(max=200))
-
-
 class FullMatch(validate.Regexp):
     """``validate.Regexp`` over the whole value. Published as the OpenAPI ``pattern``,
     where ``$`` is the end of the text (ECMA-262); in Python ``$`` also matches before a
@@ -320,6 +313,17 @@ _COMPONENT = r"([^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)"
 # What ``agent.paths.check_abs`` accepts: "/", or an absolute path in normal form
 # (trailing slashes allowed; two leading slashes are kept by POSIX normpath).
 ABSOLUTE_PATH_PATTERN = rf"^(/|//?{_COMPONENT}(/{_COMPONENT})*/*)$"
+
+
+class PageQuerySchema(Base):
+    limit = fields.Integer(
+        load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT)
+    )
+    cursor = fields.String(
+        load_default=None,
+        validate=FullMatch(r"^[0-9]{1,19}$", error="not a valid cursor"),
+        metadata={"description": "the next_cursor of the previous page"},
+    )
 
 
 class SubvolumeQuerySchema(PageQuerySchema):

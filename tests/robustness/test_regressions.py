@@ -188,3 +188,18 @@ def test_a_cursor_of_other_digits_is_422_not_500(agent: AgentUnderTest, cursor: 
     r = agent.get(f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes", query_string={"cursor": cursor})
     assert r.status_code == 422, r.get_data(as_text=True)
     assert "cursor" in r.get_json()["errors"]
+
+
+@pytest.mark.parametrize("cursor", ["0", "256", "9" * 19, "0" * 20, "0" * 200, "²", "1 ", ""])
+def test_cursor_is_refused_exactly_when_the_document_says(
+    agent: AgentUnderTest, cursor: str
+) -> None:
+    """The document allowed any cursor up to 200 characters; the agent takes only what
+    it hands out (up to 19 ASCII digits). The pattern now says so."""
+    spec = agent.client.get("/openapi.json").get_json()
+    params = spec["paths"]["/v1/filesystems/{fs_uuid}/subvolumes"]["get"]["parameters"]
+    pattern = next(p for p in params if p["name"] == "cursor")["schema"]["pattern"]
+    valid = re.fullmatch(pattern, cursor) is not None
+    r = agent.get(f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes", query_string={"cursor": cursor})
+    assert r.status_code == (200 if valid else 422), r.get_data(as_text=True)
+    assert valid == (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19)
