@@ -187,7 +187,9 @@ class PlanRequestSchema(Base):
         validate=validate.Length(min=1),
     )
     min_age_seconds = fields.Integer(
-        load_default=DEFAULT_MIN_AGE_SECONDS, validate=validate.Range(min=0, max=10 * 365 * 86400)
+        load_default=DEFAULT_MIN_AGE_SECONDS,
+        strict=True,  # a JSON integer: 1.5 is refused, not truncated to 1
+        validate=validate.Range(min=0, max=10 * 365 * 86400),
     )
     protect_labels = fields.List(
         fields.String(validate=validate.Length(min=1, max=255)),

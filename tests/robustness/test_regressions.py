@@ -203,3 +203,14 @@ def test_cursor_is_refused_exactly_when_the_document_says(
     r = agent.get(f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes", query_string={"cursor": cursor})
     assert r.status_code == (200 if valid else 422), r.get_data(as_text=True)
     assert valid == (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19)
+
+
+@pytest.mark.parametrize("value", [1.5, 2.5890419884777833e-42, 86400.0, "86400", True])
+def test_plan_min_age_must_be_a_json_integer(agent: AgentUnderTest, value: Any) -> None:
+    """min_age_seconds is an integer in the document; 1.5 was truncated to 1 and a
+    plan made (schemathesis' negative_data_rejection)."""
+    r = agent.client.post("/v1/plans", json={"min_age_seconds": value}, headers=auth())
+    assert r.status_code == 422, r.get_data(as_text=True)
+    assert "min_age_seconds" in r.get_json()["errors"]
+    ok = agent.client.post("/v1/plans", json={"min_age_seconds": 86400}, headers=auth())
+    assert ok.status_code == 201
