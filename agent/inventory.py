@@ -1,5 +1,8 @@
 """What is on this NAS: filesystems, subvolumes, volumes, and who owns each.
 
+Only the btrfs filesystems that hold a configured root or Docker's data root are
+looked at.
+
 ``take_snapshot`` asks the two backends once (a fixed number of btrfs processes per
 filesystem, one Docker call per kind of object, whatever the number of subvolumes)
 and joins the answers into a ``Snapshot``: plain values the findings, the safety rules
@@ -216,7 +219,18 @@ def take_snapshot(
         for vn in c.volume_names:
             users.setdefault(vn, []).append(c.id)
 
+    wanted = (*roots, data_root)
     for source, mounts in sorted(by_source.items()):
+        # Only filesystems that hold a root or Docker's data root: nothing else is ours
+        # to look at, and an unrelated filesystem (a failing USB disk, a mount going
+        # away) must not fail the answer.
+        if not any(
+            is_under(w, hp) or is_under(hp, w)
+            for w in wanted
+            for hp in (pathmap.to_host(m.mountpoint) for m in mounts)
+            if hp is not None
+        ):
+            continue
         # Point commands at a mount of the top level when there is one.
         mounts.sort(key=lambda m: (m.root != "/", len(m.mountpoint)))
         local_mount = mounts[0].mountpoint

@@ -637,3 +637,13 @@ def test_host_prefix_maps_paths_both_ways(tmp_path: Path) -> None:
     assert r.status_code == 200, r.get_json()
     assert r.get_json()["deleted"][0]["path"] == nested.removeprefix("/host")
     assert not fs.exists(nested)  # deleted through the local (prefixed) path
+
+
+def test_unrelated_filesystems_are_not_looked_at(tmp_path: Path) -> None:
+    sc = make_leak_scenario()
+    sc.btrfs.add_filesystem(mount="/volumeUSB")
+    sc.btrfs.create_subvolume("/volumeUSB/backup")
+    a = build(tmp_path, sc)
+    assert [f["mountpoints"][0] for f in a.get("/v1/filesystems").json["items"]] == ["/volume1"]
+    assert len(a.get("/v1/findings").json["items"]) == 2
+    assert not any("/volumeUSB" in arg for c in sc.btrfs.calls for arg in c.args)
