@@ -38,19 +38,15 @@ entries pulled over the API).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sqlite3
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from agent.errors import AgentError
+from agent.sqlite import SqliteFile, read_transaction, write_transaction
 from shared.auditchain import GENESIS, canonical_json, entry_hash
 
 __all__ = [
@@ -67,7 +63,6 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-DEFAULT_TIMEOUT = 30.0
 
 
 class AuditCorrupt(AgentError):
@@ -260,86 +255,10 @@ _INSERT_ROW = (
 _TEXT_COLUMNS = ("at", "actor", "action", "target", "outcome", "detail", "prev_hash", "hash")
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def connect_durable(path: Path, *, timeout: float) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL journal,
-    ``synchronous=FULL``, waiting up to ``timeout`` seconds for another writer. A new
-    database file is created readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"cannot use WAL journal on {path} (got {mode})")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-@contextlib.contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on any exception). The caller
-    holds its process-local lock."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-@contextlib.contextmanager
-def read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One consistent snapshot for several reads."""
-    conn.execute("BEGIN")
-    try:
-        yield conn
-    finally:
-        conn.execute("COMMIT")
-
-
-class AuditLog:
+class AuditLog(SqliteFile):
     """The audit log in one SQLite file. Safe to share between threads; several
     processes may open the same file. Not for ``:memory:``: ``verify`` reads through a
     connection of its own."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        clock: Callable[[], datetime] = _utcnow,
-    ) -> None:
-        self.path = Path(path)
-        self._timeout = timeout
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._conn = connect_durable(self.path, timeout=timeout)
-        try:
-            self._init_schema()
-        except BaseException:
-            self._conn.close()
-            raise
-
-    @classmethod
-    def open(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        clock: Callable[[], datetime] = _utcnow,
-    ) -> AuditLog:
-        return cls(path, timeout=timeout, clock=clock)
 
     def _init_schema(self) -> None:
         with self._lock, write_transaction(self._conn) as conn:
@@ -370,23 +289,6 @@ class AuditLog:
                 conn.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?)", (GENESIS,))
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # --- writing ---
 
     def append(
         self,

@@ -20,7 +20,7 @@ The ``state`` column is the job's state of record; the store never looks inside
 ``body``, so a ``state`` the domain keeps in the body is not rewritten by
 ``mark_interrupted``.
 
-Durability and concurrency are those of ``agent.audit``: WAL with ``synchronous=FULL``,
+Durability and concurrency are those of ``agent.sqlite``: WAL with ``synchronous=FULL``,
 every write committed before the method returns, a process-local lock plus
 ``BEGIN IMMEDIATE`` around each read-check-write, so threads and processes sharing the
 file see each write whole or not at all.
@@ -29,27 +29,15 @@ file see each write whole or not at all.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from datetime import datetime
+from typing import Any
 
-from agent.audit import (
-    DEFAULT_TIMEOUT,
-    canonical_json,
-    connect_durable,
-    format_time,
-    normalize_json_object,
-    parse_time,
-    read_transaction,
-    write_transaction,
-)
+from agent.audit import canonical_json, format_time, normalize_json_object, parse_time
 from agent.errors import Conflict, NotFound, ValidationFailed
+from agent.sqlite import SqliteFile, read_transaction, write_transaction
 
 __all__ = [
     "ACTIVE_JOB_STATES",
@@ -100,40 +88,9 @@ _JOB_COLUMNS = "SELECT id, plan_id, idempotency_key, state, body, created_at, up
 _RESULT_COLUMNS = "SELECT job_id, seq, outcome, body, recorded_at FROM job_results"
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class StateStore:
+class StateStore(SqliteFile):
     """Plans, jobs and results in one SQLite file. Safe to share between threads; several
     processes may open the same file."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        clock: Callable[[], datetime] = _utcnow,
-    ) -> None:
-        self.path = Path(path)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._conn = connect_durable(self.path, timeout=timeout)
-        try:
-            self._init_schema()
-        except BaseException:
-            self._conn.close()
-            raise
-
-    @classmethod
-    def open(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        clock: Callable[[], datetime] = _utcnow,
-    ) -> StateStore:
-        return cls(path, timeout=timeout, clock=clock)
 
     def _init_schema(self) -> None:
         with self._lock, write_transaction(self._conn) as conn:
@@ -169,21 +126,6 @@ class StateStore:
             )
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- plans ---
 
