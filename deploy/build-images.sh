@@ -20,7 +20,9 @@
 #                 (e.g. python:3.11-slim-bookworm when a registry is reachable)
 #   IMAGE_TAG     tag of both images (default: the version in pyproject.toml)
 #   AGENT_IMAGE, CONTROLLER_IMAGE   image names (default nas-janitor-agent, nas-janitor-controller)
-#   CACHE_DIR     where the wheelhouse and the rootfs tarball live (default: <repo>/.cache)
+#   CACHE_DIR     where the rootfs tarball (and by default the wheelhouse) live
+#                 (default: <repo>/.cache)
+#   WHEELHOUSE    the wheelhouse folder (default: $CACHE_DIR/wheelhouse)
 #   PYTHON        the Python that runs pip on this host (default: <repo>/.venv/bin/python)
 #   PY_TARGET     Python version of the image (default 3.11: Debian bookworm's python3)
 #   GLIBC         glibc version of the image, for the manylinux wheel tags it accepts
@@ -45,7 +47,7 @@ AGENT_IMAGE="${AGENT_IMAGE:-nas-janitor-agent}"
 CONTROLLER_IMAGE="${CONTROLLER_IMAGE:-nas-janitor-controller}"
 LOCAL_BASE="nas-janitor-base:bookworm"
 ROOTFS_TAR="$CACHE_DIR/debian-bookworm-minbase.tar.gz"
-WHEELHOUSE="$CACHE_DIR/wheelhouse"
+WHEELHOUSE="${WHEELHOUSE:-$CACHE_DIR/wheelhouse}"
 
 log() { printf '[build-images] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -91,8 +93,10 @@ apt_mirror() {
 
 step_wheelhouse() {
     [ -x "$PYTHON" ] || die "no Python at $PYTHON (run 'make venv' or set PYTHON)"
-    rm -rf "$WHEELHOUSE"
-    mkdir -p "$WHEELHOUSE"
+    # Made aside and renamed into place: a build running meanwhile never sees half of it.
+    local final="$WHEELHOUSE" WHEELHOUSE
+    mkdir -p "$(dirname "$final")"
+    WHEELHOUSE="$(mktemp -d "$final.new.XXXXXX")"
     # The project itself (pure Python), from the work tree's files that git tracks or
     # would track, copied to a fresh folder: no stale build/ output of an earlier build
     # can slip into the wheel, and nothing is written into the work tree.
@@ -118,7 +122,10 @@ step_wheelhouse() {
         "${platforms[@]}" \
         --constraint "$REPO/deploy/constraints.txt" \
         "$project_wheel"
-    log "wheelhouse: $(find "$WHEELHOUSE" -name "*.whl" | wc -l) wheels in $WHEELHOUSE"
+    chmod 0755 "$WHEELHOUSE"
+    rm -rf "$final"
+    mv "$WHEELHOUSE" "$final"
+    log "wheelhouse: $(find "$final" -name "*.whl" | wc -l) wheels in $final"
 }
 
 make_rootfs_tarball() {
@@ -128,9 +135,9 @@ make_rootfs_tarball() {
     mirror="${mirror:-http://deb.debian.org/debian}"
     security="${DEBIAN_SECURITY_MIRROR:-$(apt_mirror bookworm-security | head -n1 || true)}"
     security="${security:-http://deb.debian.org/debian-security}"
-    mkdir -p "$CACHE_DIR"
-    local old
-    for old in "$CACHE_DIR"/rootfs.*; do remove_rootfs "$old"; done  # left by a killed run
+    local old tmp_tar
+    # Under the cache lock (step_base), so these are left by a killed run, not in use.
+    for old in "$CACHE_DIR"/rootfs.*/; do remove_rootfs "${old%/}"; done
     rootfs="$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")"
     log "debootstrap --variant=minbase bookworm from $mirror"
     debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$CACHE_DIR/debootstrap.log" 2>&1 \
@@ -165,9 +172,11 @@ EOF
     # mktemp made the folder 0700: that would be the image's "/", closed to non-root users.
     chmod 0755 "$rootfs"
     # A fixed mtime for every file so the same package set gives the same tarball.
-    tar --one-file-system --numeric-owner --sort=name --mtime='2023-06-10 00:00Z' -C "$rootfs" -c . \
-        | gzip -n >"$ROOTFS_TAR.tmp"
-    mv "$ROOTFS_TAR.tmp" "$ROOTFS_TAR"
+    tmp_tar="$(mktemp "$ROOTFS_TAR.XXXXXX")"
+    tar --one-file-system --numeric-owner --sort=name --mtime='2023-06-10 00:00Z' \
+        -C "$rootfs" -c . | gzip -n >"$tmp_tar"
+    chmod 0644 "$tmp_tar"
+    mv "$tmp_tar" "$ROOTFS_TAR"
     remove_rootfs "$rootfs"
 }
 
@@ -186,11 +195,16 @@ step_base() {
         log "base: using BASE_IMAGE=$BASE_IMAGE"
         return
     fi
+    # One bootstrap at a time per cache folder; a run that waited reuses what the other made.
+    mkdir -p "$CACHE_DIR"
+    exec 9>"$CACHE_DIR/rootfs.lock"
+    flock 9
     if [ "${REBOOTSTRAP:-0}" = 1 ] || [ ! -s "$ROOTFS_TAR" ]; then
         make_rootfs_tarball
     else
         log "base: reusing $ROOTFS_TAR"
     fi
+    exec 9>&-
     local digest
     digest="$(sha256sum "$ROOTFS_TAR" | cut -c1-12)"
     if docker image inspect "nas-janitor-base:$digest" >/dev/null 2>&1; then
@@ -208,18 +222,22 @@ step_base() {
 build_image() {  # build_image COMPONENT IMAGE
     local component="$1" image="$2"
     [ -d "$WHEELHOUSE" ] || die "no wheelhouse at $WHEELHOUSE (run the wheelhouse step)"
-    local base="${BASE_IMAGE:-$LOCAL_BASE}"
-    local rel_wheelhouse="${WHEELHOUSE#"$REPO"/}"
-    [ "$rel_wheelhouse" != "$WHEELHOUSE" ] || die "CACHE_DIR must be inside $REPO (the build context)"
+    local base="${BASE_IMAGE:-$LOCAL_BASE}" context rc=0
+    # The build context is a copy of the wheelhouse alone: small, and untouched by
+    # anything else running meanwhile (another build, a new wheelhouse).
+    context="$(mktemp -d)"
+    cp -a "$WHEELHOUSE" "$context/wheels"
     # --network host: apt-get in the build reaches the mirror even when the daemon has no
     # bridge network (dockerd --bridge=none); it changes nothing in the image.
     DOCKER_BUILDKIT=0 docker build -q --force-rm --network host \
-        --file "$component/Dockerfile" \
+        --file "$REPO/$component/Dockerfile" \
         --build-arg "BASE_IMAGE=$base" \
-        --build-arg "WHEELHOUSE=$rel_wheelhouse" \
+        --build-arg "WHEELHOUSE=wheels" \
         --build-arg "VERSION=$VERSION" \
         --tag "$image:$IMAGE_TAG" --tag "$image:latest" \
-        "$REPO" >/dev/null
+        "$context" >/dev/null || rc=$?
+    rm -rf "$context"
+    return "$rc"
 }
 
 step_agent() { build_image agent "$AGENT_IMAGE"; }

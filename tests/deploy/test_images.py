@@ -105,12 +105,14 @@ def image_size(env: dict[str, str], ref: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def built(lab: Lab) -> Iterator[Built]:
+def built(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     require_tool("docker", "the docker CLI: `make deps`")
     cached = (REPO / ".cache" / "debian-bookworm-minbase.tar.gz").is_file()
     if not cached:
         require_tool("debootstrap", "`make deps`")
-    env = {**lab.env, "IMAGE_TAG": version()}
+    # A wheelhouse of this run's own: another run in the same tree cannot swap it.
+    wheelhouse = tmp_path_factory.mktemp("build") / "wheelhouse"
+    env = {**lab.env, "IMAGE_TAG": version(), "WHEELHOUSE": str(wheelhouse)}
     env.pop("BASE_IMAGE", None)  # the bootstrapped Debian base, as documented
     before = image_ids(env)
     result = Built(env=env, step_seconds={}, sizes={})
