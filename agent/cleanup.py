@@ -183,34 +183,44 @@ class Cleaner:
                     detail={"code": exc.code, "reason": exc.detail, "dry_run": dry_run},
                 )
                 raise
-            plan_detail = {
-                "dry_run": dry_run,
-                "subvolumes": [{"id": s.id, "path": s.path} for s in ds.subvolumes],
-                "clear_readonly": [s.path for s in ds.clear_readonly],
-            }
             if dry_run:
                 entry = self.audit.append(
                     actor=actor,
                     action=action,
                     target=target,
                     outcome="dry_run",
-                    detail=plan_detail,
+                    detail={
+                        "dry_run": True,
+                        "subvolumes": [{"id": s.id, "path": s.path} for s in ds.subvolumes],
+                        "clear_readonly": [s.path for s in ds.clear_readonly],
+                    },
                 )
                 return self._answer(ds, dry_run=True, audit_seq=entry.seq)
             if ds.fs_uuid and fs_hint != ds.fs_uuid:
                 # Found on another filesystem than guessed: take that one's lock too.
                 with self.fs_lock(ds.fs_uuid):
-                    return self._run_direct(ds, actor, action, target, plan_detail)
-            return self._run_direct(ds, actor, action, target, plan_detail)
+                    return self._run_direct(ds, actor, action, target)
+            return self._run_direct(ds, actor, action, target)
         finally:
             if lock is not None:
                 lock.release()
 
-    def _run_direct(
-        self, ds: DeleteSet, actor: str, action: str, target: str, plan_detail: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _audited_execute(
+        self, ds: DeleteSet, *, actor: str, action: str, target: str, context: dict[str, Any]
+    ) -> tuple[ExecResult, int]:
+        """Run a checked delete set between two audit entries: ``started`` before
+        anything changes (so a crash never loses the record), then the outcome. An
+        ``AgentError`` is audited as ``failed`` and raised again."""
         self.audit.append(
-            actor=actor, action=action, target=target, outcome="started", detail=plan_detail
+            actor=actor,
+            action=action,
+            target=target,
+            outcome="started",
+            detail={
+                **context,
+                "subvolumes": [s.path for s in ds.subvolumes],
+                "clear_readonly": [s.path for s in ds.clear_readonly],
+            },
         )
         try:
             res = self._execute(ds)
@@ -220,33 +230,39 @@ class Cleaner:
                 action=action,
                 target=target,
                 outcome="failed",
-                detail={"code": exc.code, "reason": exc.detail},
+                detail={**context, "code": exc.code, "reason": exc.detail},
             )
             self._on_action(action, "failed", None)
             raise
+        outcome = "deleted" if res.ok else "failed"
         entry = self.audit.append(
             actor=actor,
             action=action,
             target=target,
-            outcome="deleted" if res.ok else "failed",
+            outcome=outcome,
             detail={
+                **context,
                 "deleted": [{"id": i, "path": p} for i, p in res.deleted],
                 "failed": [{"path": p, "error": e} for p, e in res.failed],
                 "volume_removed": res.volume_removed,
                 "reclaimed_bytes": res.reclaimed_bytes,
             },
         )
-        self._on_action(action, "deleted" if res.ok else "failed", res.reclaimed_bytes)
+        self._on_action(action, outcome, res.reclaimed_bytes)
+        return res, entry.seq
+
+    def _run_direct(self, ds: DeleteSet, actor: str, action: str, target: str) -> dict[str, Any]:
+        res, seq = self._audited_execute(
+            ds, actor=actor, action=action, target=target, context={"dry_run": False}
+        )
+        deleted = [{"id": i, "path": p} for i, p in res.deleted]
         if not res.ok:
             raise Conflict(
                 f"delete failed part way: {res.detail}",
-                extra={
-                    "deleted": [{"id": i, "path": p} for i, p in res.deleted],
-                    "audit_seq": entry.seq,
-                },
+                extra={"deleted": deleted, "audit_seq": seq},
             )
-        answer = self._answer(ds, dry_run=False, audit_seq=entry.seq)
-        answer["deleted"] = [{"id": i, "path": p} for i, p in res.deleted]
+        answer = self._answer(ds, dry_run=False, audit_seq=seq)
+        answer["deleted"] = deleted
         return answer
 
     def delete_subvolume(
@@ -621,53 +637,24 @@ class Cleaner:
                 )
                 self._on_action(op, outcome, None)
                 return {"seq": seq, "outcome": outcome, "detail": checked, "reclaimed_bytes": None}
-            self.audit.append(
-                actor=actor,
-                action=op,
-                target=target,
-                outcome="started",
-                detail={
-                    "job_id": job_id,
-                    "seq": seq,
-                    "subvolumes": [s.path for s in checked.subvolumes],
-                },
-            )
             try:
-                res = self._execute(checked)
-            except AgentError as exc:
-                self.audit.append(
+                res, _ = self._audited_execute(
+                    checked,
                     actor=actor,
                     action=op,
                     target=target,
-                    outcome="failed",
-                    detail={"job_id": job_id, "seq": seq, "code": exc.code, "reason": exc.detail},
+                    context={"job_id": job_id, "seq": seq},
                 )
-                self._on_action(op, "failed", None)
+            except AgentError as exc:
                 return {
                     "seq": seq,
                     "outcome": "failed",
                     "detail": exc.detail,
                     "reclaimed_bytes": None,
                 }
-            outcome = "deleted" if res.ok else "failed"
-            self.audit.append(
-                actor=actor,
-                action=op,
-                target=target,
-                outcome=outcome,
-                detail={
-                    "job_id": job_id,
-                    "seq": seq,
-                    "deleted": [p for _, p in res.deleted],
-                    "failed": [{"path": p, "error": e} for p, e in res.failed],
-                    "volume_removed": res.volume_removed,
-                    "reclaimed_bytes": res.reclaimed_bytes,
-                },
-            )
-            self._on_action(op, outcome, res.reclaimed_bytes)
             return {
                 "seq": seq,
-                "outcome": outcome,
+                "outcome": "deleted" if res.ok else "failed",
                 "detail": res.detail,
                 "reclaimed_bytes": res.reclaimed_bytes,
             }
