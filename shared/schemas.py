@@ -351,7 +351,8 @@ class FindingQuerySchema(Base):
 
 
 class AuditQuerySchema(Base):
-    after_seq = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    # a sequence number is a 64-bit SQLite integer
+    after_seq = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**63 - 1))
     limit = fields.Integer(
         load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT)
     )

@@ -214,3 +214,18 @@ def test_plan_min_age_must_be_a_json_integer(agent: AgentUnderTest, value: Any) 
     assert "min_age_seconds" in r.get_json()["errors"]
     ok = agent.client.post("/v1/plans", json={"min_age_seconds": 86400}, headers=auth())
     assert ok.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("after_seq", "status"),
+    [(2**63 - 1, 200), (2**63, 422), (633348137876192512867189657698304, 422), (-1, 422)],
+)
+def test_audit_after_seq_beyond_64_bits_is_422_not_500(
+    agent: AgentUnderTest, after_seq: int, status: int
+) -> None:
+    """SQLite integers are 64-bit: a larger after_seq overflowed in the query (500)."""
+    r = agent.get("/v1/audit", query_string={"after_seq": after_seq})
+    assert r.status_code == status, r.get_data(as_text=True)
+    spec = agent.client.get("/openapi.json").get_json()
+    params = spec["paths"]["/v1/audit"]["get"]["parameters"]
+    assert next(p for p in params if p["name"] == "after_seq")["schema"]["maximum"] == 2**63 - 1
