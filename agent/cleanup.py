@@ -167,43 +167,49 @@ class Cleaner:
         fs_hint: str | None,
         decide: Callable[[Snapshot], DeleteSet],
     ) -> dict[str, Any]:
-        lock = self.fs_lock(fs_hint or "-") if not dry_run else None
-        if lock is not None:
-            lock.acquire()
-        try:
-            try:
-                snap = self.service.snapshot()
-                ds = decide(snap)
-            except (Refused, NotFound, ValidationFailed) as exc:
-                self.audit.append(
-                    actor=actor,
-                    action=action,
-                    target=target,
-                    outcome="refused",
-                    detail={"code": exc.code, "reason": exc.detail, "dry_run": dry_run},
-                )
-                raise
-            if dry_run:
-                entry = self.audit.append(
-                    actor=actor,
-                    action=action,
-                    target=target,
-                    outcome="dry_run",
-                    detail={
-                        "dry_run": True,
-                        "subvolumes": [{"id": s.id, "path": s.path} for s in ds.subvolumes],
-                        "clear_readonly": [s.path for s in ds.clear_readonly],
-                    },
-                )
-                return self._answer(ds, dry_run=True, audit_seq=entry.seq)
-            if ds.fs_uuid and fs_hint != ds.fs_uuid:
-                # Found on another filesystem than guessed: take that one's lock too.
-                with self.fs_lock(ds.fs_uuid):
-                    return self._run_direct(ds, actor, action, target)
-            return self._run_direct(ds, actor, action, target)
-        finally:
+        # A real delete decides what to delete from a snapshot taken while it holds the
+        # mutation lock of the filesystem it deletes on, so that no job action (or other
+        # delete) on that filesystem runs between the decision and the delete. A volume's
+        # filesystem is known only from a snapshot: decide, then take that filesystem's
+        # lock and decide again under it.
+        held = fs_hint or "-"
+        for _ in range(3):
+            lock = self.fs_lock(held) if not dry_run else None
             if lock is not None:
-                lock.release()
+                lock.acquire()
+            try:
+                try:
+                    snap = self.service.snapshot()
+                    ds = decide(snap)
+                except (Refused, NotFound, ValidationFailed) as exc:
+                    self.audit.append(
+                        actor=actor,
+                        action=action,
+                        target=target,
+                        outcome="refused",
+                        detail={"code": exc.code, "reason": exc.detail, "dry_run": dry_run},
+                    )
+                    raise
+                if dry_run:
+                    entry = self.audit.append(
+                        actor=actor,
+                        action=action,
+                        target=target,
+                        outcome="dry_run",
+                        detail={
+                            "dry_run": True,
+                            "subvolumes": [{"id": s.id, "path": s.path} for s in ds.subvolumes],
+                            "clear_readonly": [s.path for s in ds.clear_readonly],
+                        },
+                    )
+                    return self._answer(ds, dry_run=True, audit_seq=entry.seq)
+                if not ds.fs_uuid or ds.fs_uuid == held:
+                    return self._run_direct(ds, actor, action, target)
+                held = ds.fs_uuid  # decided without that filesystem's lock: again, under it
+            finally:
+                if lock is not None:
+                    lock.release()
+        raise Conflict(f"{target} moved between filesystems while deleting it; try again")
 
     def _audited_execute(
         self, ds: DeleteSet, *, actor: str, action: str, target: str, context: dict[str, Any]

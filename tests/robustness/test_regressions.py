@@ -4,6 +4,8 @@ stateful fakes (the schemathesis runs find them again only by chance)."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +231,40 @@ def test_audit_after_seq_beyond_64_bits_is_422_not_500(
     spec = agent.client.get("/openapi.json").get_json()
     params = spec["paths"]["/v1/audit"]["get"]["parameters"]
     assert next(p for p in params if p["name"] == "after_seq")["schema"]["maximum"] == 2**63 - 1
+
+
+def test_direct_volume_delete_decides_under_the_filesystem_lock(agent: AgentUnderTest) -> None:
+    """A direct volume delete chose what to delete from a snapshot taken before it held
+    the filesystem's mutation lock: a job deleting the same volume meanwhile left it a
+    stale delete set, and it answered 502 trying to clear the read-only flag of a
+    subvolume already gone (schemathesis' stateful phase: apply, then DELETE)."""
+    sc = agent.sc
+    cleaner = agent.app.extensions["nas_janitor"].extra["cleaner"]
+    lock = cleaner.fs_lock(sc.fs_uuid)
+    answer: dict[str, Any] = {}
+    calls = len(sc.docker.calls)
+    lock.acquire()  # a job's action on this filesystem is running
+    try:
+        worker = threading.Thread(
+            target=lambda: answer.update(
+                r=agent.client.delete(f"/v1/volumes/{sc.dind_volume}?dry_run=false", headers=auth())
+            )
+        )
+        worker.start()
+        deadline = time.monotonic() + 10
+        while len(sc.docker.calls) == calls:  # it has looked at the world
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        # ... and the running action removes the volume meanwhile, as a job would
+        sc.btrfs.set_readonly(sc.dind_ro_parent, False)
+        for path in reversed(sc.dind_nested):
+            assert sc.btrfs.delete([path])[0].ok, path
+        sc.docker.remove_volume(sc.dind_volume)
+    finally:
+        lock.release()
+    worker.join(30)
+    r = answer["r"]
+    assert r.status_code == 404, r.get_data(as_text=True)
+    assert r.get_json()["code"] == "not_found"
+    assert agent.get("/v1/audit/verify").get_json()["ok"] is True
