@@ -54,3 +54,14 @@ images: deps venv
 ## wheelhouse: wheels of the project and its pinned dependencies, for the image builds
 wheelhouse: venv
 	deploy/build-images.sh wheelhouse
+
+.PHONY: bench
+BENCH_RESULTS ?= bench/results
+## bench: every benchmark, each on a lab of its own (about 20 min, root), then rewrite
+## the results sections of BENCHMARKS.md from $(BENCH_RESULTS)/*.json. Not part of `test`.
+bench: deps venv
+	$(PY) -m bench.b1_scan --json $(BENCH_RESULTS)/b1.json
+	$(PY) -m bench.b2_reclaim --json $(BENCH_RESULTS)/b2.json
+	$(PY) -m bench.b3_fleet --json $(BENCH_RESULTS)/b3.json
+	$(PY) -m bench.b4_footprint --json $(BENCH_RESULTS)/b4.json
+	$(PY) -m bench.report $(BENCH_RESULTS) BENCHMARKS.md
