@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     results_dir, doc_path = Path(argv[0]), Path(argv[1])
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("b*.json"))}
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("b[0-9].json"))}
     stamp = (
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()} "
         f"(Linux {platform.release()}, {platform.machine()})"
