@@ -58,6 +58,9 @@ def create_app(
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
 
     app = Flask("nas_janitor.agent")
+    # No 308 from "/v1/volumes//x" to "/v1/volumes/x": a redirect keeps the method, and
+    # an empty path segment must not end up naming another target.
+    app.url_map.merge_slashes = False
     app.config.update(
         API_TITLE="nas-janitor agent",
         API_VERSION=__version__,

@@ -268,3 +268,24 @@ def test_direct_volume_delete_decides_under_the_filesystem_lock(agent: AgentUnde
     assert r.status_code == 404, r.get_data(as_text=True)
     assert r.get_json()["code"] == "not_found"
     assert agent.get("/v1/audit/verify").get_json()["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [
+        ("DELETE", "/v1/volumes/%2F0?dry_run=false"),
+        ("DELETE", "/v1/volumes//0?dry_run=false"),
+        ("GET", "/v1//host"),
+        ("GET", "/v1/volumes//named"),
+    ],
+)
+def test_doubled_slashes_are_not_redirected_to_another_target(
+    agent: AgentUnderTest, method: str, url: str
+) -> None:
+    """werkzeug merged doubled slashes with a 308 redirect, which keeps the method: a
+    DELETE of volume "/0" was sent on to delete volume "0". A path with an empty
+    segment names nothing: 404."""
+    r = agent.client.open(url, method=method, headers=auth())
+    assert r.status_code == 404, (r.status_code, r.headers.get("Location"))
+    assert "Location" not in r.headers
+    assert r.mimetype == "application/problem+json"
