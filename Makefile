@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := btrfs-progs docker.io busybox-static debootstrap docker-compose make
+APT_PACKAGES := btrfs-progs docker.io busybox-static debootstrap docker-compose
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test deps venv lint typecheck unit lab-tests demo clean
+.PHONY: test deps venv lint typecheck unit demo clean
 
 ## demo: the main job on the embedded lab: leak, agent, controller, reclaim, audit
 demo: deps venv
