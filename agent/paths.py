@@ -14,6 +14,14 @@ import re
 from collections.abc import Iterable
 
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+# How the API documents a ``{name}`` path parameter (the agent answers 422 to a DELETE,
+# 404 to a GET, of a name that does not match).
+VOLUME_NAME_PARAMETER = {
+    "in": "path",
+    "name": "name",
+    "required": True,
+    "schema": {"type": "string", "pattern": VOLUME_NAME.pattern},
+}
 
 
 class PathRefused(ValueError):

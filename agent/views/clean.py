@@ -11,6 +11,7 @@ from marshmallow import fields, validate
 
 from agent.api import actor, needs
 from agent.cleanup import Cleaner
+from agent.paths import VOLUME_NAME_PARAMETER
 from shared.schemas import (
     ApplyResponseSchema,
     Base,
@@ -54,7 +55,7 @@ def delete_subvolume(fs_uuid: str, sub_id: int, *, dry_run: bool) -> dict[str, A
     return cleaner().delete_subvolume(fs_uuid, sub_id, dry_run=dry_run, actor=actor())
 
 
-@blp.delete("/volumes/<string:name>")
+@blp.delete("/volumes/<string:name>", parameters=[VOLUME_NAME_PARAMETER])
 @needs(blp, "clean")
 @blp.arguments(DryRunQuerySchema, location="query", as_kwargs=True)
 @blp.response(200, DeleteResultSchema)

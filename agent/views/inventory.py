@@ -9,6 +9,7 @@ from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
 from agent.api import needs
+from agent.paths import VOLUME_NAME_PARAMETER
 from agent.service import JanitorService
 from shared.schemas import (
     DEFAULT_MIN_AGE_SECONDS,
@@ -87,7 +88,7 @@ def volumes(*, dangling: bool | None) -> dict[str, Any]:
     return {"items": svc().volumes(dangling=dangling), "next_cursor": None}
 
 
-@blp.get("/volumes/<string:name>")
+@blp.get("/volumes/<string:name>", parameters=[VOLUME_NAME_PARAMETER])
 @needs(blp, "read")
 @blp.response(200, VolumeSchema)
 @blp.alt_response(404, response="NOT_FOUND")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +290,26 @@ def test_doubled_slashes_are_not_redirected_to_another_target(
     assert r.status_code == 404, (r.status_code, r.headers.get("Location"))
     assert "Location" not in r.headers
     assert r.mimetype == "application/problem+json"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.text(st.characters(codec="ascii"), min_size=1, max_size=20))
+def test_volume_name_is_refused_exactly_when_the_document_says(
+    tmp_path_factory: Any, name: str
+) -> None:
+    """The document allowed any volume name, the agent refused a DELETE of a name that
+    Docker cannot make (422) (schemathesis' positive_data_acceptance). The name's
+    pattern is published now; a schema-valid name is never refused as invalid."""
+    agent = _shared_agent(tmp_path_factory)
+    spec = agent.client.get("/openapi.json").get_json()
+    (param,) = spec["paths"]["/v1/volumes/{name}"]["parameters"]
+    valid = re.fullmatch(param["schema"]["pattern"], name) is not None
+    quoted = urllib.parse.quote(name, safe="")
+    deleted = agent.client.delete(f"/v1/volumes/{quoted}", headers=auth())
+    got = agent.client.get(f"/v1/volumes/{quoted}", headers=auth())
+    if valid:
+        assert deleted.status_code in (200, 404, 409), (name, deleted.get_json())
+        assert got.status_code in (200, 404)
+    else:
+        assert deleted.status_code in (404, 422), (name, deleted.get_json())
+        assert got.status_code == 404
