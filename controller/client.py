@@ -20,6 +20,7 @@ agents live on the local network and speak mutual TLS, which a proxy would break
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 import time
@@ -109,15 +110,24 @@ def tls_context(
     client_key: str | os.PathLike[str] | None = None,
 ) -> ssl.SSLContext:
     """A verifying TLS context: the system's CAs, or only ``ca`` when given; with a client
-    certificate (and its key, when not in the same file) for mutual TLS."""
+    certificate (and its key, when not in the same file) for mutual TLS. Agents that
+    share the same files share one context (loading a CA bundle costs milliseconds,
+    and a fleet may name hundreds of agents)."""
+    return _tls_context(
+        os.fspath(ca) if ca is not None else None,
+        os.fspath(client_cert) if client_cert is not None else None,
+        os.fspath(client_key) if client_key is not None else None,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _tls_context(ca: str | None, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
     try:
-        ctx = ssl.create_default_context(cafile=os.fspath(ca) if ca is not None else None)
+        ctx = ssl.create_default_context(cafile=ca)
         if client_cert is not None:
-            ctx.load_cert_chain(
-                os.fspath(client_cert), os.fspath(client_key) if client_key is not None else None
-            )
+            ctx.load_cert_chain(client_cert, client_key)
     except (OSError, ssl.SSLError) as exc:
-        files = ", ".join(os.fspath(p) for p in (ca, client_cert, client_key) if p is not None)
+        files = ", ".join(p for p in (ca, client_cert, client_key) if p is not None)
         raise ConfigError(f"cannot load TLS files: {exc}", where=files) from exc
     return ctx
 

@@ -70,7 +70,11 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
 
 def print_json(console: Console, data: Any) -> None:
     """JSON on stdout, with no markup or wrapping (rich would wrap long lines)."""
-    console.file.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    if console.is_terminal:
+        text = json.dumps(data, indent=2, sort_keys=False, default=str)
+    else:  # compact: the C encoder, for pipes and big fleets
+        text = json.dumps(data, separators=(",", ":"), sort_keys=False, default=str)
+    console.file.write(text + "\n")
 
 
 class JobProgress:
