@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -21,9 +22,11 @@ from agent.backend import Btrfs, Docker
 from agent.model import (
     ContainerRecord,
     DockerInfo,
+    FilesystemIdent,
     FsUsage,
     LayerRefs,
     MountEntry,
+    Qgroup,
     SubvolumeRecord,
     VolumeRecord,
 )
@@ -176,6 +179,30 @@ def _map_path(rec_path: str, mounts: Sequence[MountEntry]) -> str | None:
     return best[1] if best else None
 
 
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="snapshot")
+
+
+@dataclass(frozen=True)
+class _FsScan:
+    """One filesystem's btrfs commands, running side by side."""
+
+    records: Future[list[SubvolumeRecord]]
+    readonly: Future[set[int]]
+    qgroups: Future[dict[int, Qgroup] | None]
+    usage: Future[FsUsage]
+    default: Future[int]
+
+    @classmethod
+    def start(cls, btrfs: Btrfs, mount: str) -> _FsScan:
+        return cls(
+            records=_POOL.submit(btrfs.list_subvolumes, mount),
+            readonly=_POOL.submit(btrfs.readonly_ids, mount),
+            qgroups=_POOL.submit(btrfs.qgroups, mount),
+            usage=_POOL.submit(btrfs.usage, mount),
+            default=_POOL.submit(btrfs.default_subvolume, mount),
+        )
+
+
 def take_snapshot(
     btrfs: Btrfs,
     docker: Docker,
@@ -188,16 +215,16 @@ def take_snapshot(
     """Ask both backends once and join the answers. ``fs_cache`` (device -> uuid,
     label) spares a ``filesystem show`` per request for filesystems seen before."""
     pathmap = pathmap or PathMap()
-    info = docker.info()
+    # The backends' calls are independent processes and requests: ask them at once.
+    f_info = _POOL.submit(docker.info)
+    f_volumes = _POOL.submit(docker.volumes)
+    f_containers = _POOL.submit(docker.containers)
+    f_mounts = _POOL.submit(btrfs.mounts)
+    info = f_info.result()
     data_root = info.data_root
     roots = tuple(roots) or (data_root,)
-    volumes = docker.volumes()
-    containers = tuple(docker.containers())
-    layerdb_local = pathmap.to_local(data_root)
-    refs = docker.layer_refs(layerdb_local)
-    layerdb_known = bool(refs.all)
-
-    all_mounts = btrfs.mounts()
+    f_refs = _POOL.submit(docker.layer_refs, pathmap.to_local(data_root))
+    all_mounts = f_mounts.result()
     by_source: dict[str, list[MountEntry]] = {}
     for m in all_mounts:
         by_source.setdefault(m.source, []).append(m)
@@ -211,6 +238,43 @@ def take_snapshot(
         if host_mp is not None:
             mountpoints.add(host_mp)
 
+    # Only filesystems that hold a root or Docker's data root: nothing else is ours to
+    # look at, and an unrelated filesystem (a failing USB disk, a mount going away) must
+    # not fail the answer.
+    wanted = (*roots, data_root)
+    groups: list[tuple[str, list[MountEntry], tuple[str, ...]]] = []
+    for source, mounts in sorted(by_source.items()):
+        host_mps = tuple(
+            hp for hp in (pathmap.to_host(m.mountpoint) for m in mounts) if hp is not None
+        )
+        if host_mps and any(is_under(w, hp) or is_under(hp, w) for w in wanted for hp in host_mps):
+            # Point commands at a mount of the top level when there is one.
+            mounts.sort(key=lambda m: (m.root != "/", len(m.mountpoint)))
+            groups.append((source, mounts, host_mps))
+    idents: dict[str, Future[FilesystemIdent]] = {
+        source: _POOL.submit(btrfs.filesystem, mounts[0].mountpoint)
+        for source, mounts, _ in groups
+        if fs_cache is None or source not in fs_cache
+    }
+    scans: list[tuple[str, str | None, list[MountEntry], tuple[str, ...], _FsScan]] = []
+    for source, mounts, host_mps in groups:
+        if source in idents:
+            ident = idents[source].result()
+            uuid, label = ident.uuid, ident.label
+            if fs_cache is not None:
+                fs_cache[source] = (uuid, label)
+        else:
+            assert fs_cache is not None
+            uuid, label = fs_cache[source]
+        if any(uuid == seen for seen, *_ in scans):
+            continue
+        scans.append((uuid, label, mounts, host_mps, _FsScan.start(btrfs, mounts[0].mountpoint)))
+
+    volumes = f_volumes.result()
+    containers = tuple(f_containers.result())
+    refs = f_refs.result()
+    referenced = refs.all
+    layerdb_known = bool(referenced)
     layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
     volumes_dir = posixpath.join(data_root, "volumes")
     vol_by_name = {v.name: v for v in volumes}
@@ -219,48 +283,20 @@ def take_snapshot(
         for vn in c.volume_names:
             users.setdefault(vn, []).append(c.id)
 
-    wanted = (*roots, data_root)
-    for source, mounts in sorted(by_source.items()):
-        # Only filesystems that hold a root or Docker's data root: nothing else is ours
-        # to look at, and an unrelated filesystem (a failing USB disk, a mount going
-        # away) must not fail the answer.
-        if not any(
-            is_under(w, hp) or is_under(hp, w)
-            for w in wanted
-            for hp in (pathmap.to_host(m.mountpoint) for m in mounts)
-            if hp is not None
-        ):
-            continue
-        # Point commands at a mount of the top level when there is one.
-        mounts.sort(key=lambda m: (m.root != "/", len(m.mountpoint)))
-        local_mount = mounts[0].mountpoint
-        if fs_cache is not None and source in fs_cache:
-            uuid, label = fs_cache[source]
-        else:
-            ident = btrfs.filesystem(local_mount)
-            uuid, label = ident.uuid, ident.label
-            if fs_cache is not None:
-                fs_cache[source] = (uuid, label)
-        if uuid in filesystems:
-            continue
-        host_mps = tuple(
-            hp for hp in (pathmap.to_host(m.mountpoint) for m in mounts) if hp is not None
-        )
-        if not host_mps:
-            continue
+    for uuid, label, mounts, host_mps, scan in scans:
         for m in mounts:
             mounted_roots.add((uuid, m.root.rstrip("/") or "/"))
-        records: list[SubvolumeRecord] = btrfs.list_subvolumes(local_mount)
-        ro = btrfs.readonly_ids(local_mount)
-        qg = btrfs.qgroups(local_mount)
+        records: list[SubvolumeRecord] = scan.records.result()
+        ro = scan.readonly.result()
+        qg = scan.qgroups.result()
         filesystems[uuid] = FsView(
             uuid=uuid,
             label=label,
             mountpoints=host_mps,
-            usage=btrfs.usage(local_mount),
+            usage=scan.usage.result(),
             quota_enabled=qg is not None,
-            default_id=btrfs.default_subvolume(local_mount),
-            local_mount=local_mount,
+            default_id=scan.default.result(),
+            local_mount=mounts[0].mountpoint,
             mounts=tuple(mounts),
         )
         subs: dict[int, SubvolView] = {}
@@ -271,7 +307,7 @@ def take_snapshot(
             if host is not None:
                 parent_dir, name = posixpath.split(host)
                 if parent_dir == layer_dir:
-                    if name in refs.all:
+                    if name in referenced:
                         kind, ref = "docker-layer", name
                     elif layerdb_known:
                         kind, ref = "orphan-layer", name
