@@ -106,6 +106,10 @@ _LIST_RE = re.compile(
     r" +path (?P<path>.*)"
 )
 
+_PUQ_RE = re.compile(
+    r"ID (\d+) gen (\d+) parent (\d+) top level (\d+) +parent_uuid +(\S+) +uuid +(\S+) path (.+)"
+)
+
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -144,18 +148,35 @@ def parse_subvolume_list(stdout: str) -> list[SubvolumeRecord]:
     """
     what = "btrfs subvolume list -a -p -u -q"
     records = []
-    for line, m in _list_matches(stdout, what):
-        if m.group("parent") is None or m.group("uuid") is None or m.group("puuid") is None:
-            raise BtrfsParseError(what, "line lacks parent, uuid or parent_uuid", line)
+    fast = _PUQ_RE.fullmatch
+    for line in stdout.split("\n"):
+        # The exact shape both versions print for -p -u -q (one regex without optional
+        # groups: 10,000 lines parse several times faster); anything else goes the
+        # general way below, which checks it.
+        f = fast(line)
+        if f is None:
+            if not line.strip():
+                continue
+            m = _LIST_RE.fullmatch(line)
+            if not m or not m.group("path"):
+                raise BtrfsParseError(what, "unexpected line", line)
+            if m.group("parent") is None or m.group("uuid") is None or m.group("puuid") is None:
+                raise BtrfsParseError(what, "line lacks parent, uuid or parent_uuid", line)
+            sid, gen, parent, top, puuid, uuid, path = (
+                m.group("id"), m.group("gen"), m.group("parent"), m.group("top"),
+                m.group("puuid"), m.group("uuid"), m.group("path"),
+            )  # fmt: skip
+        else:
+            sid, gen, parent, top, puuid, uuid, path = f.groups()
         records.append(
             SubvolumeRecord(
-                id=int(m.group("id")),
-                parent_id=int(m.group("parent")),
-                top_level=int(m.group("top")),
-                generation=int(m.group("gen")),
-                uuid=_uuid_or_none(m.group("uuid"), what, line),
-                parent_uuid=_uuid_or_none(m.group("puuid"), what, line),
-                path=_list_path(m.group("path")),
+                id=int(sid),
+                parent_id=int(parent),
+                top_level=int(top),
+                generation=int(gen),
+                uuid=_uuid_or_none(uuid, what, line),
+                parent_uuid=_uuid_or_none(puuid, what, line),
+                path=_list_path(path),
             )
         )
     return records
