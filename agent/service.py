@@ -50,6 +50,9 @@ class JanitorService:
         self.clock = clock
         self.pathmap = PathMap(config.host_prefix)
         self._fs_cache: dict[str, tuple[str, str | None]] = {}
+        # A subvolume's creation time never changes: keep it by (filesystem, subvolume
+        # uuid), so a listing asks the kernel once per subvolume, not once per request.
+        self._created: dict[tuple[str, str], datetime] = {}
         self._lock = threading.Lock()
         self._paged: tuple[float, Snapshot] | None = None  # (monotonic time, snapshot)
 
@@ -125,8 +128,21 @@ class JanitorService:
             for fs in sorted(snap.filesystems.values(), key=lambda f: f.uuid)
         ]
 
+    def created_at(self, sv: SubvolView) -> datetime | None:
+        if sv.local_path is None:
+            return None
+        key = (sv.fs_uuid, sv.uuid) if sv.uuid else None
+        if key is not None and key in self._created:
+            return self._created[key]
+        created = self.btrfs.created_at(sv.local_path)
+        if key is not None and created is not None:
+            if len(self._created) > 200_000:
+                self._created.clear()
+            self._created[key] = created
+        return created
+
     def _subvol_dict(self, sv: SubvolView) -> dict[str, Any]:
-        created = self.btrfs.created_at(sv.local_path) if sv.local_path else None
+        created = self.created_at(sv)
         return {
             "id": sv.id,
             "parent_id": sv.parent_id,
@@ -230,7 +246,7 @@ class JanitorService:
             for uuid, subs in snap.subvolumes.items():
                 for sv in subs.values():
                     if sv.owner_kind == "orphan-layer" and sv.local_path:
-                        created[(uuid, sv.id)] = self.btrfs.created_at(sv.local_path)
+                        created[(uuid, sv.id)] = self.created_at(sv)
         return compute_findings(
             snap,
             now=snap.taken_at,
