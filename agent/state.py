@@ -114,6 +114,14 @@ class StateStore(SqliteFile):
                 )"""
             )
             conn.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state)")
+            # Keys first used on a plan that already had its job (a job's own key is in
+            # jobs.idempotency_key): a key names one job from its first use on.
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS idempotency_keys (
+                    key TEXT PRIMARY KEY,
+                    job_id TEXT NOT NULL REFERENCES jobs (id)
+                )"""
+            )
             conn.execute(
                 """CREATE TABLE IF NOT EXISTS job_results (
                     job_id TEXT NOT NULL REFERENCES jobs (id),
@@ -184,11 +192,12 @@ class StateStore(SqliteFile):
         """The job for ``plan_id``, created if there is none: ``(job, created)``.
 
         Atomic across threads and processes. When the plan already has a job, that job
-        comes back (``created=False``) whatever key is given; the new key is then not
-        recorded. When ``idempotency_key`` already names the job of another plan, the
-        answer is ``Conflict``: one key, one request. ``NotFound`` when the plan does not
-        exist. Expiry is the caller's to check: a plan that already has a job returns it
-        even after it expired."""
+        comes back (``created=False``) whatever key is given, and a new key is recorded
+        as naming that job, so that the same request later gets the same answer. When
+        ``idempotency_key`` already names the job of another plan, the answer is
+        ``Conflict``: one key, one request. ``NotFound`` when the plan does not exist.
+        Expiry is the caller's to check: a plan that already has a job returns it even
+        after it expired."""
         _check_id("job id", job_id)
         _check_id("plan id", plan_id)
         if idempotency_key is not None:
@@ -201,6 +210,12 @@ class StateStore(SqliteFile):
                 row = conn.execute(
                     _JOB_COLUMNS + " WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
+                if row is None:
+                    named = conn.execute(
+                        "SELECT job_id FROM idempotency_keys WHERE key = ?", (idempotency_key,)
+                    ).fetchone()
+                    if named is not None:
+                        row = conn.execute(_JOB_COLUMNS + " WHERE id = ?", named).fetchone()
                 if row is not None:
                     job = _job(row)
                     if job.plan_id != plan_id:
@@ -211,6 +226,11 @@ class StateStore(SqliteFile):
                     return job, False
             row = conn.execute(_JOB_COLUMNS + " WHERE plan_id = ?", (plan_id,)).fetchone()
             if row is not None:
+                if idempotency_key is not None:
+                    conn.execute(
+                        "INSERT INTO idempotency_keys (key, job_id) VALUES (?, ?)",
+                        (idempotency_key, row[0]),
+                    )
                 return _job(row), False
             if conn.execute("SELECT 1 FROM plans WHERE id = ?", (plan_id,)).fetchone() is None:
                 raise NotFound(f"no plan {plan_id}")

@@ -313,3 +313,25 @@ def test_volume_name_is_refused_exactly_when_the_document_says(
     else:
         assert deleted.status_code in (404, 422), (name, deleted.get_json())
         assert got.status_code == 404
+
+
+def test_a_key_first_used_on_an_applied_plan_keeps_naming_its_job(agent: AgentUnderTest) -> None:
+    """A key first sent with a plan that already had its job was not recorded: another
+    plan could take it, and the first request, replayed, then got a 409 instead of its
+    job (found by the state machine's replay rule)."""
+    h = auth()
+    a, b = (
+        agent.client.post("/v1/plans", json={"kinds": [k]}, headers=h).get_json()["id"]
+        for k in ("orphan-layer", "dind-volume")
+    )
+    job_a = agent.client.post(f"/v1/plans/{a}/apply", headers=h).get_json()
+    with_key = {**h, "Idempotency-Key": "late-key"}
+    first = agent.client.post(f"/v1/plans/{a}/apply", headers=with_key)
+    assert (first.status_code, first.get_json()) == (202, job_a)
+    other = agent.client.post(f"/v1/plans/{b}/apply", headers=with_key)
+    assert other.status_code == 409
+    assert other.get_json()["job_id"] == job_a["job_id"]
+    for app in (agent, agent.restart()):
+        again = app.client.post(f"/v1/plans/{a}/apply", headers=with_key)
+        assert (again.status_code, again.get_json()) == (202, job_a)
+        assert app.client.post(f"/v1/plans/{b}/apply", headers=with_key).status_code == 409
