@@ -91,6 +91,7 @@ class Snapshot:
     mountpoints: frozenset[str]  # host paths where anything is mounted
     mounted_roots: frozenset[tuple[str, str]]  # (fs uuid, in-fs path) mounted somewhere
     _children: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    _sorted_ids: dict[str, list[int]] = field(default_factory=dict)
     # folder -> no symlink on the way, for the safety checks on this snapshot
     path_memo: dict[str, bool] = field(default_factory=dict)
 
@@ -102,6 +103,14 @@ class Snapshot:
                 if is_under(path, mp) and (best is None or len(mp) > best[0]):
                     best = (len(mp), fs)
         return best[1] if best else None
+
+    def sorted_ids(self, fs_uuid: str) -> list[int]:
+        """The filesystem's subvolume ids in order (kept: pages of a listing share it)."""
+        ids = self._sorted_ids.get(fs_uuid)
+        if ids is None:
+            ids = sorted(self.subvolumes.get(fs_uuid, {}))
+            self._sorted_ids[fs_uuid] = ids
+        return ids
 
     def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView | None:
         return self.subvolumes.get(fs_uuid, {}).get(sub_id)
@@ -165,18 +174,22 @@ def protected_reason(labels: dict[str, str], protect_labels: Sequence[str]) -> s
     return None
 
 
-def _map_path(rec_path: str, mounts: Sequence[MountEntry]) -> str | None:
+def _mount_prefixes(mounts: Sequence[MountEntry]) -> list[tuple[str, str]]:
+    """(path inside the filesystem, local mount point) of each mount, the deepest
+    first, so the first match in ``_map_path`` is the most specific one."""
+    pairs = [(m.root.rstrip("/"), m.mountpoint.rstrip("/")) for m in mounts]
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+def _map_path(rec_path: str, prefixes: Sequence[tuple[str, str]]) -> str | None:
     """Local path of a subvolume (path relative to top level) through any mount."""
     full = "/" + rec_path.lstrip("/") if rec_path else "/"
-    best: tuple[int, str] | None = None
-    for m in mounts:
-        root = m.root.rstrip("/") or ""
-        if full == (root or "/") or full.startswith(root + "/"):
-            rest = full[len(root) :]
-            local = posixpath.normpath(m.mountpoint + rest) if rest else m.mountpoint
-            if best is None or len(root) > best[0]:
-                best = (len(root), local)
-    return best[1] if best else None
+    for root, mountpoint in prefixes:
+        if full == root or full == (root or "/"):
+            return mountpoint or "/"
+        if full.startswith(root + "/"):
+            return mountpoint + full[len(root) :]
+    return None
 
 
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="snapshot")
@@ -300,8 +313,9 @@ def take_snapshot(
             mounts=tuple(mounts),
         )
         subs: dict[int, SubvolView] = {}
-        for rec in records:
-            local = _map_path(rec.path, mounts)
+        prefixes = _mount_prefixes(mounts)
+        for rec in sorted(records, key=lambda r: r.id):
+            local = _map_path(rec.path, prefixes)
             host = pathmap.to_host(local) if local is not None else None
             kind, ref = "other", None
             if host is not None:

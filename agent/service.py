@@ -7,6 +7,7 @@ Clean side (``agent.cleanup``): direct deletes, plans, jobs.
 
 from __future__ import annotations
 
+import bisect
 import os
 import platform
 import threading
@@ -177,8 +178,10 @@ class JanitorService:
             raise NotFound(f"no btrfs filesystem with uuid {fs_uuid}")
         items: list[SubvolView] = []
         more = False
-        for sv in sorted(subs.values(), key=lambda s: s.id):
-            if sv.id <= after or sv.path is None:
+        ids = snap.sorted_ids(fs_uuid)
+        for sid in ids[bisect.bisect_right(ids, after) :]:
+            sv = subs[sid]
+            if sv.path is None:
                 continue
             if under is not None and not is_under(sv.path, under):
                 continue

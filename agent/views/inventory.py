@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
+from flask import Response, current_app, jsonify
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
@@ -23,6 +23,7 @@ from shared.schemas import (
     VolumePageSchema,
     VolumeQuerySchema,
     VolumeSchema,
+    dump_subvolume_page,
 )
 
 blp = Blueprint("inventory", __name__, url_prefix="/v1", description="What is on this NAS")
@@ -62,12 +63,10 @@ def filesystems() -> dict[str, Any]:
 @blp.arguments(SubvolumeQuerySchema, location="query", as_kwargs=True)
 @blp.response(200, SubvolumePageSchema)
 @blp.alt_response(404, response="NOT_FOUND")
-def subvolumes(
-    fs_uuid: str, *, limit: int, cursor: str | None, under: str | None
-) -> dict[str, Any]:
+def subvolumes(fs_uuid: str, *, limit: int, cursor: str | None, under: str | None) -> Response:
     """Subvolumes of one filesystem with their owner, paged by id."""
     items, next_cursor = svc().subvolumes(fs_uuid, under=under, limit=limit, cursor=cursor)
-    return {"items": items, "next_cursor": next_cursor}
+    return jsonify(dump_subvolume_page(items, next_cursor))
 
 
 @blp.get("/filesystems/<string:fs_uuid>/subvolumes/<int:sub_id>")

@@ -44,3 +44,44 @@ def test_job_result_sizes_may_be_unknown() -> None:
         "finished_at": None,
     }
     assert JobSchema().load(job)["results"][0]["reclaimed_bytes"] is None
+
+
+def test_the_fast_subvolume_page_dump_is_the_schemas_dump(tmp_path: object) -> None:
+    from datetime import UTC, datetime
+
+    from shared.schemas import SubvolumePageSchema, dump_subvolume_page
+
+    items = [
+        {
+            "id": 257,
+            "parent_id": 256,
+            "path": "/volume1/docker/btrfs/subvolumes/ab",
+            "read_only": True,
+            "generation": 31,
+            "created_at": datetime(2026, 11, 28, 0, 20, 36, 123456, tzinfo=UTC),
+            "uuid": "e1166d87-47a5-2743-a857-08e7607daf64",
+            "parent_uuid": None,
+            "referenced_bytes": 10387456,
+            "exclusive_bytes": 8404992,
+            "owner": {"kind": "docker-layer", "ref": "ab"},
+        },
+        {
+            "id": 258,
+            "parent_id": 5,
+            "path": "/volume1/photo",
+            "read_only": False,
+            "generation": 8,
+            "created_at": None,
+            "uuid": None,
+            "parent_uuid": "e1166d87-47a5-2743-a857-08e7607daf64",
+            "referenced_bytes": None,
+            "exclusive_bytes": None,
+            "owner": {"kind": "other", "ref": None},
+        },
+    ]
+    for cursor in (None, "258"):
+        fast = dump_subvolume_page(items, cursor)
+        assert fast == SubvolumePageSchema().dump({"items": items, "next_cursor": cursor})
+        assert list(fast["items"][0]) == list(
+            SubvolumePageSchema().dump({"items": items, "next_cursor": cursor})["items"][0]
+        )
