@@ -73,9 +73,11 @@ def _check_subvolume(
     path = _check_path(snap, sv, pathmap)
     if path in snap.mountpoints:
         raise Protected(f"{path} is a mount point")
-    for root in {r for (u, r) in snap.mounted_roots if u == sv.fs_uuid}:
-        if root != "/" and sv.local_path is not None and root == _in_fs_path(snap, sv):
-            raise Protected(f"subvolume {sv.id} is mounted elsewhere (subvol={root})")
+    mounted = {r for (u, r) in snap.mounted_roots if u == sv.fs_uuid and r != "/"}
+    if mounted and sv.local_path is not None:
+        in_fs = _in_fs_path(snap, sv)
+        if in_fs in mounted:
+            raise Protected(f"subvolume {sv.id} is mounted elsewhere (subvol={in_fs})")
     for mp in snap.mountpoints:
         if is_under(mp, path) and mp != path:
             raise InUse(f"{mp} is mounted inside {path}")
