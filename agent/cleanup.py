@@ -553,9 +553,19 @@ class Cleaner:
         )
 
     def _recheck(
-        self, snap: Snapshot, action: Mapping[str, Any], protect: Sequence[str]
+        self,
+        snap: Snapshot,
+        action: Mapping[str, Any],
+        protect: Sequence[str],
+        *,
+        resuming: bool = False,
     ) -> DeleteSet | str:
-        """The action's delete set if its target is as planned, else why not."""
+        """The action's delete set if its target is as planned, else why not.
+
+        ``resuming``: this job started this action before a crash cut it short (its
+        ``started`` entry is in the audit log). Planned subvolumes that are gone then
+        went in that attempt; what is left, unchanged, is finished (e.g. ``docker volume
+        rm`` of a volume whose subvolumes were all deleted)."""
         target = action["target"]
         try:
             if action["op"] == "remove_volume":
@@ -579,6 +589,8 @@ class Cleaner:
         if set(now_ids) != set(planned):
             new = sorted(set(now_ids) - set(planned))
             gone = sorted(set(planned) - set(now_ids))
+            if resuming and not new and all(s.generation == planned[i] for i, s in now_ids.items()):
+                return ds
             return (
                 "changed: the subvolumes differ from the plan"
                 + (f"; new {new}" if new else "")
@@ -625,7 +637,7 @@ class Cleaner:
         lock = self.fs_lock(action.get("filesystem_uuid") or "-")
         with lock:
             snap = self.service.snapshot()
-            checked = self._recheck(snap, action, protect)
+            checked = self._recheck(snap, action, protect, resuming=audited == "started")
             if isinstance(checked, str):
                 # A target that is gone may have been deleted by this job before a
                 # crash cut it short: the audit log then holds our "started" entry.
@@ -643,13 +655,14 @@ class Cleaner:
                 )
                 self._on_action(op, outcome, None)
                 return {"seq": seq, "outcome": outcome, "detail": checked, "reclaimed_bytes": None}
+            context: dict[str, Any] = {"job_id": job_id, "seq": seq}
+            now = {s.id for s in checked.subvolumes}
+            earlier = sorted(int(i) for i, _ in action.get("generations", []) if int(i) not in now)
+            if earlier:  # resuming: these went in the attempt a crash cut short
+                context["deleted_before_restart"] = earlier
             try:
                 res, _ = self._audited_execute(
-                    checked,
-                    actor=actor,
-                    action=op,
-                    target=target,
-                    context={"job_id": job_id, "seq": seq},
+                    checked, actor=actor, action=op, target=target, context=context
                 )
             except AgentError as exc:
                 return {
@@ -658,10 +671,13 @@ class Cleaner:
                     "detail": exc.detail,
                     "reclaimed_bytes": None,
                 }
+            detail = res.detail
+            if earlier:
+                detail += f"; {len(earlier)} more deleted before the agent restarted"
             return {
                 "seq": seq,
                 "outcome": "deleted" if res.ok else "failed",
-                "detail": res.detail,
+                "detail": detail,
                 "reclaimed_bytes": res.reclaimed_bytes,
             }
 

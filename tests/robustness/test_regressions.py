@@ -335,3 +335,54 @@ def test_a_key_first_used_on_an_applied_plan_keeps_naming_its_job(agent: AgentUn
         again = app.client.post(f"/v1/plans/{a}/apply", headers=with_key)
         assert (again.status_code, again.get_json()) == (202, job_a)
         assert app.client.post(f"/v1/plans/{b}/apply", headers=with_key).status_code == 409
+
+
+class _Crash(BaseException):
+    """Stands for the process dying: not an Exception, so no handler of the agent's
+    sees it, and the job thread just stops."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_resuming_finishes_a_volume_whose_subvolumes_went_before_a_crash(tmp_path: Path) -> None:
+    """kill -9 after the btrfs delete of a volume's subvolumes, before ``docker volume
+    rm`` and the audit outcome: resuming skipped the action ("changed: the subvolumes
+    differ from the plan; gone [...]"), left the volume in Docker, and the job said
+    succeeded (found by the robustness kill -9 tests on the lab)."""
+    agent = build(tmp_path / "state")
+    sc = agent.sc
+    h = auth()
+    plan = agent.client.post("/v1/plans", json={"kinds": ["dind-volume"]}, headers=h).get_json()
+    (action,) = plan["actions"]
+    assert action["target"]["name"] == sc.dind_volume
+    real_delete = sc.btrfs.delete
+
+    def delete_then_die(paths: Any) -> Any:
+        real_delete(paths)
+        raise _Crash
+
+    sc.btrfs.delete = delete_then_die  # type: ignore[method-assign]
+    job_id = agent.client.post(f"/v1/plans/{plan['id']}/apply", headers=h).get_json()["job_id"]
+    agent.app.extensions["nas_janitor"].extra["cleaner"].wait(job_id, 30)
+    del sc.btrfs.delete
+    assert not any(sc.btrfs.exists(p) for p in sc.dind_nested)
+    assert sc.docker.volume(sc.dind_volume) is not None  # the crash came before docker
+
+    again = agent.restart()
+    assert again.get(f"/v1/jobs/{job_id}").get_json()["state"] == "interrupted"
+    r = again.client.post(f"/v1/plans/{plan['id']}/apply", headers=h)
+    assert r.status_code == 202 and r.get_json()["job_id"] == job_id
+    again.app.extensions["nas_janitor"].extra["cleaner"].wait(job_id, 30)
+    job = again.get(f"/v1/jobs/{job_id}").get_json()
+    assert job["state"] == "succeeded", job
+    (result,) = job["results"]
+    assert result["outcome"] == "deleted", result
+    assert "deleted before the agent restarted" in result["detail"]
+    assert sc.docker.volume(sc.dind_volume) is None
+    # the audit: started (before the crash, with every path), then the finish
+    entries = again.get("/v1/audit?limit=5000").get_json()["items"]
+    mine = [e for e in entries if e["detail"].get("job_id") == job_id and "seq" in e["detail"]]
+    assert [e["outcome"] for e in mine] == ["started", "started", "deleted"]
+    assert set(mine[0]["detail"]["subvolumes"]) == set(sc.dind_nested)
+    assert sorted(mine[-1]["detail"]["deleted_before_restart"]) == sorted(action["subvolume_ids"])
+    assert mine[-1]["detail"]["volume_removed"] is True
+    assert again.get("/v1/audit/verify").get_json()["ok"] is True
