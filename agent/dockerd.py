@@ -106,7 +106,19 @@ class DockerClient:
             client.close()
 
     def _api(self) -> Any:
-        """The SDK's low-level ``APIClient``, made on first use."""
+        """The SDK's low-level ``APIClient``, made on first use.
+
+        For a ``unix://`` daemon the socket must still be there: the SDK keeps idle
+        connections open, and one made before the socket went away would otherwise go
+        on answering for a daemon no new connection can reach."""
+        if self.base_url.startswith("unix://"):
+            path = self.base_url.removeprefix("unix://")
+            try:
+                os.stat(path)
+            except OSError as exc:
+                raise DockerUnavailable(
+                    f"Docker at {self.base_url} is unreachable: {exc.strerror or exc}"
+                ) from exc
         with self._lock:
             if self._client is None:
                 with self._boundary("connect"):
