@@ -19,7 +19,7 @@ from typing import Any
 from agent import __version__
 from agent.backend import Btrfs, Docker
 from agent.config import AgentConfig
-from agent.errors import NotFound, ValidationFailed
+from agent.errors import NotFound, Unavailable, ValidationFailed
 from agent.findings import Finding, compute_findings
 from agent.inventory import Snapshot, SubvolView, VolumeView, protected_reason, take_snapshot
 from agent.paths import PathMap, PathRefused, check_abs, is_under
@@ -90,9 +90,20 @@ class JanitorService:
 
     # -- health ----------------------------------------------------------------------
     def readiness(self) -> None:
-        """Raise DockerUnavailable / BtrfsUnavailable when either is unreachable."""
-        self.docker.ping()
-        self.btrfs.version()
+        """Raise DockerUnavailable / BtrfsUnavailable when either is unreachable. Both
+        are probed: the problem's ``unavailable`` member names every one that is down
+        (when both are, the code is Docker's and the detail says both)."""
+        down: list[Unavailable] = []
+        for probe in (self.docker.ping, self.btrfs.version):
+            try:
+                probe()
+            except Unavailable as exc:
+                down.append(exc)
+        if down:
+            first = down[0]
+            raise type(first)(
+                "; ".join(e.detail for e in down), extra={"unavailable": [e.code for e in down]}
+            ) from first
 
     # -- read ------------------------------------------------------------------------
     def host(self) -> dict[str, Any]:

@@ -386,3 +386,22 @@ def test_resuming_finishes_a_volume_whose_subvolumes_went_before_a_crash(tmp_pat
     assert sorted(mine[-1]["detail"]["deleted_before_restart"]) == sorted(action["subvolume_ids"])
     assert mine[-1]["detail"]["volume_removed"] is True
     assert again.get("/v1/audit/verify").get_json()["ok"] is True
+
+
+def test_readyz_names_both_backends_when_both_are_down(agent: AgentUnderTest) -> None:
+    """/readyz stopped at the first backend down: with Docker and btrfs both away it
+    named Docker only."""
+    sc = agent.sc
+    sc.docker.down = True
+    sc.btrfs.missing = True
+    r = agent.client.get("/readyz")
+    assert r.status_code == 503 and r.mimetype == "application/problem+json"
+    body = r.get_json()
+    assert body["code"] == "docker_unavailable"
+    assert body["unavailable"] == ["docker_unavailable", "btrfs_unavailable"]
+    assert "docker" in body["detail"].lower() and "btrfs" in body["detail"].lower()
+    sc.docker.down = False
+    body = agent.client.get("/readyz").get_json()
+    assert (body["code"], body["unavailable"]) == ("btrfs_unavailable", ["btrfs_unavailable"])
+    sc.btrfs.missing = False
+    assert agent.client.get("/readyz").status_code == 200
