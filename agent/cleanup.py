@@ -636,7 +636,21 @@ class Cleaner:
         op = str(action["op"])
         lock = self.fs_lock(action.get("filesystem_uuid") or "-")
         with lock:
-            snap = self.service.snapshot()
+            try:
+                snap = self.service.snapshot()
+            except AgentError as exc:
+                # Docker or btrfs away (or failing): the action cannot even be checked.
+                # It fails, with the reason in its result and the audit log.
+                self.audit.append(
+                    actor=actor,
+                    action=op,
+                    target=target,
+                    outcome="failed",
+                    detail={"job_id": job_id, "seq": seq, "code": exc.code, "reason": exc.detail},
+                )
+                self._on_action(op, "failed", None)
+                reason = f"{exc.code}: {exc.detail}"
+                return {"seq": seq, "outcome": "failed", "detail": reason, "reclaimed_bytes": None}
             checked = self._recheck(snap, action, protect, resuming=audited == "started")
             if isinstance(checked, str):
                 # A target that is gone may have been deleted by this job before a

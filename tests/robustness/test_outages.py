@@ -6,8 +6,9 @@ Removing a symlink takes that backend away for this agent only (the lab and othe
 agents are untouched); putting it back brings it back. While a backend is away, every
 endpoint that needs it answers a 503 problem whose code names it (``docker_unavailable``
 or ``btrfs_unavailable``), ``/readyz`` says which, and nothing answers 500 or shows a
-stack trace; ``/healthz`` stays 200. Once it is back, everything answers 200 again
-without a restart.
+stack trace (in answers or in the agent's log); ``/healthz`` stays 200; a job applied
+meanwhile fails its actions with the reason and deletes nothing. Once the backend is
+back, everything answers 200 again without a restart, and a new plan cleans up.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import httpx
 
 from lab import Lab
 from lab.agentproc import AgentProcess
-from tests.robustness.agents import REAL_BTRFS, launch
+from tests.robustness.agents import REAL_BTRFS, launch, wait_job
 
 DOCKER_PATHS = ("/v1/host", "/v1/volumes", "/v1/findings")
 BTRFS_PATHS = ("/v1/filesystems", "/v1/findings", "/v1/host")
@@ -47,6 +48,17 @@ def _problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert {"type", "title", "status", "detail", "code"} <= set(body)
     assert "Traceback" not in r.text and 'File "' not in r.text
     return body
+
+
+def _plan_for(c: httpx.Client, name: str) -> dict[str, Any]:
+    found = c.get("/v1/findings", params={"min_age_seconds": 0}).json()["items"]
+    ids = [f["id"] for f in found if f["target"]["name"] == name]
+    assert len(ids) == 1, found
+    plan: dict[str, Any] = c.post(
+        "/v1/plans", json={"min_age_seconds": 0, "finding_ids": ids}
+    ).json()
+    assert len(plan["actions"]) == 1, plan
+    return plan
 
 
 def _scan_ok(c: httpx.Client) -> float:
@@ -104,6 +116,8 @@ def test_docker_and_btrfs_outages_are_clean_503s_and_recover(lab: Lab, tmp_path:
             )
             _all_ok(c, fs_uuid)
             plan = c.post("/v1/plans", json={"kinds": ["orphan-layer"]}).json()
+            orphan = lab.seed_orphan_subvolume()  # a leftover of this test's own
+            doomed = _plan_for(c, orphan.name)
             log_before = len(agent.log_path.read_text(errors="replace"))
 
             with removed(sock):
@@ -117,6 +131,15 @@ def test_docker_and_btrfs_outages_are_clean_503s_and_recover(lab: Lab, tmp_path:
                 )
                 assert c.get("/healthz").status_code == 200
                 assert _scan_ok(c) == 0.0  # metrics stay scrapeable and say the scan failed
+                # a job applied now fails its action, saying why, and deletes nothing
+                failed_job = wait_job(
+                    agent, c.post(f"/v1/plans/{doomed['id']}/apply").json()["job_id"]
+                )
+                assert failed_job["state"] == "failed", failed_job
+                (result,) = failed_job["results"]
+                assert result["outcome"] == "failed"
+                assert result["detail"].startswith("docker_unavailable: "), result
+                assert orphan.exists()
                 # what needs neither backend still answers
                 assert c.get(f"/v1/plans/{plan['id']}").status_code == 200
                 assert c.get("/v1/audit/verify").json()["ok"] is True
@@ -137,6 +160,13 @@ def test_docker_and_btrfs_outages_are_clean_503s_and_recover(lab: Lab, tmp_path:
                 assert c.get("/healthz").status_code == 200
                 assert _scan_ok(c) == 0.0
             _eventually(lambda: _all_ok(c, fs_uuid))
+
+            # the clean side works again: a new plan for the same leftover cleans it
+            job = wait_job(
+                agent, c.post(f"/v1/plans/{_plan_for(c, orphan.name)['id']}/apply").json()["job_id"]
+            )
+            assert job["state"] == "succeeded", job
+            assert not orphan.exists()
 
             with removed(sock), removed(btrfs):
                 ready = _problem(c.get("/readyz"), 503, "docker_unavailable")

@@ -405,3 +405,29 @@ def test_readyz_names_both_backends_when_both_are_down(agent: AgentUnderTest) ->
     assert (body["code"], body["unavailable"]) == ("btrfs_unavailable", ["btrfs_unavailable"])
     sc.btrfs.missing = False
     assert agent.client.get("/readyz").status_code == 200
+
+
+def test_a_job_run_while_docker_is_down_fails_its_actions_with_the_reason(
+    agent: AgentUnderTest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The action's first snapshot raised out of the job: the job read "failed" with
+    no result saying why, no job.finish entry in the audit, and a stack trace in the
+    log for an expected outage."""
+    h = auth()
+    plan = agent.client.post("/v1/plans", headers=h).get_json()
+    assert len(plan["actions"]) == 2
+    agent.sc.docker.down = True
+    job_id = agent.client.post(f"/v1/plans/{plan['id']}/apply", headers=h).get_json()["job_id"]
+    agent.app.extensions["nas_janitor"].extra["cleaner"].wait(job_id, 30)
+    job = agent.get(f"/v1/jobs/{job_id}").get_json()
+    assert job["state"] == "failed"
+    assert [r["outcome"] for r in job["results"]] == ["failed", "failed"]
+    assert all(r["detail"].startswith("docker_unavailable: ") for r in job["results"])
+    assert not [r for r in caplog.records if r.exc_info]
+    entries = agent.get("/v1/audit?limit=5000").get_json()["items"]
+    assert [e["outcome"] for e in entries if e["detail"].get("job_id") == job_id][-2:] == [
+        "failed",
+        "failed",
+    ]
+    assert any(e["action"] == "job.finish" and e["outcome"] == "failed" for e in entries)
+    assert agent.sc.btrfs.exists(agent.sc.orphan_layer)
