@@ -19,6 +19,7 @@ import yaml
 from agent import __version__
 from agent.auth import hash_token, new_token
 from agent.config import SCOPES, AgentConfig, ConfigError, load_config
+from agent.gunicorn_errors import use_problem_pages
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -58,6 +59,9 @@ def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
         "loglevel": "info",
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
         "forwarded_allow_ips": "127.0.0.1",
+        # what gunicorn answers itself (request line or headers too large, malformed
+        # requests) is a problem+json too, not an HTML page
+        "post_worker_init": use_problem_pages,
     }
     if config.tls.enabled:
         opts["certfile"] = config.tls.cert

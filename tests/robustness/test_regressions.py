@@ -3,7 +3,9 @@ stateful fakes (the schemathesis runs find them again only by chance)."""
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 
 from agent.paths import PathRefused, check_abs
 from tests.agent.apphelpers import AgentUnderTest, auth, build
+from tests.robustness.agents import launch
 
 
 @pytest.fixture
@@ -431,3 +434,35 @@ def test_a_job_run_while_docker_is_down_fails_its_actions_with_the_reason(
     ]
     assert any(e["action"] == "job.finish" and e["outcome"] == "failed" for e in entries)
     assert agent.sc.btrfs.exists(agent.sc.orphan_layer)
+
+
+def test_what_gunicorn_answers_itself_is_a_problem_too(tmp_path: Path) -> None:
+    """gunicorn answers a request line or headers over its limits, or a malformed
+    request, before the app sees it: it wrote an HTML page (schemathesis against the
+    real agent: "Undocumented Content-Type" text/html on a 414)."""
+    agent = launch(tmp_path / "agent", docker_host="unix:///nonexistent/docker.sock")
+    try:
+        with agent.client() as c:
+            answers = [
+                (c.get("/v1/volumes/" + "a" * 9000), 414, "uri_too_long"),
+                (c.get("/v1/host", headers={"X-Big": "b" * 9000}), 431, "headers_too_large"),
+            ]
+        host, port = agent.url.removeprefix("https://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            tls = agent.ssl_context(cert=False).wrap_socket(raw, server_hostname=host)
+            tls.sendall(b"GET /v1/host HTTP/1.1 extra\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        assert b"Content-Type: application/problem+json" in head, head
+        assert json.loads(body)["code"] == "bad_request"
+        for r, status, code in answers:
+            assert r.status_code == status, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            problem = r.json()
+            assert (problem["status"], problem["code"]) == (status, code)
+            assert {"type", "title", "detail"} <= set(problem)
+    finally:
+        agent.kill()
