@@ -59,6 +59,9 @@ def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
         "loglevel": "info",
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
         "forwarded_allow_ips": "127.0.0.1",
+        # the longest request line gunicorn takes (its default is 4094 bytes): a query
+        # may carry a whole path (``under``, up to 4096 bytes, PATH_MAX)
+        "limit_request_line": 8190,
         # what gunicorn answers itself (request line or headers too large, malformed
         # requests) is a problem+json too, not an HTML page
         "post_worker_init": use_problem_pages,

@@ -466,3 +466,18 @@ def test_what_gunicorn_answers_itself_is_a_problem_too(tmp_path: Path) -> None:
             assert {"type", "title", "detail"} <= set(problem)
     finally:
         agent.kill()
+
+
+def test_a_query_holding_a_whole_path_fits_in_the_request_line(tmp_path: Path) -> None:
+    """``under`` may be 4096 characters (PATH_MAX), but gunicorn's default request line
+    limit is 4094 bytes: a schema-valid listing was refused with 414."""
+    agent = launch(tmp_path / "agent", docker_host="unix:///nonexistent/docker.sock")
+    try:
+        under = ("/" + "d" * 254) * 16  # sixteen components of 254: 4080 bytes
+        under += "/" + "e" * 15
+        assert len(under) == 4096
+        with agent.client() as c:
+            r = c.get("/v1/filesystems/x/subvolumes", params={"under": under, "limit": 5000})
+        assert r.status_code == 503 and r.json()["code"] == "docker_unavailable", r.text
+    finally:
+        agent.kill()
