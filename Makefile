@@ -65,3 +65,14 @@ bench: deps venv
 	$(PY) -m bench.b3_fleet --json $(BENCH_RESULTS)/b3.json
 	$(PY) -m bench.b4_footprint --json $(BENCH_RESULTS)/b4.json
 	$(PY) -m bench.report $(BENCH_RESULTS) BENCHMARKS.md
+
+.PHONY: robustness
+ROBUSTNESS_OUT ?= build/robustness
+## robustness: the long robustness suite (root, a lab; about 15 min): schemathesis with
+## 400 examples per operation in process and against the real agent on a lab of its
+## own, the state machine with more runs, kill -9 at more points of an apply, the load
+## test at 50 clients for 30 s (summary in $(ROBUSTNESS_OUT)/load.json). `make test`
+## runs the short versions. NAS_JANITOR_ROBUSTNESS_SEED=N replays a run's seed.
+robustness: deps venv
+	NAS_JANITOR_ROBUSTNESS=long NAS_JANITOR_ROBUSTNESS_OUT=$(ROBUSTNESS_OUT) \
+	  $(PY) -m pytest -s -ra tests/robustness $(PYTEST_ARGS)
