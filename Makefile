@@ -68,7 +68,7 @@ bench: deps venv
 
 .PHONY: robustness
 ROBUSTNESS_OUT ?= build/robustness
-## robustness: the long robustness suite (root, a lab; about 15 min): schemathesis with
+## robustness: the long robustness suite (root, labs; about 8 min): schemathesis with
 ## 400 examples per operation in process and against the real agent on a lab of its
 ## own, the state machine with more runs, kill -9 at more points of an apply, the load
 ## test at 50 clients for 30 s (summary in $(ROBUSTNESS_OUT)/load.json). `make test`
