@@ -33,6 +33,7 @@ from agent.model import (
 from agent.paths import PathMap, is_under
 
 TOP_LEVEL_ID = 5
+ALWAYS_PROTECT_LABELS = ("keep", "nas-janitor.keep")
 _FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 
 
@@ -166,8 +167,9 @@ class Snapshot:
 
 def protected_reason(labels: dict[str, str], protect_labels: Sequence[str]) -> str | None:
     """Why a volume's labels protect it, or None. A protect label protects unless its
-    value says false/0/no/off."""
-    for key in protect_labels:
+    value says false/0/no/off. ``keep`` and ``nas-janitor.keep`` always protect: a
+    policy can add labels, never take these away."""
+    for key in dict.fromkeys((*ALWAYS_PROTECT_LABELS, *protect_labels)):
         if key in labels and labels[key].strip().lower() not in _FALSE_WORDS:
             value = labels[key]
             return f"label {key}={value}" if value else f"label {key}"

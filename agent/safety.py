@@ -5,8 +5,9 @@ Rules (the contract's numbering):
 1. Only under the configured roots: clean absolute paths, no symlink on the way, not
    a root itself.
 2. Never subvolume 5, the default subvolume, a mount point (or anything with a mount
-   inside it), anything a container uses, a layer Docker references, or a volume whose
-   labels protect it.
+   inside it), anything a container uses, a layer Docker references, a volume whose
+   labels protect it (``keep`` and ``nas-janitor.keep`` always do), or a named volume
+   that holds no subvolume.
 3. Children before parents (``Snapshot.delete_order``); the executor uses the btrfs
    subvolume-destroy operation only.
 
@@ -163,6 +164,13 @@ def plan_volume_delete(
     if vol is None:
         raise NotFound(f"no volume named {name}")
     _check_volume_usable(vol, protect_labels)
+    if not vol.nested and not vol.record.anonymous:
+        # Someone chose this name and it holds no subvolume: nothing Docker cannot
+        # remove itself, and nothing a leak leaves behind.
+        raise Protected(
+            f"volume {name} is a named volume holding no btrfs subvolume: not a leftover "
+            "this agent removes (`docker volume rm` can, if that is what you want)"
+        )
     try:
         mountpoint = check_abs(vol.record.mountpoint)
     except PathRefused as exc:

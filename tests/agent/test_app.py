@@ -647,3 +647,25 @@ def test_unrelated_filesystems_are_not_looked_at(tmp_path: Path) -> None:
     assert [f["mountpoints"][0] for f in a.get("/v1/filesystems").json["items"]] == ["/volume1"]
     assert len(a.get("/v1/findings").json["items"]) == 2
     assert not any("/volumeUSB" in arg for c in sc.btrfs.calls for arg in c.args)
+
+
+def test_keep_labels_protect_whatever_the_policy_says(tmp_path: Path) -> None:
+    sc = make_leak_scenario()
+    kept = sc.docker.add_volume(labels={"nas-janitor.keep": "yes"})
+    sc.btrfs.create_subvolume(f"{kept.mountpoint}/btrfs/subvolumes/layer")
+    a = build(tmp_path, sc)
+    p = plan(a, protect_labels=[])
+    assert kept.name not in {x["target"]["name"] for x in p["actions"]}
+    skipped = {s["finding_id"]: s["reason"] for s in p["skipped"]}
+    assert any("protected" in r and "nas-janitor.keep" in r for r in skipped.values())
+    r = a.client.delete(f"/v1/volumes/{kept.name}?dry_run=false", headers=auth(CLEAN))
+    is_problem(r, 409, "protected")
+
+
+def test_a_named_volume_without_subvolumes_is_not_ours_to_remove(agent: AgentUnderTest) -> None:
+    r = agent.client.delete(
+        f"/v1/volumes/{agent.sc.named_volume}?dry_run=false", headers=auth(CLEAN)
+    )
+    body = is_problem(r, 409, "protected")
+    assert "docker volume rm" in body["detail"]
+    assert agent.sc.docker.volume(agent.sc.named_volume) is not None

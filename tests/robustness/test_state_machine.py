@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import posixpath
+import re
 import tempfile
 import time
 from collections import Counter
@@ -44,6 +45,7 @@ from tests.fakes import TOP_LEVEL, fake_hex, make_leak_scenario
 from tests.robustness import knobs
 
 DEFAULT_LABELS = ("keep", "nas-janitor.keep")
+ANONYMOUS = re.compile(r"[0-9a-f]{64}")
 EXTRA_LABEL = "precious"
 KEYS = ("k-1", "k-2", "k-3")
 
@@ -105,8 +107,10 @@ class World:
         return {p: s for p, s in self.subs().items() if p == path or p.startswith(path + "/")}
 
     def protected(self, labels: dict[str, str], keys: tuple[str, ...]) -> bool:
+        # keep and nas-janitor.keep protect whatever the policy's own labels are
         return any(
-            k in labels and labels[k].lower() not in ("false", "0", "no", "off") for k in keys
+            k in labels and labels[k].lower() not in ("false", "0", "no", "off")
+            for k in (*DEFAULT_LABELS, *keys)
         )
 
     def volume_ok(self, name: str, keys: tuple[str, ...]) -> bool:
@@ -143,6 +147,8 @@ class World:
         if not self.volume_ok(name, keys):
             return False
         inside = self.subtree(self.volume_dir(name))
+        if not inside and not ANONYMOUS.fullmatch(name):
+            return False  # a named volume holding no subvolume is not a leftover
         return all(self.may_delete_subvolume(p, keys) for p in inside)
 
 
