@@ -165,7 +165,7 @@ def test_schemathesis_in_process_over_the_fakes(tmp_path: Path) -> None:
 # -- the real agent under gunicorn on a lab of its own (long run) ----------------------------
 
 
-@pytest.mark.skipif(not knobs.LONG, reason="long run only (make robustness): builds its own lab")
+@pytest.mark.long
 @pytest.mark.timeout(3600)
 def test_schemathesis_against_the_real_agent_on_its_own_lab(
     lab_factory: Callable[..., Lab], tmp_path: Path
