@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -163,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LabError, RuntimeError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if args.folder is None:  # our own temp folder: the lab is down, drop the rest
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
