@@ -111,6 +111,7 @@ def write_config(
     tokens: list[dict[str, Any]],
     mutual_tls: bool,
     roots: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     cfg: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
@@ -126,6 +127,7 @@ def write_config(
     }
     if roots:
         cfg["roots"] = roots
+    cfg.update(extra or {})
     path.write_text(yaml.safe_dump(cfg))
 
 
@@ -138,8 +140,12 @@ def start_agent(
     port: int | None = None,
     roots: list[str] | None = None,
     token: str | None = None,
+    extra: dict[str, Any] | None = None,
     wait: float = 60.0,
 ) -> AgentProcess:
+    """The agent under gunicorn in ``workdir`` (its config, state, pki and log there).
+    ``extra`` adds config keys (e.g. ``btrfs_binary``). The same ``workdir`` and
+    ``token`` restart an agent on its state."""
     workdir.mkdir(parents=True, exist_ok=True)
     pki = pki or Pki(workdir / "pki")
     port = port or free_port()
@@ -159,6 +165,7 @@ def start_agent(
         ],
         mutual_tls=mutual_tls,
         roots=roots,
+        extra=extra,
     )
     log_path = workdir / "agent.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NAS_JANITOR_")}

@@ -4,20 +4,14 @@ that can SIGKILL the agent at a chosen ``subvolume delete``, and small client he
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import yaml
-
-from agent.auth import hash_token, new_token
-from lab.agentproc import AgentProcess, Pki, free_port, write_config
+from lab.agentproc import AgentProcess, Pki, start_agent
 
 REAL_BTRFS = "/usr/bin/btrfs"
 
@@ -31,65 +25,11 @@ def launch(
     pki: Pki | None = None,
     wait: float = 60.0,
 ) -> AgentProcess:
-    """Like ``lab.agentproc.start_agent`` (same layout in ``workdir``: state, pki, log),
-    plus ``extra`` keys in the agent's config file. The same ``workdir`` and ``token``
-    restart an agent on its state."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    pki = pki or Pki(workdir / "pki")
-    token = token or new_token()
-    read_token = new_token()
-    config_path = workdir / "agent.yaml"
-    port = free_port()
-    write_config(
-        config_path,
-        port=port,
-        pki=pki,
-        state_dir=workdir / "state",
-        docker_host=docker_host,
-        tokens=[
-            {"id": "controller", "sha256": hash_token(token), "scopes": ["read", "clean"]},
-            {"id": "viewer", "sha256": hash_token(read_token), "scopes": ["read"]},
-        ],
-        mutual_tls=False,
+    """``lab.agentproc.start_agent`` with ``extra`` config keys (e.g. ``btrfs_binary``).
+    The same ``workdir`` and ``token`` restart an agent on its state."""
+    return start_agent(
+        workdir, docker_host=docker_host, pki=pki, token=token, extra=extra, wait=wait
     )
-    if extra:
-        cfg = yaml.safe_load(config_path.read_text())
-        cfg.update(extra)
-        config_path.write_text(yaml.safe_dump(cfg))
-    log_path = workdir / "agent.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NAS_JANITOR_")}
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "serve", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its own process group: killed as one
-        )
-    agent = AgentProcess(
-        url=f"https://127.0.0.1:{port}",
-        token=token,
-        read_token=read_token,
-        pki=pki,
-        proc=proc,
-        config_path=config_path,
-        state_dir=workdir / "state",
-        log_path=log_path,
-        mutual_tls=False,
-    )
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {proc.returncode}:\n{agent.log()}")
-        try:
-            with agent.client() as c:
-                if c.get("/healthz").status_code == 200:
-                    return agent
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    agent.kill()
-    raise RuntimeError(f"agent did not answer /healthz within {wait} s:\n{agent.log()}")
 
 
 def get(agent: AgentProcess, path: str, **params: Any) -> Any:
