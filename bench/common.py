@@ -24,9 +24,8 @@ from typing import Any
 
 import httpx
 
-from agent.auth import hash_token, new_token
 from lab import Lab, install_cleanup_handlers
-from lab.agentproc import AgentProcess, Pki, free_port, write_config
+from lab.agentproc import AgentProcess, launch_agent
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,50 +95,13 @@ class Started:
 def spawn_agent(
     workdir: Path, *, docker_host: str, wait: float = 60.0, poll: float = 0.005
 ) -> Started:
-    """``janitor-agent serve`` under gunicorn over TLS on loopback (the same config as the
-    tests' ``start_agent``), timed from ``Popen`` to its first ``200`` on ``/healthz``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    pki = Pki(workdir / "pki")
-    port = free_port()
-    token, read_token = new_token(), new_token()
-    config_path = workdir / "agent.yaml"
-    write_config(
-        config_path,
-        port=port,
-        pki=pki,
-        state_dir=workdir / "state",
-        docker_host=docker_host,
-        tokens=[
-            {"id": "bench", "sha256": hash_token(token), "scopes": ["read", "clean"]},
-            {"id": "viewer", "sha256": hash_token(read_token), "scopes": ["read"]},
-        ],
-        mutual_tls=False,
-    )
-    log_path = workdir / "agent.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NAS_JANITOR_")}
-    with log_path.open("ab") as logf:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "serve", "--config", str(config_path)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            cwd=REPO,
-        )
-    agent = AgentProcess(
-        url=f"https://127.0.0.1:{port}",
-        token=token,
-        read_token=read_token,
-        pki=pki,
-        proc=proc,
-        config_path=config_path,
-        state_dir=workdir / "state",
-        log_path=log_path,
-        mutual_tls=False,
-    )
+    """``janitor-agent serve`` under gunicorn over TLS on loopback (``lab.agentproc``'s
+    layout and config), timed from ``Popen`` to its first ``200`` on ``/healthz``."""
+    agent = launch_agent(workdir, docker_host=docker_host)
     try:
-        seconds = wait_healthz(proc, agent.url, pki.ca_pem, t0, wait=wait, poll=poll)
+        seconds = wait_healthz(
+            agent.proc, agent.url, agent.pki.ca_pem, agent.started_at, wait=wait, poll=poll
+        )
     except RuntimeError as exc:
         agent.kill()
         raise RuntimeError(f"{exc}:\n{agent.log()}") from None

@@ -64,6 +64,7 @@ class AgentProcess:
     state_dir: Path
     log_path: Path
     mutual_tls: bool
+    started_at: float = 0.0  # time.perf_counter() right before the process started
 
     def ssl_context(self, *, cert: bool = True) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_pem))
@@ -143,9 +144,57 @@ def start_agent(
     extra: dict[str, Any] | None = None,
     wait: float = 60.0,
 ) -> AgentProcess:
-    """The agent under gunicorn in ``workdir`` (its config, state, pki and log there).
-    ``extra`` adds config keys (e.g. ``btrfs_binary``). The same ``workdir`` and
-    ``token`` restart an agent on its state."""
+    """The agent under gunicorn in ``workdir`` (its config, state, pki and log there),
+    once it answers ``/healthz``. ``extra`` adds config keys (e.g. ``btrfs_binary``). The
+    same ``workdir`` and ``token`` restart an agent on its state."""
+    agent = launch_agent(
+        workdir,
+        docker_host=docker_host,
+        pki=pki,
+        mutual_tls=mutual_tls,
+        port=port,
+        roots=roots,
+        token=token,
+        extra=extra,
+    )
+    proc = agent.proc
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {proc.returncode}:\n{agent.log()}")
+        try:
+            with agent.client() as c:
+                if c.get("/healthz").status_code == 200:
+                    return agent
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    agent.kill()
+    raise RuntimeError(f"agent did not answer /healthz within {wait} s:\n{agent.log()}")
+
+
+@contextmanager
+def running_agent(workdir: Path, **kw: Any) -> Iterator[AgentProcess]:
+    agent = start_agent(workdir, **kw)
+    try:
+        yield agent
+    finally:
+        agent.kill()
+
+
+def launch_agent(
+    workdir: Path,
+    *,
+    docker_host: str,
+    pki: Pki | None = None,
+    mutual_tls: bool = False,
+    port: int | None = None,
+    roots: list[str] | None = None,
+    token: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> AgentProcess:
+    """Write the config and start ``janitor-agent serve``, without waiting for it
+    (``AgentProcess.started_at`` is taken right before the process starts)."""
     workdir.mkdir(parents=True, exist_ok=True)
     pki = pki or Pki(workdir / "pki")
     port = port or free_port()
@@ -170,6 +219,7 @@ def start_agent(
     log_path = workdir / "agent.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NAS_JANITOR_")}
     with log_path.open("ab") as log:
+        started_at = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "serve", "--config", str(config_path)],
             stdout=log,
@@ -187,26 +237,6 @@ def start_agent(
         state_dir=state_dir,
         log_path=log_path,
         mutual_tls=mutual_tls,
+        started_at=started_at,
     )
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {proc.returncode}:\n{agent.log()}")
-        try:
-            with agent.client() as c:
-                if c.get("/healthz").status_code == 200:
-                    return agent
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    agent.kill()
-    raise RuntimeError(f"agent did not answer /healthz within {wait} s:\n{agent.log()}")
-
-
-@contextmanager
-def running_agent(workdir: Path, **kw: Any) -> Iterator[AgentProcess]:
-    agent = start_agent(workdir, **kw)
-    try:
-        yield agent
-    finally:
-        agent.kill()
+    return agent
