@@ -27,7 +27,7 @@ DIND_DIRS = (
     "usr", "etc", "var", "var/lib", "var/lib/docker", "var/run", "run", "proc", "sys", "dev",
     "root",
 )  # fmt: skip
-DIND_CMD = '["dockerd","--host=unix:///var/run/docker.sock","--iptables=false","--bridge=none"]'
+DIND_CMD = '["dockerd","--host=unix:///var/run/docker.sock","--iptables=false","--ip-forward=false","--bridge=none"]'
 DIND_CHANGES = ("VOLUME /var/lib/docker", f"CMD {DIND_CMD}")
 
 
