@@ -17,9 +17,9 @@ import click
 import yaml
 
 from agent import __version__
-from agent.auth import hash_token, new_token
 from agent.config import SCOPES, AgentConfig, ConfigError, load_config
-from agent.gunicorn_errors import use_problem_pages
+from agent.http.auth import hash_token, new_token
+from agent.http.gunicorn import use_problem_pages
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -91,7 +91,7 @@ def serve(config_path: str | None) -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            from agent.app import create_app
+            from agent.http.app import create_app
 
             return create_app(config)
 

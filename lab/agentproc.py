@@ -21,7 +21,7 @@ import httpx
 import trustme
 import yaml
 
-from agent.auth import hash_token, new_token
+from agent.http.auth import hash_token, new_token
 
 
 def free_port() -> int:

@@ -44,7 +44,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from agent.dockerd import ANONYMOUS_LABEL, is_anonymous
 from agent.errors import (
     BtrfsCommandError,
     BtrfsUnavailable,
@@ -53,7 +52,8 @@ from agent.errors import (
     NotFound,
     ToolFailed,
 )
-from agent.model import (
+from agent.host.dockerd import ANONYMOUS_LABEL, is_anonymous
+from agent.host.records import (
     ContainerRecord,
     DeleteResult,
     DockerInfo,

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from agent.backend import Btrfs, Docker
 from agent.errors import (
     BtrfsCommandError,
     BtrfsUnavailable,
@@ -28,7 +27,8 @@ from agent.errors import (
     NotFound,
     ToolFailed,
 )
-from agent.model import DeleteResult, LayerRefs
+from agent.host.backend import Btrfs, Docker
+from agent.host.records import DeleteResult, LayerRefs
 from tests.fakes import (
     DEFAULT_SUBVOLUME,
     ENOENT,

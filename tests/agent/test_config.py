@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.auth import hash_token
 from agent.config import ConfigError, load_config
+from agent.http.auth import hash_token
 
 DIGEST = "a" * 64
 

@@ -18,11 +18,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from agent.app import create_app, real_backends
-from agent.btrfs import BtrfsTool
+from agent.host.btrfs import BtrfsTool
+from agent.http.app import create_app, real_backends
 from lab import DIND_IMAGE, Lab
-from tests.agent.apphelpers import BOTH, CLEAN, agent_config, auth
-from tests.agent.test_app import TRAVERSAL
+from tests.agent.http.apphelpers import BOTH, CLEAN, agent_config, auth
+from tests.agent.http.test_app import TRAVERSAL
 from tests.agentproc import AgentProcess, start_agent
 
 

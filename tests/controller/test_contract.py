@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from agent.app import Backends, create_app
+from agent.http.app import Backends, create_app
 from controller import auditsync, errors
 from controller.cli import main
 from controller.client import AgentClient, Readiness
@@ -23,7 +23,7 @@ from controller.fleet import AgentSpec
 from controller.store import Store
 from shared import auditchain
 from shared.models import Policy
-from tests.agent.apphelpers import BOTH, CLEAN, READ, AgentUnderTest, agent_config, build
+from tests.agent.http.apphelpers import BOTH, CLEAN, READ, AgentUnderTest, agent_config, build
 from tests.fakes import make_leak_scenario
 
 

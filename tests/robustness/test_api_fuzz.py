@@ -30,7 +30,7 @@ import schemathesis
 from schemathesis.generation.meta import TestPhase
 
 from lab import Lab
-from tests.agent.apphelpers import BOTH, build
+from tests.agent.http.apphelpers import BOTH, build
 from tests.fakes import make_leak_scenario
 from tests.robustness import fuzzing, knobs
 

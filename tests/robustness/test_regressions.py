@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.paths import PathRefused, check_abs
-from tests.agent.apphelpers import AgentUnderTest, auth, build
+from agent.domain.paths import PathRefused, check_abs
+from tests.agent.http.apphelpers import AgentUnderTest, auth, build
 from tests.robustness.agents import launch
 
 

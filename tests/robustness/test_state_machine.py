@@ -40,7 +40,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from tests.agent.apphelpers import AgentUnderTest, auth, build
+from tests.agent.http.apphelpers import AgentUnderTest, auth, build
 from tests.fakes import TOP_LEVEL, fake_hex, make_leak_scenario
 from tests.robustness import knobs
 

@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import audit as agent_audit
+from agent.store import audit as agent_audit
 from shared import auditchain
 
 

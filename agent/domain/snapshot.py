@@ -1,0 +1,388 @@
+"""What is on this NAS: filesystems, subvolumes, volumes, and who owns each.
+
+Only the btrfs filesystems that hold a configured root or Docker's data root are
+looked at.
+
+``take_snapshot`` asks the two backends once (a fixed number of btrfs processes per
+filesystem, one Docker call per kind of object, whatever the number of subvolumes)
+and joins the answers into a ``Snapshot``: plain values the findings, the safety rules
+and the views read. Ownership of a layer subvolume is decided from Docker's own
+metadata (the layerdb), never from a directory listing alone.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from agent.domain.paths import PathMap, is_under
+from agent.host.backend import Btrfs, Docker
+from agent.host.records import (
+    ContainerRecord,
+    DockerInfo,
+    FilesystemIdent,
+    FsUsage,
+    LayerRefs,
+    MountEntry,
+    Qgroup,
+    SubvolumeRecord,
+    VolumeRecord,
+)
+
+TOP_LEVEL_ID = 5
+ALWAYS_PROTECT_LABELS = ("keep", "nas-janitor.keep")
+_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+@dataclass(frozen=True)
+class FsView:
+    uuid: str
+    label: str | None
+    mountpoints: tuple[str, ...]  # host paths
+    usage: FsUsage
+    quota_enabled: bool
+    default_id: int
+    local_mount: str  # where btrfs commands for this filesystem are pointed
+    mounts: tuple[MountEntry, ...]
+
+
+@dataclass(frozen=True)
+class SubvolView:
+    fs_uuid: str
+    id: int
+    parent_id: int
+    path: str | None  # host path; None when no mount of this process shows it
+    local_path: str | None
+    read_only: bool
+    generation: int
+    uuid: str | None
+    parent_uuid: str | None
+    referenced_bytes: int | None
+    exclusive_bytes: int | None
+    owner_kind: str  # docker-layer | docker-volume | orphan-layer | other
+    owner_ref: str | None
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    record: VolumeRecord
+    in_use_by: tuple[str, ...]
+    nested: tuple[SubvolView, ...]
+    exclusive_bytes: int | None
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+
+@dataclass
+class Snapshot:
+    taken_at: datetime
+    docker: DockerInfo
+    roots: tuple[str, ...]
+    filesystems: dict[str, FsView]
+    subvolumes: dict[str, dict[int, SubvolView]]  # fs uuid -> id -> subvolume
+    volumes: dict[str, VolumeView]
+    containers: tuple[ContainerRecord, ...]
+    refs: LayerRefs
+    layerdb_known: bool  # False: Docker's layer records could not be read
+    mountpoints: frozenset[str]  # host paths where anything is mounted
+    mounted_roots: frozenset[tuple[str, str]]  # (fs uuid, in-fs path) mounted somewhere
+    _children: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    _sorted_ids: dict[str, list[int]] = field(default_factory=dict)
+    # folder -> no symlink on the way, for the safety checks on this snapshot
+    path_memo: dict[str, bool] = field(default_factory=dict)
+
+    # -- lookups ------------------------------------------------------------------
+    def fs_for_host_path(self, path: str) -> FsView | None:
+        best: tuple[int, FsView] | None = None
+        for fs in self.filesystems.values():
+            for mp in fs.mountpoints:
+                if is_under(path, mp) and (best is None or len(mp) > best[0]):
+                    best = (len(mp), fs)
+        return best[1] if best else None
+
+    def sorted_ids(self, fs_uuid: str) -> list[int]:
+        """The filesystem's subvolume ids in order (kept: pages of a listing share it)."""
+        ids = self._sorted_ids.get(fs_uuid)
+        if ids is None:
+            ids = sorted(self.subvolumes.get(fs_uuid, {}))
+            self._sorted_ids[fs_uuid] = ids
+        return ids
+
+    def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView | None:
+        return self.subvolumes.get(fs_uuid, {}).get(sub_id)
+
+    def subvolume_at(self, host_path: str) -> SubvolView | None:
+        fs = self.fs_for_host_path(host_path)
+        if fs is None:
+            return None
+        for sv in self.subvolumes.get(fs.uuid, {}).values():
+            if sv.path == host_path:
+                return sv
+        return None
+
+    def children(self, fs_uuid: str, sub_id: int) -> list[int]:
+        if not self._children:
+            for uuid, subs in self.subvolumes.items():
+                for sv in subs.values():
+                    self._children.setdefault((uuid, sv.parent_id), []).append(sv.id)
+        return self._children.get((fs_uuid, sub_id), [])
+
+    def subtree(self, fs_uuid: str, sub_id: int) -> list[SubvolView]:
+        """The subvolume and everything nested in it, deepest first (delete order)."""
+        out: list[tuple[int, SubvolView]] = []
+        stack = [(sub_id, 0)]
+        while stack:
+            cur, depth = stack.pop()
+            sv = self.subvolume(fs_uuid, cur)
+            if sv is None:
+                continue
+            out.append((depth, sv))
+            stack.extend((c, depth + 1) for c in self.children(fs_uuid, cur))
+        out.sort(key=lambda t: (-t[0], t[1].id))
+        return [sv for _, sv in out]
+
+    def delete_order(self, subs: Iterable[SubvolView]) -> list[SubvolView]:
+        """Children before parents: deeper in the subvolume tree first."""
+
+        def depth(sv: SubvolView) -> int:
+            d, cur, seen = 0, sv, set()
+            while cur.parent_id not in seen:
+                seen.add(cur.parent_id)
+                parent = self.subvolume(cur.fs_uuid, cur.parent_id)
+                if parent is None:
+                    break
+                d, cur = d + 1, parent
+            return d
+
+        return sorted(subs, key=lambda s: (-depth(s), -len(s.path or ""), s.id))
+
+    def volume_users(self, name: str) -> tuple[str, ...]:
+        return tuple(c.id for c in self.containers if name in c.volume_names)
+
+
+def protected_reason(labels: dict[str, str], protect_labels: Sequence[str]) -> str | None:
+    """Why a volume's labels protect it, or None. A protect label protects unless its
+    value says false/0/no/off. ``keep`` and ``nas-janitor.keep`` always protect: a
+    policy can add labels, never take these away."""
+    for key in dict.fromkeys((*ALWAYS_PROTECT_LABELS, *protect_labels)):
+        if key in labels and labels[key].strip().lower() not in _FALSE_WORDS:
+            value = labels[key]
+            return f"label {key}={value}" if value else f"label {key}"
+    return None
+
+
+def _mount_prefixes(mounts: Sequence[MountEntry]) -> list[tuple[str, str]]:
+    """(path inside the filesystem, local mount point) of each mount, the deepest
+    first, so the first match in ``_map_path`` is the most specific one."""
+    pairs = [(m.root.rstrip("/"), m.mountpoint.rstrip("/")) for m in mounts]
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+def _map_path(rec_path: str, prefixes: Sequence[tuple[str, str]]) -> str | None:
+    """Local path of a subvolume (path relative to top level) through any mount."""
+    full = "/" + rec_path.lstrip("/") if rec_path else "/"
+    for root, mountpoint in prefixes:
+        if full == root or full == (root or "/"):
+            return mountpoint or "/"
+        if full.startswith(root + "/"):
+            return mountpoint + full[len(root) :]
+    return None
+
+
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="snapshot")
+
+
+@dataclass(frozen=True)
+class _FsScan:
+    """One filesystem's btrfs commands, running side by side."""
+
+    records: Future[list[SubvolumeRecord]]
+    readonly: Future[set[int]]
+    qgroups: Future[dict[int, Qgroup] | None]
+    usage: Future[FsUsage]
+    default: Future[int]
+
+    @classmethod
+    def start(cls, btrfs: Btrfs, mount: str) -> _FsScan:
+        return cls(
+            records=_POOL.submit(btrfs.list_subvolumes, mount),
+            readonly=_POOL.submit(btrfs.readonly_ids, mount),
+            qgroups=_POOL.submit(btrfs.qgroups, mount),
+            usage=_POOL.submit(btrfs.usage, mount),
+            default=_POOL.submit(btrfs.default_subvolume, mount),
+        )
+
+
+def take_snapshot(
+    btrfs: Btrfs,
+    docker: Docker,
+    *,
+    now: datetime,
+    roots: Sequence[str] = (),
+    pathmap: PathMap | None = None,
+    fs_cache: dict[str, tuple[str, str | None]] | None = None,
+) -> Snapshot:
+    """Ask both backends once and join the answers. ``fs_cache`` (device -> uuid,
+    label) spares a ``filesystem show`` per request for filesystems seen before."""
+    pathmap = pathmap or PathMap()
+    # The backends' calls are independent processes and requests: ask them at once.
+    f_info = _POOL.submit(docker.info)
+    f_volumes = _POOL.submit(docker.volumes)
+    f_containers = _POOL.submit(docker.containers)
+    f_mounts = _POOL.submit(btrfs.mounts)
+    info = f_info.result()
+    data_root = info.data_root
+    roots = tuple(roots) or (data_root,)
+    f_refs = _POOL.submit(docker.layer_refs, pathmap.to_local(data_root))
+    all_mounts = f_mounts.result()
+    by_source: dict[str, list[MountEntry]] = {}
+    for m in all_mounts:
+        by_source.setdefault(m.source, []).append(m)
+
+    filesystems: dict[str, FsView] = {}
+    subvolumes: dict[str, dict[int, SubvolView]] = {}
+    mounted_roots: set[tuple[str, str]] = set()
+    mountpoints: set[str] = set()
+    for m in all_mounts:
+        host_mp = pathmap.to_host(m.mountpoint)
+        if host_mp is not None:
+            mountpoints.add(host_mp)
+
+    # Only filesystems that hold a root or Docker's data root: nothing else is ours to
+    # look at, and an unrelated filesystem (a failing USB disk, a mount going away) must
+    # not fail the answer.
+    wanted = (*roots, data_root)
+    groups: list[tuple[str, list[MountEntry], tuple[str, ...]]] = []
+    for source, mounts in sorted(by_source.items()):
+        host_mps = tuple(
+            hp for hp in (pathmap.to_host(m.mountpoint) for m in mounts) if hp is not None
+        )
+        if host_mps and any(is_under(w, hp) or is_under(hp, w) for w in wanted for hp in host_mps):
+            # Point commands at a mount of the top level when there is one.
+            mounts.sort(key=lambda m: (m.root != "/", len(m.mountpoint)))
+            groups.append((source, mounts, host_mps))
+    idents: dict[str, Future[FilesystemIdent]] = {
+        source: _POOL.submit(btrfs.filesystem, mounts[0].mountpoint)
+        for source, mounts, _ in groups
+        if fs_cache is None or source not in fs_cache
+    }
+    scans: list[tuple[str, str | None, list[MountEntry], tuple[str, ...], _FsScan]] = []
+    for source, mounts, host_mps in groups:
+        if source in idents:
+            ident = idents[source].result()
+            uuid, label = ident.uuid, ident.label
+            if fs_cache is not None:
+                fs_cache[source] = (uuid, label)
+        else:
+            assert fs_cache is not None
+            uuid, label = fs_cache[source]
+        if any(uuid == seen for seen, *_ in scans):
+            continue
+        scans.append((uuid, label, mounts, host_mps, _FsScan.start(btrfs, mounts[0].mountpoint)))
+
+    volumes = f_volumes.result()
+    containers = tuple(f_containers.result())
+    refs = f_refs.result()
+    referenced = refs.all
+    layerdb_known = bool(referenced)
+    layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
+    volumes_dir = posixpath.join(data_root, "volumes")
+    vol_by_name = {v.name: v for v in volumes}
+    users: dict[str, list[str]] = {}
+    for c in containers:
+        for vn in c.volume_names:
+            users.setdefault(vn, []).append(c.id)
+
+    for uuid, label, mounts, host_mps, scan in scans:
+        for m in mounts:
+            mounted_roots.add((uuid, m.root.rstrip("/") or "/"))
+        records: list[SubvolumeRecord] = scan.records.result()
+        ro = scan.readonly.result()
+        qg = scan.qgroups.result()
+        filesystems[uuid] = FsView(
+            uuid=uuid,
+            label=label,
+            mountpoints=host_mps,
+            usage=scan.usage.result(),
+            quota_enabled=qg is not None,
+            default_id=scan.default.result(),
+            local_mount=mounts[0].mountpoint,
+            mounts=tuple(mounts),
+        )
+        subs: dict[int, SubvolView] = {}
+        prefixes = _mount_prefixes(mounts)
+        for rec in sorted(records, key=lambda r: r.id):
+            local = _map_path(rec.path, prefixes)
+            host = pathmap.to_host(local) if local is not None else None
+            kind, ref = "other", None
+            if host is not None:
+                parent_dir, name = posixpath.split(host)
+                if parent_dir == layer_dir:
+                    if name in referenced:
+                        kind, ref = "docker-layer", name
+                    elif layerdb_known:
+                        kind, ref = "orphan-layer", name
+                    else:
+                        kind, ref = "other", name
+                elif host.startswith(volumes_dir + "/"):
+                    vname = host[len(volumes_dir) + 1 :].split("/", 1)[0]
+                    if vname in vol_by_name:
+                        kind, ref = "docker-volume", vname
+            q = qg.get(rec.id) if qg is not None else None
+            subs[rec.id] = SubvolView(
+                fs_uuid=uuid,
+                id=rec.id,
+                parent_id=rec.parent_id,
+                path=host,
+                local_path=local,
+                read_only=rec.id in ro,
+                generation=rec.generation,
+                uuid=rec.uuid,
+                parent_uuid=rec.parent_uuid,
+                referenced_bytes=q.referenced if q else None,
+                exclusive_bytes=q.exclusive if q else None,
+                owner_kind=kind,
+                owner_ref=ref,
+            )
+        subvolumes[uuid] = subs
+
+    nested_by_volume: dict[str, list[SubvolView]] = {}
+    quota_by_fs = {u: fs.quota_enabled for u, fs in filesystems.items()}
+    for subs in subvolumes.values():
+        for sv in subs.values():
+            if sv.owner_kind == "docker-volume" and sv.owner_ref:
+                nested_by_volume.setdefault(sv.owner_ref, []).append(sv)
+
+    views: dict[str, VolumeView] = {}
+    for v in volumes:
+        nested = tuple(sorted(nested_by_volume.get(v.name, []), key=lambda s: s.id))
+        # Only what sits in nested subvolumes can be counted cheaply: plain files in
+        # ``_data`` belong to the enclosing subvolume's qgroup.
+        excl: int | None = None
+        if nested and all(quota_by_fs.get(s.fs_uuid) for s in nested):
+            excl = sum(s.exclusive_bytes or 0 for s in nested)
+        views[v.name] = VolumeView(
+            record=v,
+            in_use_by=tuple(users.get(v.name, ())),
+            nested=nested,
+            exclusive_bytes=excl,
+        )
+
+    return Snapshot(
+        taken_at=now,
+        docker=info,
+        roots=roots,
+        filesystems=filesystems,
+        subvolumes=subvolumes,
+        volumes=views,
+        containers=containers,
+        refs=refs,
+        layerdb_known=layerdb_known,
+        mountpoints=frozenset(mountpoints),
+        mounted_roots=frozenset(mounted_roots),
+    )

@@ -1,0 +1,87 @@
+"""The two interfaces the domain depends on. ``agent.btrfs.BtrfsTool`` and
+``agent.dockerd.DockerClient`` implement them for real; the tests' fakes keep state.
+
+All paths are local paths (as this process sees them). Errors: methods raise
+``BtrfsUnavailable`` / ``DockerUnavailable`` when the tool or daemon cannot be reached,
+``BtrfsCommandError`` when a btrfs command ran and failed, ``NotFound`` for a missing
+Docker object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from agent.host.records import (
+    ContainerRecord,
+    DeleteResult,
+    DockerInfo,
+    FilesystemIdent,
+    FsUsage,
+    LayerRefs,
+    MountEntry,
+    Qgroup,
+    SubvolumeRecord,
+    VolumeRecord,
+)
+
+
+class Btrfs(Protocol):
+    def version(self) -> str:
+        """btrfs-progs version, e.g. ``"4.4.1"``."""
+
+    def kernel_release(self) -> str: ...
+
+    def rmdir_deletes_subvolumes(self) -> bool:
+        """True when the kernel lets rmdir remove an empty subvolume (Linux >= 4.18),
+        read from ``/sys/fs/btrfs/features/rmdir_subvol``."""
+
+    def mounts(self) -> list[MountEntry]:
+        """Every btrfs mount this process sees."""
+
+    def filesystem(self, mount: str) -> FilesystemIdent: ...
+
+    def usage(self, mount: str) -> FsUsage: ...
+
+    def list_subvolumes(self, mount: str) -> list[SubvolumeRecord]:
+        """All subvolumes of the filesystem mounted at ``mount``: one process."""
+
+    def readonly_ids(self, mount: str) -> set[int]:
+        """Ids of read-only subvolumes: one process (``subvolume list -r``)."""
+
+    def qgroups(self, mount: str) -> dict[int, Qgroup] | None:
+        """Level-0 qgroup sizes by subvolume id, or None when quotas are off.
+        Never enables quotas."""
+
+    def default_subvolume(self, mount: str) -> int: ...
+
+    def created_at(self, path: str) -> datetime | None:
+        """Creation time of the subvolume at ``path`` when it can be had without a
+        process per subvolume, else None."""
+
+    def set_readonly(self, path: str, value: bool) -> None: ...
+
+    def delete(self, paths: Sequence[str]) -> list[DeleteResult]:
+        """``btrfs subvolume delete`` for a whole batch in one process. The caller
+        orders it (children first); the result says what happened to each path."""
+
+    def sync(self, mount: str) -> None:
+        """Wait until deleted subvolumes are really cleaned (space freed)."""
+
+
+class Docker(Protocol):
+    def ping(self) -> None: ...
+
+    def info(self) -> DockerInfo: ...
+
+    def volumes(self) -> list[VolumeRecord]: ...
+
+    def containers(self) -> list[ContainerRecord]:
+        """All containers, running and stopped."""
+
+    def layer_refs(self, data_root: str) -> LayerRefs:
+        """Subvolume names that image layers and containers reference, read from
+        ``<data_root>/image/btrfs/layerdb`` (a local path)."""
+
+    def remove_volume(self, name: str) -> None: ...

@@ -1,0 +1,503 @@
+"""The real ``agent.backend.Btrfs``: btrfs-progs commands, ``/proc`` and ``/sys``.
+
+Works with btrfs-progs 4.4.1 (what NAS vendors ship, on Linux 4.4) up to 6.x. Every
+command and flag used here exists in 4.4.1:
+
+    subvolume list -a -p -u -q MOUNT     subvolume list -r MOUNT
+    qgroup show --raw MOUNT              filesystem show MOUNT
+    filesystem usage -b MOUNT            subvolume get-default MOUNT
+    subvolume delete PATH...             property set -t s PATH ro true|false
+    filesystem sync MOUNT                subvolume sync MOUNT
+
+Nothing here enables quotas, deletes with rmdir, or relies on a newer-only flag.
+
+``BtrfsTool._run`` is the only place a process is started: an argument list (never a
+shell), ``LC_ALL=C`` so messages are the English ones the parsers know, stdin closed, and
+a timeout. A missing binary raises ``BtrfsUnavailable``; a command that ran and failed
+raises ``BtrfsCommandError`` with the command, exit code, stdout and stderr; output that
+cannot be parsed raises ``agent.btrfs_parse.BtrfsParseError``. Each listing is one
+process for the whole filesystem, never one per subvolume.
+
+Every path and mount point given to a command must be absolute, so that no argument can
+be taken for an option.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from agent.errors import BtrfsCommandError, BtrfsUnavailable
+from agent.host.btrfs_parse import (
+    DeleteMessage,
+    DeleteOutput,
+    PathFacts,
+    delete_results,
+    parse_filesystem_show,
+    parse_filesystem_usage,
+    parse_get_default,
+    parse_mountinfo,
+    parse_qgroup_show,
+    parse_readonly_list,
+    parse_subvolume_delete,
+    parse_subvolume_list,
+    parse_version,
+    quotas_disabled,
+)
+from agent.host.records import (
+    DeleteResult,
+    FilesystemIdent,
+    FsUsage,
+    MountEntry,
+    Qgroup,
+    SubvolumeRecord,
+)
+
+__all__ = ["BtrfsTimeout", "BtrfsTool"]
+
+# Where btrfs-progs lives when the agent's PATH lacks the sbin directories.
+_EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin")
+
+# Inode number of every subvolume's root directory (BTRFS_FIRST_FREE_OBJECTID).
+SUBVOLUME_ROOT_INO = 256
+
+
+class BtrfsTimeout(BtrfsCommandError):
+    """A btrfs command did not finish within its timeout and was killed.
+
+    ``stderr`` starts with a "timed out" line (so the problem detail says so), followed
+    by what the command had printed; ``partial_stderr`` is only the latter.
+    """
+
+    def __init__(self, cmd: Sequence[str], timeout: float, stdout: str, stderr: str) -> None:
+        self.timeout = timeout
+        self.partial_stderr = stderr
+        note = f"timed out after {timeout:g}s and was killed"
+        super().__init__(cmd, -signal.SIGKILL, stdout, f"{note}\n{stderr}")
+
+
+class BtrfsTool:
+    """``agent.backend.Btrfs`` on the real system.
+
+    ``proc_root`` and ``sys_root`` let tests point the file-reading parts at fixtures.
+    ``timeout`` bounds every command but ``sync``, which waits for the kernel's cleaner
+    and gets ``sync_timeout``. ``max_args_bytes`` bounds the argument bytes of one
+    ``btrfs subvolume delete`` process (long batches are split to stay under ARG_MAX).
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: str = "btrfs",
+        proc_root: str = "/proc",
+        sys_root: str = "/sys",
+        timeout: float = 120.0,
+        sync_timeout: float = 3600.0,
+        max_args_bytes: int = 128 * 1024,
+    ) -> None:
+        if timeout <= 0 or sync_timeout <= 0 or max_args_bytes <= 0:
+            raise ValueError("timeouts and max_args_bytes must be positive")
+        self._binary = binary
+        self._proc_root = proc_root
+        self._sys_root = sys_root
+        self._timeout = timeout
+        self._sync_timeout = sync_timeout
+        self._max_args_bytes = max_args_bytes
+        self._resolved: str | None = None
+
+    # ------------------------------------------------------------------ the one runner
+
+    def _executable(self) -> str:
+        if self._resolved is not None:
+            return self._resolved
+        if "/" in self._binary:
+            self._resolved = self._binary
+            return self._binary
+        search = os.pathsep.join([os.environ.get("PATH", os.defpath), *_EXTRA_PATH])
+        found = shutil.which(self._binary, path=search)
+        if found is None:
+            raise BtrfsUnavailable(f"{self._binary!r} not found (searched {search})")
+        self._resolved = found
+        return found
+
+    def _run(
+        self, args: Sequence[str], *, timeout: float | None = None, check: bool = True
+    ) -> tuple[int, str, str]:
+        """Run ``btrfs ARGS``; return (exit code, stdout, stderr).
+
+        Raises ``BtrfsUnavailable`` when the binary cannot be started, ``BtrfsTimeout``
+        when it runs past the timeout (it is killed; the error carries what it printed
+        so far), and with ``check`` ``BtrfsCommandError`` for a non-zero exit.
+        """
+        cmd = [self._executable(), *args]
+        limit = self._timeout if timeout is None else timeout
+        env = dict(os.environ, LC_ALL="C", LANG="C")
+        try:
+            proc = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                encoding="utf-8",
+                errors="surrogateescape",
+                env=env,
+                timeout=limit,
+                check=False,
+            )
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            self._resolved = None
+            raise BtrfsUnavailable(f"cannot run {cmd[0]}: {e.strerror or e}") from e
+        except subprocess.TimeoutExpired as e:
+            raise BtrfsTimeout(cmd, limit, _text(e.stdout), _text(e.stderr)) from e
+        if check and proc.returncode != 0:
+            raise BtrfsCommandError(cmd, proc.returncode, proc.stdout, proc.stderr)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def _output(self, args: Sequence[str]) -> str:
+        return self._run(args)[1]
+
+    # ------------------------------------------------------------------ facts
+
+    def version(self) -> str:
+        return parse_version(self._output(["--version"]))
+
+    def kernel_release(self) -> str:
+        return os.uname().release
+
+    def rmdir_deletes_subvolumes(self) -> bool:
+        # The kernel (>= 4.18) announces the feature by the file's presence.
+        return os.path.exists(os.path.join(self._sys_root, "fs/btrfs/features/rmdir_subvol"))
+
+    def mounts(self) -> list[MountEntry]:
+        path = os.path.join(self._proc_root, "self/mountinfo")
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except OSError as e:
+            raise BtrfsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
+        return parse_mountinfo(text)
+
+    def filesystem(self, mount: str) -> FilesystemIdent:
+        # The kernel names the filesystem of each device in sysfs: no process, and no
+        # device scan (``filesystem show`` scans every block device and fails when an
+        # unrelated one cannot be read, e.g. a dying disk or a detached loop device).
+        ident = self._filesystem_from_sysfs(mount)
+        if ident is not None:
+            return ident
+        code, out, err = self._run(["filesystem", "show", _arg(mount)], check=False)
+        try:
+            return parse_filesystem_show(out)
+        except ValueError:
+            if code != 0:
+                raise BtrfsCommandError(
+                    [self._binary, "filesystem", "show", mount], code, out, err
+                ) from None
+            raise
+
+    def _filesystem_from_sysfs(self, mount: str) -> FilesystemIdent | None:
+        source = next((m.source for m in self.mounts() if m.mountpoint == mount), None)
+        if not source or not source.startswith("/dev/"):
+            return None
+        dev = os.path.basename(os.path.realpath(source))
+        base = os.path.join(self._sys_root, "fs/btrfs")
+        try:
+            uuids = sorted(os.listdir(base))
+        except OSError:
+            return None
+        for uuid in uuids:
+            if os.path.lexists(os.path.join(base, uuid, "devices", dev)):
+                try:
+                    with open(os.path.join(base, uuid, "label"), encoding="utf-8") as f:
+                        label = f.read().strip() or None
+                except OSError:
+                    label = None
+                return FilesystemIdent(uuid=uuid, label=label, devices=(source,))
+        return None
+
+    def usage(self, mount: str) -> FsUsage:
+        out = self._output(["filesystem", "usage", "-b", _arg(mount)])
+        return parse_filesystem_usage(out)
+
+    def list_subvolumes(self, mount: str) -> list[SubvolumeRecord]:
+        # -a: without it, btrfs-progs prints the paths of subvolumes below the subvolume
+        # mounted at ``mount`` relative to that subvolume ("b" for "a/b" when "a" is
+        # mounted there). With it every path is the full one from the top level, some
+        # prefixed "<FS_TREE>/", which the parser drops.
+        out = self._output(["subvolume", "list", "-a", "-p", "-u", "-q", _arg(mount)])
+        return parse_subvolume_list(out)
+
+    def readonly_ids(self, mount: str) -> set[int]:
+        out = self._output(["subvolume", "list", "-r", _arg(mount)])
+        return parse_readonly_list(out)
+
+    def qgroups(self, mount: str) -> dict[int, Qgroup] | None:
+        args = ["qgroup", "show", "--raw", _arg(mount)]
+        code, out, err = self._run(args, check=False)
+        if code != 0:
+            if quotas_disabled(err):
+                return None
+            raise BtrfsCommandError([self._executable(), *args], code, out, err)
+        return parse_qgroup_show(out)
+
+    def default_subvolume(self, mount: str) -> int:
+        out = self._output(["subvolume", "get-default", _arg(mount)])
+        return parse_get_default(out)
+
+    def created_at(self, path: str) -> datetime | None:
+        """The subvolume's own creation time (its root item's ``otime``, what ``btrfs
+        subvolume show`` prints as "Creation time"), read with ioctls, no process.
+
+        Not the birth time of the root directory (statx ``STATX_BTIME``): a snapshot's root
+        directory is a copy of its source's, birth time included, so every Docker layer
+        would look as old as the first layer it was made from.
+
+        Kernel >= 4.18: ``BTRFS_IOC_GET_SUBVOL_INFO`` (any user). Older kernels (Linux 4.4
+        on NAS boxes): ``BTRFS_IOC_INO_LOOKUP`` + ``BTRFS_IOC_TREE_SEARCH`` on the root
+        tree, which needs CAP_SYS_ADMIN. None when the path is not a subvolume (or a
+        symlink), is gone, the caller lacks the privilege, or the filesystem was made by
+        a kernel too old to record it (< 3.6).
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_ino != SUBVOLUME_ROOT_INO:
+                return None
+            try:
+                return otime_via_subvol_info(fd)
+            except OSError as e:
+                if e.errno != errno.ENOTTY:  # ENOTTY: kernel older than 4.18
+                    return None
+            try:
+                return otime_via_tree_search(fd)
+            except OSError:
+                return None
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ changes
+
+    def set_readonly(self, path: str, value: bool) -> None:
+        self._run(["property", "set", "-t", "s", _arg(path), "ro", "true" if value else "false"])
+
+    def sync(self, mount: str) -> None:
+        """Commit the transaction (``btrfs filesystem sync``: it also wakes the kernel's
+        cleaner, which otherwise starts on the next periodic commit, up to 30 s later),
+        then wait for every deleted subvolume to be cleaned (``btrfs subvolume sync``)."""
+        self._run(["filesystem", "sync", _arg(mount)])
+        self._run(["subvolume", "sync", _arg(mount)], timeout=self._sync_timeout)
+
+    def delete(self, paths: Sequence[str]) -> list[DeleteResult]:
+        """Delete a batch with ``btrfs subvolume delete P1 P2 ...``: one process (more only
+        when the arguments would not fit ARG_MAX), paths handled in the given order.
+
+        The result of each path comes from the filesystem, not from the text: before the
+        run each path is lstat'ed (missing? a subvolume root, i.e. a directory with inode
+        256?) and resolved (realpath); after it, a path that was a subvolume and no longer
+        exists was deleted. The messages btrfs printed only supply the reason of the
+        failures (see ``agent.btrfs_parse.delete_results``).
+
+        A path that resolves elsewhere through a symlink is not handed to btrfs (which
+        would delete the symlink's target) and fails with the reason. Paths must be
+        absolute and distinct (ValueError otherwise). When a run times out, or btrfs can
+        no longer be started after a first chunk ran, the paths of the later chunks fail
+        as "not attempted" (BtrfsUnavailable is raised only when nothing ran).
+        """
+        seen: set[str] = set()
+        for p in paths:
+            _arg(p)
+            key = os.path.normpath(p)
+            if key in seen:
+                raise ValueError(f"path given twice in one delete batch: {p!r}")
+            seen.add(key)
+
+        results: dict[int, DeleteResult] = {}
+        runnable: list[tuple[int, PathFacts]] = []
+        for i, p in enumerate(paths):
+            facts = _facts_before(p)
+            if facts.real != os.path.normpath(p):
+                results[i] = DeleteResult(
+                    path=p, ok=False, error=f"refused: the path resolves to {facts.real!r}"
+                )
+            else:
+                runnable.append((i, facts))
+
+        stopped: str | None = None  # why the remaining chunks are not run
+        for n, chunk in enumerate(self._chunks(runnable)):
+            if stopped is not None:
+                for i, f in chunk:
+                    results[i] = DeleteResult(f.path, ok=False, error=f"not attempted: {stopped}")
+                continue
+            args = ["subvolume", "delete", *(f.path for _, f in chunk)]
+            try:
+                _, out, err = self._run(args, check=False)
+                output = parse_subvolume_delete(out, err)
+            except BtrfsUnavailable as e:
+                if n == 0:
+                    raise  # nothing was run: the caller sees why
+                stopped = f"btrfs became unavailable: {e.detail}"
+                for i, f in chunk:
+                    results[i] = DeleteResult(f.path, ok=False, error=f"not attempted: {stopped}")
+                continue
+            except BtrfsTimeout as e:
+                stopped = "an earlier btrfs subvolume delete timed out"
+                parsed = parse_subvolume_delete(e.stdout, e.partial_stderr)
+                note_text = f"timed out after {e.timeout:g}s and was killed"
+                note = DeleteMessage(None, note_text, "other", note_text)
+                output = DeleteOutput(parsed.announced, (*parsed.messages, note))
+            after = [
+                PathFacts(f.path, f.real, f.existed, f.was_subvolume, gone=not _lexists(f.path))
+                for _, f in chunk
+            ]
+            for (i, _), result in zip(chunk, delete_results(after, output), strict=True):
+                results[i] = result
+        return [results[i] for i in range(len(paths))]
+
+    def _chunks(self, items: list[tuple[int, PathFacts]]) -> list[list[tuple[int, PathFacts]]]:
+        budget = self._max_args_bytes
+        try:
+            arg_max = os.sysconf("SC_ARG_MAX")
+        except (ValueError, OSError):
+            arg_max = 128 * 1024
+        env_bytes = sum(len(k) + len(v) + 2 + 8 for k, v in os.environb.items())
+        budget = min(budget, max(4096, arg_max // 2 - env_bytes))
+        chunks: list[list[tuple[int, PathFacts]]] = []
+        current: list[tuple[int, PathFacts]] = []
+        used = 0
+        for item in items:
+            cost = len(os.fsencode(item[1].path)) + 1 + 8  # the string, its NUL, argv[] slot
+            if current and used + cost > budget:
+                chunks.append(current)
+                current, used = [], 0
+            current.append(item)
+            used += cost
+        if current:
+            chunks.append(current)
+        return chunks
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _text(value: str | bytes | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value
+
+
+def _arg(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {path!r}")
+    if "\0" in path:
+        raise ValueError("path contains a NUL byte")
+    return path
+
+
+def _lexists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
+def _facts_before(path: str) -> PathFacts:
+    real = os.path.realpath(path)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return PathFacts(path, real, existed=False, was_subvolume=False, gone=False)
+    is_subvolume = stat.S_ISDIR(st.st_mode) and st.st_ino == SUBVOLUME_ROOT_INO
+    return PathFacts(path, real, existed=True, was_subvolume=is_subvolume, gone=False)
+
+
+# ---------------------------------------------------------------------- subvolume otime
+#
+# ioctl numbers: Linux's generic _IOC encoding (x86, arm, arm64: what NAS boxes run).
+_IOC_WRITE, _IOC_READ = 1, 2
+_BTRFS_IOCTL_MAGIC = 0x94
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (_BTRFS_IOCTL_MAGIC << 8) | nr
+
+
+# struct btrfs_ioctl_get_subvol_info_args (504 bytes): otime {u64 sec; u32 nsec} at 392
+_SUBVOL_INFO_SIZE = 504
+_SUBVOL_INFO_OTIME = 392
+BTRFS_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)
+
+# struct btrfs_ioctl_search_args (4096 bytes): a 104-byte key, then the result buffer
+# struct btrfs_ioctl_ino_lookup_args (4096 bytes): u64 treeid, u64 objectid, name
+_SEARCH_ARGS_SIZE = 4096
+_SEARCH_KEY = struct.Struct("=7Q4I4Q")  # 104 bytes
+_SEARCH_HEADER = struct.Struct("=3Q2I")  # transid, objectid, offset, type, len: 32 bytes
+BTRFS_IOC_TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_ARGS_SIZE)
+BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, _SEARCH_ARGS_SIZE)
+_ROOT_TREE_OBJECTID = 1
+_ROOT_ITEM_KEY = 132
+# struct btrfs_root_item (on-disk, little-endian, packed): otime at 339
+_ROOT_ITEM_OTIME = 339
+_U64_MAX = 2**64 - 1
+
+
+def _timestamp(sec: int, nsec: int) -> datetime | None:
+    if sec == 0:
+        return None
+    return datetime.fromtimestamp(sec, UTC).replace(microsecond=min(nsec // 1000, 999_999))
+
+
+def otime_via_subvol_info(fd: int) -> datetime | None:
+    """Creation time of the subvolume open at ``fd`` (kernel >= 4.18, unprivileged)."""
+    buf = bytearray(_SUBVOL_INFO_SIZE)
+    fcntl.ioctl(fd, BTRFS_IOC_GET_SUBVOL_INFO, buf, True)
+    sec, nsec = struct.unpack_from("=QI", buf, _SUBVOL_INFO_OTIME)
+    return _timestamp(sec, nsec)
+
+
+def otime_via_tree_search(fd: int) -> datetime | None:
+    """Creation time of the subvolume open at ``fd`` from its root item (any kernel with
+    btrfs; needs CAP_SYS_ADMIN). What btrfs-progs itself does on old kernels."""
+    lookup = bytearray(_SEARCH_ARGS_SIZE)
+    struct.pack_into("=2Q", lookup, 0, 0, SUBVOLUME_ROOT_INO)
+    fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, lookup, True)
+    (tree_id,) = struct.unpack_from("=Q", lookup, 0)
+
+    args = bytearray(_SEARCH_ARGS_SIZE)
+    _SEARCH_KEY.pack_into(
+        args,
+        0,
+        _ROOT_TREE_OBJECTID,  # tree_id
+        tree_id,  # min_objectid
+        tree_id,  # max_objectid
+        0,  # min_offset
+        _U64_MAX,  # max_offset
+        0,  # min_transid
+        _U64_MAX,  # max_transid
+        _ROOT_ITEM_KEY,  # min_type
+        _ROOT_ITEM_KEY,  # max_type
+        16,  # nr_items
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+    fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH, args, True)
+    nr_items = struct.unpack_from("=I", args, 64)[0]
+    pos = _SEARCH_KEY.size
+    found: datetime | None = None
+    for _ in range(nr_items):
+        _, objectid, _, item_type, length = _SEARCH_HEADER.unpack_from(args, pos)
+        data = pos + _SEARCH_HEADER.size
+        if objectid == tree_id and item_type == _ROOT_ITEM_KEY and length >= _ROOT_ITEM_OTIME + 12:
+            sec, nsec = struct.unpack_from("<QI", args, data + _ROOT_ITEM_OTIME)
+            found = _timestamp(sec, nsec)
+        pos = data + length
+    return found

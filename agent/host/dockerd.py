@@ -1,0 +1,283 @@
+"""The real ``agent.backend.Docker``: the Docker Engine API through the Docker SDK.
+
+Only this module touches the SDK. Its errors are converted once, in ``_boundary``:
+
+    requests ConnectionError / Timeout, DockerException  -> DockerUnavailable
+    docker.errors.NotFound                               -> NotFound
+    APIError 409 on a volume removal                     -> InUse (``extra["in_use_by"]``)
+    any other APIError                                   -> ToolFailed (the daemon's message)
+
+The SDK client is made on first use, not in the constructor: the agent must start (and
+answer ``/readyz`` with ``docker_unavailable``) while the daemon is down, and the SDK asks
+the daemon for its API version as soon as a client is made. A failed attempt is not
+remembered; the next call tries again.
+
+Every list is one request: ``GET /volumes`` and ``GET /containers/json?all=1`` (whose
+answer already carries each container's ``Mounts``), never one request per object.
+
+``layer_refs`` reads Docker's layer metadata from the local file system, not the API:
+the Engine API does not say which btrfs subvolume belongs to which layer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from agent.errors import DockerUnavailable, InUse, NotFound, ToolFailed
+from agent.host.records import ContainerRecord, DockerInfo, LayerRefs, VolumeRecord
+
+ANONYMOUS_LABEL = "com.docker.volume.anonymous"  # set by Docker 23 and later
+_ANONYMOUS_NAME = re.compile(r"[0-9a-f]{64}")  # how Docker 20.10 names anonymous volumes
+_RUNNING_STATES = frozenset({"running", "paused", "restarting"})
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})"
+)
+_CONTAINER_IDS = re.compile(r"\[([0-9a-f ,]*)\]")
+
+
+class DockerClient:
+    """``agent.backend.Docker`` over the Docker SDK, talking to ``base_url``
+    (``unix:///var/run/docker.sock``, ``tcp://host:2375``) with ``timeout`` seconds
+    for each request."""
+
+    def __init__(self, *, base_url: str, timeout: float) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self._client: Any = None  # docker.DockerClient, made by _api()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DockerClient(base_url={self.base_url!r}, timeout={self.timeout!r})"
+
+    def ping(self) -> None:
+        api = self._api()
+        with self._boundary("ping"):
+            answered = api.ping()
+        if answered is not True:
+            raise DockerUnavailable(f"Docker at {self.base_url} did not answer OK to a ping")
+
+    def info(self) -> DockerInfo:
+        api = self._api()
+        with self._boundary("info"):
+            info = api.info()
+            version = api.version()
+        return DockerInfo(
+            server_version=_text(info, "ServerVersion", "info"),
+            api_version=_text(version, "ApiVersion", "version"),
+            storage_driver=_text(info, "Driver", "info"),
+            data_root=_text(info, "DockerRootDir", "info"),
+        )
+
+    def volumes(self) -> list[VolumeRecord]:
+        api = self._api()
+        with self._boundary("list volumes"):
+            answer = api.volumes()
+        return [volume_record(item) for item in (answer or {}).get("Volumes") or []]
+
+    def containers(self) -> list[ContainerRecord]:
+        api = self._api()
+        with self._boundary("list containers"):
+            answer = api.containers(all=True)
+        return [container_record(item) for item in answer or []]
+
+    def layer_refs(self, data_root: str) -> LayerRefs:
+        return read_layer_refs(data_root)
+
+    def remove_volume(self, name: str) -> None:
+        api = self._api()
+        with self._boundary(f"remove volume {name}", conflict_is_in_use=True):
+            api.remove_volume(name)
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _api(self) -> Any:
+        """The SDK's low-level ``APIClient``, made on first use.
+
+        For a ``unix://`` daemon the socket must still be there: the SDK keeps idle
+        connections open, and one made before the socket went away would otherwise go
+        on answering for a daemon no new connection can reach."""
+        if self.base_url.startswith("unix://"):
+            path = self.base_url.removeprefix("unix://")
+            try:
+                os.stat(path)
+            except OSError as exc:
+                raise DockerUnavailable(
+                    f"Docker at {self.base_url} is unreachable: {exc.strerror or exc}"
+                ) from exc
+        with self._lock:
+            if self._client is None:
+                with self._boundary("connect"):
+                    self._client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout)
+            return self._client.api
+
+    @contextmanager
+    def _boundary(self, action: str, *, conflict_is_in_use: bool = False) -> Iterator[None]:
+        """The one place where SDK and transport errors become agent errors."""
+        try:
+            yield
+        except docker.errors.NotFound as exc:
+            raise NotFound(_explanation(exc)) from exc
+        except docker.errors.APIError as exc:
+            message = _explanation(exc)
+            if exc.status_code == 409 and conflict_is_in_use:
+                match = _CONTAINER_IDS.search(message)
+                users = [c.strip() for c in match.group(1).split(",")] if match else []
+                raise InUse(message, extra={"in_use_by": [c for c in users if c]}) from exc
+            raise ToolFailed(
+                f"docker {action}: {message}", extra={"docker_status": exc.status_code}
+            ) from exc
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            raise DockerUnavailable(
+                f"Docker at {self.base_url} is unreachable ({action}): {exc}"
+            ) from exc
+
+
+def volume_record(item: Mapping[str, Any]) -> VolumeRecord:
+    """One entry of ``GET /volumes`` as a ``VolumeRecord``."""
+    name = str(item["Name"])
+    labels = {str(k): str(v) for k, v in (item.get("Labels") or {}).items()}
+    return VolumeRecord(
+        name=name,
+        driver=str(item.get("Driver") or ""),
+        mountpoint=str(item.get("Mountpoint") or ""),
+        labels=labels,
+        created_at=parse_timestamp(item.get("CreatedAt")),
+        anonymous=is_anonymous(name, labels),
+    )
+
+
+def is_anonymous(name: str, labels: Mapping[str, str]) -> bool:
+    """Docker 23+ labels anonymous volumes; Docker 20.10 only names them with 64 hex
+    digits, so that is the test when the label is absent."""
+    if ANONYMOUS_LABEL in labels:
+        return True
+    return _ANONYMOUS_NAME.fullmatch(name) is not None
+
+
+def container_record(item: Mapping[str, Any]) -> ContainerRecord:
+    """One entry of ``GET /containers/json?all=1`` as a ``ContainerRecord``."""
+    if "Mounts" not in item:
+        # Without Mounts we cannot tell which volumes the container uses; saying "none"
+        # would make its volumes look dangling.
+        raise ToolFailed(f"Docker listed container {item.get('Id')} without its Mounts")
+    names = item.get("Names") or []
+    state = item.get("State")
+    status = str(item.get("Status") or "")
+    running = state in _RUNNING_STATES if state else status.startswith("Up")
+    return ContainerRecord(
+        id=str(item["Id"]),
+        name=str(names[0]).lstrip("/") if names else "",
+        running=running,
+        status=status,
+        image_id=str(item.get("ImageID") or ""),
+        volume_names=tuple(
+            str(m["Name"])
+            for m in item.get("Mounts") or []
+            if m.get("Type") == "volume" and m.get("Name")
+        ),
+    )
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """An RFC 3339 time as Docker writes it (``2026-11-28T00:30:49Z``,
+    ``2024-05-01T10:20:30.123456789+02:00``) as an aware UTC datetime; None when
+    absent, unparsable, or Go's zero time. Digits past microseconds are dropped."""
+    if not isinstance(value, str):
+        return None
+    match = _RFC3339.fullmatch(value.strip())
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    if offset in ("Z", "z"):
+        tz = UTC
+    else:
+        sign = -1 if offset[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
+    try:
+        when = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            int((fraction or "0")[:6].ljust(6, "0")),
+            tzinfo=tz,
+        )
+    except ValueError:
+        return None
+    if when.year == 1:  # Go's zero time: "unknown"
+        return None
+    return when.astimezone(UTC)
+
+
+def read_layer_refs(data_root: str) -> LayerRefs:
+    """The subvolume names Docker's own layer store references, read from the local
+    directory ``data_root``:
+
+    - ``image/btrfs/layerdb/sha256/<chain id>/cache-id``: each image layer's subvolume;
+    - ``image/btrfs/layerdb/mounts/<container id>/mount-id`` and ``init-id``: each
+      container's layer and ``-init`` layer.
+
+    A missing ``layerdb`` folder means no images or no containers: empty sets. A missing
+    data root is an error (``DockerUnavailable``), never "nothing referenced": that
+    answer would make every layer subvolume look orphaned.
+    """
+    root = Path(data_root)
+    if not root.is_absolute() or not root.is_dir():
+        raise DockerUnavailable(f"Docker's data root {data_root} is not a folder visible here")
+    layerdb = root / "image" / "btrfs" / "layerdb"
+    return LayerRefs(
+        image_cache_ids=_read_ids(layerdb / "sha256", "cache-id"),
+        container_mount_ids=_read_ids(layerdb / "mounts", "mount-id"),
+        container_init_ids=_read_ids(layerdb / "mounts", "init-id"),
+    )
+
+
+def _read_ids(folder: Path, filename: str) -> frozenset[str]:
+    ids: set[str] = set()
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return frozenset()
+    except OSError as exc:
+        raise DockerUnavailable(f"cannot read Docker's layer records in {folder}: {exc}") from exc
+    for entry in entries:
+        try:
+            text = (Path(entry.path) / filename).read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not a layer folder, or one Docker is creating or removing right now
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DockerUnavailable(
+                f"cannot read Docker's layer record {entry.path}/{filename}: {exc}"
+            ) from exc
+        if text:
+            ids.add(text)
+    return frozenset(ids)
+
+
+def _text(payload: Mapping[str, Any] | None, key: str, what: str) -> str:
+    value = (payload or {}).get(key)
+    if not isinstance(value, str) or not value:
+        raise ToolFailed(f"Docker's {what} answer has no {key}")
+    return value
+
+
+def _explanation(exc: docker.errors.APIError) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation) if explanation else str(exc)

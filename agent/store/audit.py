@@ -1,0 +1,482 @@
+"""The agent's tamper-evident audit log: a hash chain persisted in SQLite.
+
+Every entry carries ``seq`` (1, 2, 3, ... with no gaps), the time, who did what to which
+target with what outcome, a JSON ``detail`` object, the previous entry's hash and its own
+hash. An entry's hash is the SHA-256 of the canonical JSON encoding (see
+``canonical_json``) of all its fields except ``hash``, ``prev_hash`` included, so each
+entry vouches for the whole chain before it. The first entry's ``prev_hash`` is
+``GENESIS`` (64 zeros).
+
+Durability and concurrency: ``append`` commits before it returns, in WAL mode with
+``synchronous=FULL``, so an acknowledged entry survives a crash of the process and, as far
+as the disk honours fsync, of the machine. Appends take a process-local lock and a SQLite
+write lock (``BEGIN IMMEDIATE``) around "read the head, insert the next entry", so threads
+and processes sharing one file never fork the chain.
+
+Next to the rows the log keeps a one-row record of its head (last ``seq`` and ``hash``),
+written in the same transaction as each entry.
+
+What ``verify`` detects, and what it cannot:
+
+- an edited row (any field, even an edit that keeps the value's meaning, such as another
+  spelling of the same time): the row's hash no longer matches its content, reported at
+  that ``seq``;
+- an edited row whose ``hash`` was recomputed too: the next row's ``prev_hash`` no longer
+  links, reported at the next ``seq`` (or, for the last row, the head record disagrees);
+- a dropped row: a gap in ``seq``, reported at the first entry after the gap;
+- reordered rows: ``seq`` is hashed, so a row moved to another position fails its hash;
+- a truncated tail: the head record still names the old head, reported at the first
+  missing ``seq``.
+
+Anyone who can write the database file can also rewrite the chain from the edit onwards
+and the head record with it: a hash chain kept in one place cannot stop that. Such a
+rewrite, or a truncation that also rewrites the head record, shows only to someone who
+remembered an earlier ``(seq, hash)``: that is why the controller pulls entries, keeps
+the head it last saw and checks it again (``verify_entries`` does the checking on
+entries pulled over the API).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.errors import AgentError
+from agent.store.sqlite import SqliteFile, read_transaction, write_transaction
+from shared.auditchain import GENESIS, canonical_json, entry_hash
+
+__all__ = [
+    "GENESIS",
+    "AuditCorrupt",
+    "AuditEntry",
+    "AuditLog",
+    "VerifyResult",
+    "canonical_json",
+    "entry_hash",
+    "format_time",
+    "parse_time",
+    "verify_entries",
+]
+
+SCHEMA_VERSION = 1
+
+
+class AuditCorrupt(AgentError):
+    """A stored row cannot be decoded, or the head cannot be extended: the log was
+    tampered with. ``verify`` says where."""
+
+    code, title = "audit_corrupt", "The audit log is corrupt"
+
+
+# --- encodings shared by the log, the state store and anyone verifying entries ---------
+
+
+def normalize_json_object(value: Mapping[str, Any], *, what: str = "value") -> dict[str, Any]:
+    """``value`` as it reads back after a JSON round trip (tuples become lists, keys
+    become strings), or ``ValueError`` when it is not a JSON-encodable mapping."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a mapping, not {type(value).__name__}")
+    try:
+        text = canonical_json(dict(value))
+        text.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"{what} is not JSON-encodable: {exc}") from exc
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def format_time(at: datetime) -> str:
+    """RFC 3339 in UTC with microseconds and ``Z``, e.g. ``2024-05-01T12:00:00.000000Z``:
+    one spelling per instant, and lexical order is time order. Naive datetimes are refused
+    (``ValueError``) rather than guessed."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("time must be timezone-aware")
+    try:
+        utc = at.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(f"time out of range: {at!r}") from exc
+    return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def parse_time(text: str) -> datetime:
+    """The inverse of ``format_time``; only its exact spelling is accepted."""
+    try:
+        at = datetime.fromisoformat(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not an RFC 3339 time: {text!r}") from exc
+    if at.tzinfo is None or format_time(at) != text:
+        raise ValueError(f"not a canonical UTC time: {text!r}")
+    return at.astimezone(UTC)
+
+
+# --- entries ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: datetime  # UTC
+    actor: str  # token id, or "agent" for the agent's own doings
+    action: str
+    target: str
+    outcome: str
+    detail: dict[str, Any]  # JSON-serializable; as read back from storage
+    prev_hash: str
+    hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The API shape of ``GET /v1/audit`` items (``at`` as an RFC 3339 string)."""
+        return {
+            "seq": self.seq,
+            "at": format_time(self.at),
+            "actor": self.actor,
+            "action": self.action,
+            "target": self.target,
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any]) -> AuditEntry:
+        """Parse an item of ``GET /v1/audit``; ``ValueError`` when it is malformed."""
+        try:
+            fields = {
+                name: item[name]
+                for name in ("seq", "actor", "action", "target", "outcome", "prev_hash", "hash")
+            }
+            at, detail = item["at"], item["detail"]
+        except KeyError as exc:
+            raise ValueError(f"audit entry lacks {exc.args[0]!r}") from exc
+        if type(fields["seq"]) is not int:
+            raise ValueError("seq must be an integer")
+        for name in ("actor", "action", "target", "outcome", "prev_hash", "hash"):
+            if not isinstance(fields[name], str):
+                raise ValueError(f"{name} must be a string")
+        if not isinstance(at, str):
+            raise ValueError("at must be a string")
+        return cls(at=parse_time(at), detail=normalize_json_object(detail), **fields)
+
+    def computed_hash(self) -> str:
+        """The hash this entry's content calls for (equal to ``hash`` when intact)."""
+        return entry_hash(
+            seq=self.seq,
+            at=format_time(self.at),
+            actor=self.actor,
+            action=self.action,
+            target=self.target,
+            outcome=self.outcome,
+            detail=self.detail,
+            prev_hash=self.prev_hash,
+        )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """``GET /v1/audit/verify``: ``head`` is the hash of the last entry read (``GENESIS``
+    when none) and ``count`` how many were read; ``first_bad_seq`` is the first ``seq``
+    where the log departs from an intact chain (``None`` when ``ok``). ``reason`` says
+    how, in words, for logs and operators."""
+
+    ok: bool
+    count: int
+    head: str
+    first_bad_seq: int | None
+    reason: str | None = None
+
+
+class _ChainCheck:
+    """Walks entries in ``seq`` order and remembers the first break."""
+
+    def __init__(self, *, after_seq: int, after_hash: str) -> None:
+        self.last_seq = after_seq
+        self.head = after_hash
+        self.count = 0
+        self.first_bad: int | None = None
+        self.reason: str | None = None
+
+    def bad(self, seq: int, reason: str) -> None:
+        if self.first_bad is None:
+            self.first_bad, self.reason = seq, reason
+
+    def feed(self, *, seq: int, prev_hash: str, stored_hash: str, content_ok: bool) -> None:
+        self.count += 1
+        expected = self.last_seq + 1
+        if seq != expected:
+            # Reported at the first entry that does not follow, so the number always
+            # names an entry that can be fetched.
+            missing = f"entries {expected}..{seq - 1} are missing" if seq > expected else ""
+            self.bad(seq, missing or f"entry {seq} is out of order (expected {expected})")
+        elif prev_hash != self.head:
+            self.bad(seq, f"entry {seq} does not link to entry {seq - 1}")
+        elif not content_ok:
+            self.bad(seq, f"entry {seq} does not match its hash")
+        self.last_seq, self.head = seq, stored_hash
+
+    def result(self) -> VerifyResult:
+        return VerifyResult(
+            ok=self.first_bad is None,
+            count=self.count,
+            head=self.head,
+            first_bad_seq=self.first_bad,
+            reason=self.reason,
+        )
+
+
+def verify_entries(
+    entries: Iterable[AuditEntry], *, after_seq: int = 0, after_hash: str = GENESIS
+) -> VerifyResult:
+    """Check entries (in ``seq`` order) as pulled from ``GET /v1/audit``, continuing from a
+    remembered head ``(after_seq, after_hash)``: each must follow the one before and match
+    its own hash. ``count`` counts the entries given."""
+    check = _ChainCheck(after_seq=after_seq, after_hash=after_hash)
+    for entry in entries:
+        check.feed(
+            seq=entry.seq,
+            prev_hash=entry.prev_hash,
+            stored_hash=entry.hash,
+            content_ok=entry.computed_hash() == entry.hash,
+        )
+    return check.result()
+
+
+# --- storage ------------------------------------------------------------------------
+
+_SELECT_ROWS = "SELECT seq, at, actor, action, target, outcome, detail, prev_hash, hash FROM audit"
+_INSERT_ROW = (
+    "INSERT INTO audit (seq, at, actor, action, target, outcome, detail, prev_hash, hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_TEXT_COLUMNS = ("at", "actor", "action", "target", "outcome", "detail", "prev_hash", "hash")
+
+
+class AuditLog(SqliteFile):
+    """The audit log in one SQLite file. Safe to share between threads; several
+    processes may open the same file. Not for ``:memory:``: ``verify`` reads through a
+    connection of its own."""
+
+    def _init_schema(self) -> None:
+        with self._lock, write_transaction(self._conn) as conn:
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS audit (
+                    seq INTEGER PRIMARY KEY,
+                    at TEXT NOT NULL,
+                    actor TEXT NOT NULL,
+                    action TEXT NOT NULL,
+                    target TEXT NOT NULL,
+                    outcome TEXT NOT NULL,
+                    detail TEXT NOT NULL,
+                    prev_hash TEXT NOT NULL,
+                    hash TEXT NOT NULL
+                )"""
+            )
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS audit_head (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    seq INTEGER NOT NULL,
+                    hash TEXT NOT NULL
+                )"""
+            )
+            has_head = conn.execute("SELECT 1 FROM audit_head").fetchone() is not None
+            has_rows = conn.execute("SELECT 1 FROM audit LIMIT 1").fetchone() is not None
+            # A log with rows but no head record was tampered with: do not paper over it.
+            if not has_head and not has_rows:
+                conn.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?)", (GENESIS,))
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def append(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        detail: Mapping[str, Any] | str,
+        at: datetime | None = None,
+    ) -> AuditEntry:
+        """Append one entry and return it once it is committed to disk. A string
+        ``detail`` is stored as ``{"message": detail}``. ``ValueError`` for a naive
+        ``at``, a non-string field or a detail that is not a JSON object; ``AuditCorrupt``
+        when the stored head cannot be extended (the log was tampered with)."""
+        for name, value in (
+            ("actor", actor),
+            ("action", action),
+            ("target", target),
+            ("outcome", outcome),
+        ):
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, not {type(value).__name__}")
+            _check_text(name, value)
+        body = {"message": detail} if isinstance(detail, str) else detail
+        normalized = normalize_json_object(body, what="detail")
+        detail_text = canonical_json(normalized)
+        at_text = format_time(self._clock() if at is None else at)
+        with self._lock, write_transaction(self._conn) as conn:
+            prev_seq, prev_hash = self._head_locked(conn)
+            seq = prev_seq + 1
+            digest = entry_hash(
+                seq=seq,
+                at=at_text,
+                actor=actor,
+                action=action,
+                target=target,
+                outcome=outcome,
+                detail=normalized,
+                prev_hash=prev_hash,
+            )
+            try:
+                conn.execute(
+                    _INSERT_ROW,
+                    (seq, at_text, actor, action, target, outcome, detail_text, prev_hash, digest),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise AuditCorrupt(
+                    f"entry {seq} already exists beyond the recorded head {prev_seq}"
+                ) from exc
+            conn.execute(
+                "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (seq, digest),
+            )
+        return AuditEntry(
+            seq=seq,
+            at=parse_time(at_text),
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            detail=normalized,
+            prev_hash=prev_hash,
+            hash=digest,
+        )
+
+    @staticmethod
+    def _head_locked(conn: sqlite3.Connection) -> tuple[int, str]:
+        row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        if row is None:
+            row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            return 0, GENESIS
+        seq, digest = row
+        if type(seq) is not int or not isinstance(digest, str):
+            raise AuditCorrupt("the recorded head is malformed")
+        return seq, digest
+
+    # --- reading ---
+
+    def head(self) -> str:
+        """The hash of the last entry (``GENESIS`` for an empty log)."""
+        return self.head_entry()[1]
+
+    def head_entry(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last entry; ``(0, GENESIS)`` for an empty log."""
+        with self._lock, read_transaction(self._conn) as conn:
+            return self._head_locked(conn)
+
+    def page(self, *, after_seq: int = 0, limit: int = 500) -> list[AuditEntry]:
+        """Up to ``limit`` entries with ``seq > after_seq``, oldest first, as stored (no
+        checking: that is ``verify``'s job). ``AuditCorrupt`` when a row cannot be
+        decoded at all."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if after_seq < 0:
+            raise ValueError("after_seq must not be negative")
+        with self._lock:
+            rows = self._conn.execute(
+                _SELECT_ROWS + " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        entries = []
+        for row in rows:
+            try:
+                entries.append(_decode_row(row))
+            except ValueError as exc:
+                raise AuditCorrupt(f"audit entry {row[0]} cannot be read: {exc}") from exc
+        return entries
+
+    def verify(self) -> VerifyResult:
+        """Walk the whole log, one row at a time, on a snapshot taken through a connection
+        of its own (appends go on meanwhile). See the module docstring for what is
+        detected."""
+        conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA query_only = ON")
+            with read_transaction(conn):
+                check = _ChainCheck(after_seq=0, after_hash=GENESIS)
+                for row in conn.execute(_SELECT_ROWS + " ORDER BY seq"):
+                    _check_row(check, row)
+                recorded = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        finally:
+            conn.close()
+        if recorded is None:
+            check.bad(check.last_seq + 1, "the head record is missing")
+        else:
+            head_seq, head_hash = recorded
+            if type(head_seq) is not int or not isinstance(head_hash, str):
+                check.bad(check.last_seq + 1, "the head record is malformed")
+            elif head_seq > check.last_seq:
+                check.bad(
+                    check.last_seq + 1,
+                    f"entries {check.last_seq + 1}..{head_seq} are missing (truncated)",
+                )
+            elif head_seq < check.last_seq:
+                check.bad(head_seq + 1, f"entries after the recorded head {head_seq}")
+            elif head_hash != check.head:
+                check.bad(check.last_seq, "the last entry differs from the recorded head")
+        return check.result()
+
+
+def _check_text(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text: {exc}") from exc
+
+
+def _decode_row(row: tuple[Any, ...]) -> AuditEntry:
+    """A stored row as an entry; ``ValueError`` when a column has the wrong type or a
+    spelling that ``append`` would not have written."""
+    seq, at, actor, action, target, outcome, detail, prev_hash, digest = row
+    if type(seq) is not int:
+        raise ValueError("seq is not an integer")
+    for name, value in zip(_TEXT_COLUMNS, row[1:], strict=True):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} is not text")
+    try:
+        loaded = json.loads(detail)
+    except ValueError as exc:
+        raise ValueError(f"detail is not JSON: {exc}") from exc
+    if not isinstance(loaded, dict) or canonical_json(loaded) != detail:
+        raise ValueError("detail is not a canonical JSON object")
+    return AuditEntry(
+        seq=seq,
+        at=parse_time(at),
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        detail=loaded,
+        prev_hash=prev_hash,
+        hash=digest,
+    )
+
+
+def _check_row(check: _ChainCheck, row: tuple[Any, ...]) -> None:
+    seq, prev_hash, digest = row[0], row[7], row[8]
+    try:
+        entry = _decode_row(row)
+        content_ok = entry.computed_hash() == digest
+    except ValueError:
+        content_ok = False
+    check.feed(
+        seq=int(seq),  # an INTEGER PRIMARY KEY always reads back as an integer
+        prev_hash=prev_hash if isinstance(prev_hash, str) else "",
+        stored_hash=digest if isinstance(digest, str) else "",
+        content_ok=content_ok,
+    )

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.domain.paths import VOLUME_NAME, PathMap, PathRefused, check_abs, is_under
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["relative", "/a/../b", "/a/./b", "/a//b", "/a/b\0c", "..", "/..", "./x", ""],
+)
+def test_check_abs_refuses(bad: str) -> None:
+    with pytest.raises(PathRefused):
+        check_abs(bad)
+
+
+def test_check_abs_accepts_clean_paths() -> None:
+    assert check_abs("/volume1/@docker") == "/volume1/@docker"
+    assert check_abs("/volume1/x/") == "/volume1/x"
+
+
+def test_is_under_is_by_component() -> None:
+    assert is_under("/v/docker/x", "/v/docker")
+    assert is_under("/v/docker", "/v/docker")
+    assert not is_under("/v/dockerfoo", "/v/docker")
+
+
+def test_pathmap_prefix() -> None:
+    m = PathMap("/host")
+    assert m.to_local("/volume1/x") == "/host/volume1/x"
+    assert m.to_host("/host/volume1/x") == "/volume1/x"
+    assert m.to_host("/elsewhere") is None
+    assert PathMap("").to_host("/a") == "/a"
+
+
+def test_symlink_free_detects_a_link(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    m = PathMap("")
+    assert m.symlink_free(str(real / "x"))
+    assert not m.symlink_free(str(tmp_path / "link" / "x"))
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "", "-x", "a\0b", "%2e%2e", "a b"])
+def test_volume_name_pattern_refuses(name: str) -> None:
+    assert not VOLUME_NAME.match(name)

@@ -1,0 +1,108 @@
+"""The agent under real gunicorn over TLS on loopback (no mocks): start-up, TLS,
+mutual TLS, auth, and a clean stop."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.agentproc import running_agent
+
+NO_DOCKER = "unix:///nonexistent/docker.sock"
+
+
+def test_served_over_tls_with_auth(tmp_path: Path) -> None:
+    with running_agent(tmp_path, docker_host=NO_DOCKER) as agent:
+        with agent.client() as c:
+            assert c.get("/healthz").json() == {"status": "ok"}
+            spec = c.get("/openapi.json").json()
+            assert "/v1/findings" in spec["paths"]
+            r = c.get("/v1/host", headers={"Authorization": "Bearer nj_wrong"})
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+            # Docker is not there: a clean 503 problem, not a stack trace
+            r = c.get("/v1/host")
+            assert r.status_code == 503, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["code"] == "docker_unavailable"
+            assert c.get("/readyz").json()["code"] == "docker_unavailable"
+        # plain HTTP on the TLS port is not served
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(agent.url.replace("https", "http") + "/healthz", timeout=5)
+        # a client that does not trust the agent's CA refuses it
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(agent.url + "/healthz", timeout=5)
+        cli = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "healthcheck", "--config", str(agent.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stderr
+    assert agent.proc.returncode is not None
+
+
+def test_mutual_tls_refuses_a_client_without_certificate(tmp_path: Path) -> None:
+    with running_agent(tmp_path, docker_host=NO_DOCKER, mutual_tls=True) as agent:
+        with agent.client(cert=True) as c:
+            assert c.get("/healthz").status_code == 200
+        with agent.client(cert=False) as c, pytest.raises((httpx.HTTPError, ssl.SSLError)):
+            c.get("/healthz")
+        cli = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "healthcheck", "--config", str(agent.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stderr
+
+
+def test_bad_config_stops_start_up_with_a_message(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("listen: nowhere\nroots: [relative]\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "listen" in r.stderr and "roots[0]" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_token_new_prints_a_token_and_its_hash(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "token",
+            "new",
+            "--id",
+            "ctl",
+            "--scopes",
+            "read,clean",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = r.stdout.splitlines()
+    token = lines[0].removeprefix("token: ")
+    from agent.http.auth import hash_token
+
+    assert token.startswith("nj_") and hash_token(token) in r.stdout
+    assert "scopes:" in r.stdout and "clean" in r.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "token", "new", "--id", "x", "--scopes", "admin"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2
