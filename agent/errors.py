@@ -14,7 +14,8 @@
     │   └── Conflict                 (409 conflict)
     ├── Unavailable                  (503)
     │   ├── DockerUnavailable        (503 docker_unavailable)
-    │   └── BtrfsUnavailable         (503 btrfs_unavailable)
+    │   ├── BtrfsUnavailable         (503 btrfs_unavailable)
+    │   └── HostMountsUnavailable    (503 host_mounts_unavailable)
     └── ToolFailed                   (502 tool_failed: a command ran and failed)
         └── BtrfsCommandError        (502 btrfs_failed, carries the command and its output)
 """
@@ -89,6 +90,14 @@ class DockerUnavailable(Unavailable):
 
 class BtrfsUnavailable(Unavailable):
     code, title = "btrfs_unavailable", "btrfs is unavailable"
+
+
+class HostMountsUnavailable(Unavailable):
+    """The host's mount table cannot be read, or what can be read is not the host's (an
+    agent in a container without the host's pid namespace). Without it a mount on the host
+    inside a target would be invisible: nothing is deleted."""
+
+    code, title = "host_mounts_unavailable", "The host's mount table is not visible"
 
 
 class ToolFailed(AgentError):

@@ -24,12 +24,12 @@ from typing import Any, ClassVar, TypeVar
 
 from marshmallow import RAISE, Schema, fields
 
-from shared import auditchain
+from shared import auditchain, policy
 from shared import schemas as s
 
 T = TypeVar("T")
 
-TERMINAL_JOB_STATES = frozenset({"succeeded", "partial", "failed", "interrupted"})
+TERMINAL_JOB_STATES = frozenset({"succeeded", "partial", "failed", "skipped", "interrupted"})
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ class Subvolume:
     referenced_bytes: int | None
     exclusive_bytes: int | None
     owner: Owner
+    path_b64: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class SubvolumeRef:
     id: int
     path: str
     read_only: bool
+    path_b64: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class Target:
     name: str | None
     id: int | None
     path: str | None
+    path_b64: str | None = None
 
     def __str__(self) -> str:
         if self.type == "volume" and self.name:
@@ -160,6 +163,7 @@ class Finding:
     age_seconds: int | None
     filesystem_uuid: str | None = None
     subvolume_ids: tuple[int, ...] = ()
+    named: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class Deleted:
     __schema__: ClassVar[type[Schema]] = s.DeletedSchema
     id: int
     path: str
+    path_b64: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,9 +190,10 @@ class Policy:
     Build it with ``Policy.parse(mapping)``, which validates with the API's own schema."""
 
     __schema__: ClassVar[type[Schema]] = s.PlanRequestSchema
-    kinds: tuple[str, ...] = s.DEFAULT_PLAN_KINDS
-    min_age_seconds: int = s.DEFAULT_MIN_AGE_SECONDS
-    protect_labels: tuple[str, ...] = s.DEFAULT_PROTECT_LABELS
+    kinds: tuple[str, ...] = policy.DEFAULT_PLAN_KINDS
+    min_age_seconds: int = policy.DEFAULT_MIN_AGE_SECONDS
+    protect_labels: tuple[str, ...] = policy.DEFAULT_PROTECT_LABELS
+    include_named_volumes: bool = False
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Policy:
@@ -197,11 +203,14 @@ class Policy:
         return _build(cls, schema.load(data))
 
     def to_payload(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "kinds": list(self.kinds),
             "min_age_seconds": self.min_age_seconds,
             "protect_labels": list(self.protect_labels),
         }
+        if self.include_named_volumes:  # an older agent would refuse the key
+            payload["include_named_volumes"] = True
+        return payload
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,7 @@ class ActionResult:
     outcome: str
     detail: str
     reclaimed_bytes: int | None
+    deleted: tuple[Deleted, ...] = ()
 
 
 @dataclass(frozen=True)

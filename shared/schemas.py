@@ -15,15 +15,21 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
-FINDING_KINDS = ("dind-volume", "orphan-layer", "dangling-volume")
+from shared.policy import (
+    DEFAULT_MIN_AGE_SECONDS,
+    DEFAULT_PLAN_KINDS,
+    DEFAULT_PROTECT_LABELS,
+    FINDING_KINDS,
+    MAX_AGE_SECONDS,
+    MAX_FINDING_IDS,
+)
+
 OWNER_KINDS = ("docker-layer", "docker-volume", "orphan-layer", "other")
 SCOPES = ("read", "clean")
-JOB_STATES = ("queued", "running", "succeeded", "partial", "failed", "interrupted")
-ACTION_OPS = ("delete_subvolumes", "remove_volume")
+JOB_STATES = ("queued", "running", "succeeded", "partial", "failed", "skipped", "interrupted")
+ACTION_OPS = ("delete_subvolumes", "remove_volume", "remove_folder", "destroy_qgroups")
+TARGET_TYPES = ("volume", "subvolume", "folder", "filesystem")
 RESULT_OUTCOMES = ("deleted", "skipped", "failed")
-DEFAULT_PLAN_KINDS = ("dind-volume", "orphan-layer")
-DEFAULT_PROTECT_LABELS = ("keep", "nas-janitor.keep")
-DEFAULT_MIN_AGE_SECONDS = 86400
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
 
@@ -31,6 +37,21 @@ MAX_LIMIT = 5000
 class Base(Schema):
     class Meta:
         ordered = True
+
+
+class StrictBoolean(fields.Boolean):
+    """A JSON ``true`` or ``false``: not 0, 1 or "yes" (which ``Boolean`` takes)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+PATH_B64 = {
+    "description": "the exact bytes of path, base64, when they are not UTF-8 (path then "
+    "shows each undecodable byte as U+FFFD); null when path is exact"
+}
 
 
 # -- problems ------------------------------------------------------------------
@@ -110,6 +131,7 @@ class SubvolumeSchema(Base):
     id = fields.Integer(required=True)
     parent_id = fields.Integer(required=True)
     path = fields.String(required=True, metadata={"description": "absolute, as the host sees it"})
+    path_b64 = fields.String(allow_none=True, load_default=None, metadata=PATH_B64)
     read_only = fields.Boolean(required=True)
     generation = fields.Integer(required=True)
     created_at = fields.DateTime(required=True, allow_none=True)
@@ -123,6 +145,7 @@ class SubvolumeSchema(Base):
 class SubvolumeRefSchema(Base):
     id = fields.Integer(required=True)
     path = fields.String(required=True)
+    path_b64 = fields.String(allow_none=True, load_default=None, metadata=PATH_B64)
     read_only = fields.Boolean(required=True)
 
 
@@ -146,10 +169,11 @@ class VolumeSchema(Base):
 
 
 class TargetSchema(Base):
-    type = fields.String(required=True, validate=validate.OneOf(("volume", "subvolume")))
+    type = fields.String(required=True, validate=validate.OneOf(TARGET_TYPES))
     name = fields.String(required=True, allow_none=True)
     id = fields.Integer(required=True, allow_none=True)
     path = fields.String(required=True, allow_none=True)
+    path_b64 = fields.String(allow_none=True, load_default=None, metadata=PATH_B64)
 
 
 class FindingSchema(Base):
@@ -162,6 +186,9 @@ class FindingSchema(Base):
     age_seconds = fields.Integer(required=True, allow_none=True)
     filesystem_uuid = fields.String(allow_none=True)
     subvolume_ids = fields.List(fields.Integer())
+    named = fields.Boolean(
+        metadata={"description": "a volume someone named: planned only when asked for"}
+    )
 
 
 # -- clean ---------------------------------------------------------------------------
@@ -170,6 +197,7 @@ class FindingSchema(Base):
 class DeletedSchema(Base):
     id = fields.Integer(required=True)
     path = fields.String(required=True)
+    path_b64 = fields.String(allow_none=True, load_default=None, metadata=PATH_B64)
 
 
 class DeleteResultSchema(Base):
@@ -189,14 +217,25 @@ class PlanRequestSchema(Base):
     min_age_seconds = fields.Integer(
         load_default=DEFAULT_MIN_AGE_SECONDS,
         strict=True,  # a JSON integer: 1.5 is refused, not truncated to 1
-        validate=validate.Range(min=0, max=10 * 365 * 86400),
+        validate=validate.Range(min=0, max=MAX_AGE_SECONDS),
     )
     protect_labels = fields.List(
         fields.String(validate=validate.Length(min=1, max=255)),
         load_default=lambda: list(DEFAULT_PROTECT_LABELS),
+        validate=validate.Length(max=100),
     )
     finding_ids = fields.List(
-        fields.String(validate=validate.Length(min=1, max=200)), load_default=None, allow_none=True
+        fields.String(validate=validate.Length(min=1, max=200)),
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(max=MAX_FINDING_IDS),
+    )
+    include_named_volumes = StrictBoolean(
+        load_default=False,
+        metadata={
+            "description": "also plan volumes someone named (a finding named in "
+            "finding_ids is planned anyway)"
+        },
     )
 
 
@@ -239,6 +278,11 @@ class ActionResultSchema(Base):
     outcome = fields.String(required=True, validate=validate.OneOf(RESULT_OUTCOMES))
     detail = fields.String(required=True)
     reclaimed_bytes = fields.Integer(required=True, allow_none=True)
+    deleted = fields.List(
+        fields.Nested(DeletedSchema),
+        load_default=list,
+        metadata={"description": "what this action destroyed, also when it failed part way"},
+    )
 
 
 class JobSchema(Base):
@@ -366,6 +410,11 @@ class VolumeQuerySchema(Base):
 
 class FindingQuerySchema(Base):
     kind = fields.List(fields.String(validate=validate.OneOf(FINDING_KINDS)), load_default=None)
+    min_age_seconds = fields.Integer(
+        load_default=DEFAULT_MIN_AGE_SECONDS,
+        validate=validate.Range(min=0, max=MAX_AGE_SECONDS),
+        metadata={"description": "findings younger than this are blocked as too_young"},
+    )
 
 
 class AuditQuerySchema(Base):

@@ -48,14 +48,18 @@ from agent.errors import (
     BtrfsCommandError,
     BtrfsUnavailable,
     DockerUnavailable,
+    HostMountsUnavailable,
     InUse,
     NotFound,
     ToolFailed,
 )
 from agent.host.dockerd import ANONYMOUS_LABEL, is_anonymous
+from agent.host.files import TreeRemoval
 from agent.host.records import (
+    ContainerMount,
     ContainerRecord,
     DeleteResult,
+    FolderEntry,
     DockerInfo,
     FilesystemIdent,
     FsUsage,
@@ -136,15 +140,19 @@ class FakeSubvolume:
     exclusive_bytes: int
     referenced_bytes: int
     holds_files: bool = True  # rm -rf of a read-only subvolume fails on its files
+    changed_at: datetime | None = None  # the last name made or removed in it (ctime)
 
     def record(self) -> SubvolumeRecord:
         return SubvolumeRecord(
             id=self.id,
             parent_id=self.parent_id,
-            top_level=self.parent_id,
             generation=self.generation,
             uuid=self.uuid,
             parent_uuid=self.parent_uuid,
+            read_only=self.read_only,
+            created_at=self.created_at,
+            changed_at=self.changed_at or self.created_at,
+            ctransid=self.generation,
             path=self.path,
         )
 
@@ -153,6 +161,7 @@ class FakeSubvolume:
 class FakeFilesystem:
     """One btrfs filesystem. Built by ``FakeBtrfs.add_filesystem``."""
 
+    dev: str  # "major:minor", as mount tables show it
     uuid: str
     label: str | None
     device: str
@@ -166,6 +175,10 @@ class FakeFilesystem:
     subvolumes: dict[int, FakeSubvolume] = field(default_factory=dict)
     by_path: dict[str, int] = field(default_factory=dict)
     directories: set[str] = field(default_factory=set)  # plain folders, top-level-relative
+    files: set[str] = field(default_factory=set)  # plain files, top-level-relative
+    times: dict[str, datetime] = field(default_factory=dict)  # folder -> last change
+    # level-0 qgroups of deleted subvolumes that a kernel before 6.11 leaves behind
+    stale_qgroups: dict[int, Qgroup] = field(default_factory=dict)
 
     def commit(self) -> int:
         """A new transaction: returns its generation."""
@@ -218,6 +231,13 @@ class FakeBtrfs:
         self.calls: list[Call] = []
         self.filesystems: list[FakeFilesystem] = []
         self._mounts: list[tuple[MountEntry, FakeFilesystem]] = []
+        # mounts that are not this fake's btrfs (tmpfs, ext4, ...): (entry, host only)
+        self._other_mounts: list[tuple[MountEntry, bool]] = []
+        self.host_mounts_error: str | None = None  # host_mounts() raises with it
+        # mount points whose other filesystem a RemoveAll emptied (what must never happen)
+        self.emptied_mounts: list[str] = []
+        self.qgroup_busy = 0  # the next N qgroup destroys fail with "busy"
+        self._next_mount_id = 100
         self._failures: dict[str, list[Exception]] = {}
         self._refusals: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -241,6 +261,7 @@ class FakeBtrfs:
             if any(entry.mountpoint == mount for entry, _ in self._mounts):
                 raise ValueError(f"something is already mounted on {mount}")
             fs = FakeFilesystem(
+                dev=f"0:{40 + len(self.filesystems)}",
                 uuid=uuid or str(uuidlib.uuid5(_NAMESPACE, f"fs:{mount}")),
                 label=label,
                 device=device or f"/dev/loop{len(self.filesystems)}",
@@ -282,6 +303,47 @@ class FakeBtrfs:
             if not fs.exists(rel):
                 raise FileNotFoundError(source)
             return self._add_mount(fs, self._norm(mountpoint), rel)
+
+    def add_mount(
+        self,
+        mountpoint: str,
+        *,
+        fstype: str = "tmpfs",
+        source: str = "tmpfs",
+        root: str = "/",
+        host_only: bool = False,
+    ) -> MountEntry:
+        """A mount of another filesystem (a tmpfs, a bind mount of a host folder from an
+        ext4 root, ...) at local ``mountpoint``. ``host_only``: mounted in the host's mount
+        namespace only (the agent's own table does not show it, as for an agent in a
+        container)."""
+        with self._lock:
+            self._next_mount_id += 1
+            entry = MountEntry(
+                mountpoint=self._norm(mountpoint),
+                root=root,
+                source=source,
+                options="rw",
+                fstype=fstype,
+                dev=f"0:{200 + self._next_mount_id}",
+                mount_id=self._next_mount_id,
+            )
+            self._other_mounts.append((entry, host_only))
+            return entry
+
+    def unmount(self, mountpoint: str) -> None:
+        """Take away whatever is mounted on local ``mountpoint`` (the last mount there)."""
+        with self._lock:
+            mountpoint = self._norm(mountpoint)
+            for i in range(len(self._other_mounts) - 1, -1, -1):
+                if self._other_mounts[i][0].mountpoint == mountpoint:
+                    del self._other_mounts[i]
+                    return
+            for i in range(len(self._mounts) - 1, -1, -1):
+                if self._mounts[i][0].mountpoint == mountpoint:
+                    del self._mounts[i]
+                    return
+            raise ValueError(f"nothing is mounted on {mountpoint}")
 
     def create_subvolume(
         self,
@@ -331,6 +393,7 @@ class FakeBtrfs:
             fs.subvolumes[sid] = sub
             fs.by_path[rel] = sid
             holder.generation = gen
+            fs.times[posixpath.dirname(rel)] = sub.created_at
             return sub
 
     def make_dirs(self, path: str) -> None:
@@ -400,6 +463,13 @@ class FakeBtrfs:
                 raise ValueError(f"remove_all({path}): the fake removes folders, not {path}")
             if not fs.exists(top):
                 return None
+            # Go's RemoveAll follows into whatever is mounted inside and empties it
+            # before failing on the mount point with EBUSY: what must never happen.
+            local_top = self._norm(path).rstrip("/") + "/"
+            crossed = [e.mountpoint for e in self.mounts() if e.mountpoint.startswith(local_top)]
+            if crossed:
+                self.emptied_mounts.extend(crossed)
+                return f"unlinkat {crossed[0]}: device or resource busy"
             inside = sorted(
                 (s for s in fs.subvolumes.values() if _under(s.path, top)),
                 key=lambda s: s.path.count("/"),
@@ -484,7 +554,14 @@ class FakeBtrfs:
 
     def mounts(self) -> list[MountEntry]:
         with self._lock:
-            return [entry for entry, _ in self._mounts]
+            own = [entry for entry, host_only in self._other_mounts if not host_only]
+            return [entry for entry, _ in self._mounts] + own
+
+    def host_mounts(self) -> list[MountEntry]:
+        with self._lock:
+            if self.host_mounts_error is not None:
+                raise HostMountsUnavailable(self.host_mounts_error)
+            return [entry for entry, _ in self._mounts] + [e for e, _ in self._other_mounts]
 
     def filesystem(self, mount: str) -> FilesystemIdent:
         with self._lock:
@@ -518,10 +595,11 @@ class FakeBtrfs:
             fs = self._fs_for("qgroup show", mount)
             if not fs.quota_enabled:
                 return None
-            return {
+            live = {
                 s.id: Qgroup(id=s.id, referenced=s.referenced_bytes, exclusive=s.exclusive_bytes)
                 for s in fs.subvolumes.values()
             }
+            return {**fs.stale_qgroups, **live}
 
     def default_subvolume(self, mount: str) -> int:
         with self._lock:
@@ -557,6 +635,85 @@ class FakeBtrfs:
     def sync(self, mount: str) -> None:
         with self._lock:
             self._fs_for("subvolume sync", mount).pending_free_bytes = 0
+
+    def commit(self, mount: str) -> None:
+        with self._lock:
+            self._resolve(mount)[0].commit()  # an ioctl, not a process: not in ``calls``
+
+    def kernel_drops_qgroups(self) -> bool:
+        return _kernel_at_least(self.kernel, (6, 11))
+
+    def destroy_qgroup(self, mount: str, qgroup_id: int) -> None:
+        with self._lock:
+            cmd = ("btrfs", "qgroup", "destroy", f"0/{qgroup_id}", mount)
+            fs = self._fs_for("qgroup destroy", mount, cmd=cmd)
+            if self.qgroup_busy > 0 or qgroup_id in fs.subvolumes:
+                self.qgroup_busy = max(0, self.qgroup_busy - 1)
+                stderr = "ERROR: unable to destroy quota group: Device or resource busy\n"
+                raise BtrfsCommandError(cmd, 1, "", stderr)
+            if qgroup_id not in fs.stale_qgroups:
+                stderr = "ERROR: unable to destroy quota group: No such file or directory\n"
+                raise BtrfsCommandError(cmd, 1, "", stderr)
+            del fs.stale_qgroups[qgroup_id]
+
+    # ----------------------------------------------------------------- plain files
+
+    def write_file(self, path: str) -> None:
+        """A plain file at local ``path`` (its folders are made)."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            self._make_dirs(fs, posixpath.dirname(rel))
+            fs.files.add(rel)
+            fs.times[posixpath.dirname(rel)] = self.now
+            fs.containing(rel).holds_files = True
+
+    def remove_tree(self, path: str, *, keep_top: bool = False) -> TreeRemoval:
+        """What ``agent.host.files.remove_tree`` does: plain files and folders only;
+        stops at a subvolume or a mount inside, touching nothing more."""
+        with self._lock:
+            fs, top = self._resolve(path)
+            if not fs.exists(top):
+                return TreeRemoval(path, 0, 0)
+            if top in fs.by_path or top == "":
+                return TreeRemoval(path, 0, 0, f"{path} is a btrfs subvolume")
+            local_top = self._norm(path)
+            for entry in self.mounts():
+                if entry.mountpoint.startswith(local_top.rstrip("/") + "/"):
+                    return TreeRemoval(path, 0, 0, f"{entry.mountpoint} is a mount point")
+            for sub in fs.subvolumes.values():
+                if _under(sub.path, top) and sub.path != top:
+                    where = self._local(fs, sub.path) or sub.path
+                    return TreeRemoval(path, 0, 0, f"{where} is a btrfs subvolume")
+            holder = fs.containing(top)
+            if holder.read_only:
+                return TreeRemoval(path, 0, 0, f"{path}: Read-only file system")
+            files = {f for f in fs.files if _under(f, top)}
+            dirs = {d for d in fs.directories if _under(d, top) and (d != top or not keep_top)}
+            fs.files -= files
+            fs.directories -= dirs
+            return TreeRemoval(path, len(files), len(dirs))
+
+    def last_change(self, path: str) -> datetime | None:
+        with self._lock:
+            try:
+                fs, rel = self._resolve(path)
+            except ValueError:
+                return None
+            if not fs.exists(rel):
+                return None
+            known = [
+                when for d, when in fs.times.items() if d == rel or posixpath.dirname(d) == rel
+            ]
+            return max(known) if known else None
+
+    def plain_folders(self, path: str) -> list[FolderEntry]:
+        with self._lock:
+            fs, rel = self._resolve(path)
+            return [
+                FolderEntry(name=posixpath.basename(d), changed_at=fs.times.get(d))
+                for d in sorted(fs.directories)
+                if posixpath.dirname(d) == rel and d not in fs.by_path
+            ]
 
     # ----------------------------------------------------------------- internals
 
@@ -601,6 +758,9 @@ class FakeBtrfs:
         ]
         if self.lazy_free:
             fs.pending_free_bytes += sub.exclusive_bytes
+        if fs.quota_enabled and not self.kernel_drops_qgroups():
+            fs.stale_qgroups[sub.id] = Qgroup(id=sub.id, referenced=16 * KiB, exclusive=16 * KiB)
+        fs.files = {f for f in fs.files if not _under(f, sub.path)}
         holder = fs.subvolumes.get(sub.parent_id)
         gen = fs.commit()
         if holder is not None:
@@ -632,11 +792,15 @@ class FakeBtrfs:
         holder = fs.subvolumes[fs.by_path[rel]] if rel in fs.by_path else fs.containing(rel)
         if rel == "":
             holder = fs.subvolumes[TOP_LEVEL]
+        self._next_mount_id += 1
         entry = MountEntry(
             mountpoint=mountpoint,
             root="/" + rel,
             source=fs.device,
             options=(f"rw,relatime,space_cache=v2,subvolid={holder.id},subvol=/{holder.path}"),
+            fstype="btrfs",
+            dev=fs.dev,
+            mount_id=self._next_mount_id,
         )
         self._mounts.append((entry, fs))
         return entry
@@ -673,10 +837,11 @@ class FakeBtrfs:
                 return posixpath.join(entry.mountpoint, inside) if inside else entry.mountpoint
         return None
 
-    @staticmethod
-    def _make_dirs(fs: FakeFilesystem, rel: str) -> None:
+    def _make_dirs(self, fs: FakeFilesystem, rel: str) -> None:
         while rel and not fs.exists(rel):
             fs.directories.add(rel)
+            fs.times[rel] = self.now
+            fs.times[posixpath.dirname(rel)] = self.now
             rel = posixpath.dirname(rel)
 
 
@@ -699,6 +864,8 @@ class FakeContainer:
     volume_names: list[str]
     mount_id: str  # its layer's subvolume name; the -init layer is mount_id + "-init"
     created: bool = False  # created and never started
+    binds: list[tuple[str, str]] = field(default_factory=list)  # (host source, destination)
+    volume_sources: dict[str, str] = field(default_factory=dict)  # volume name -> _data
 
     @property
     def init_id(self) -> str:
@@ -711,6 +878,11 @@ class FakeContainer:
             state = "Created"
         else:
             state = "Exited (0) 2 hours ago"
+        mounts = [
+            ContainerMount("volume", self.volume_sources.get(v, ""), f"/v{i}", v)
+            for i, v in enumerate(self.volume_names)
+        ]
+        mounts += [ContainerMount("bind", src, dst) for src, dst in self.binds]
         return ContainerRecord(
             id=self.id,
             name=self.name,
@@ -718,6 +890,7 @@ class FakeContainer:
             status=state,
             image_id=self.image_id,
             volume_names=tuple(self.volume_names),
+            mounts=tuple(mounts),
         )
 
 
@@ -828,11 +1001,13 @@ class FakeDocker:
         running: bool = True,
         created: bool = False,
         volumes: Iterable[str] = (),
+        binds: Iterable[tuple[str, str]] = (),
     ) -> FakeContainer:
         """A container (running, stopped, or ``created`` and never started) using the
         named ``volumes`` (missing ones are made, like ``docker run -v name:/x``).
         Without ``image``, the first image, made if there is none. Linked, its layer
         and ``-init`` layer subvolumes are made."""
+        volumes = list(volumes)
         with self._lock:
             if any(c.name == name for c in self.containers_by_id.values()):
                 raise ValueError(f"container {name} exists")
@@ -853,6 +1028,8 @@ class FakeDocker:
                 volume_names=list(volumes),
                 mount_id=mount_id,
                 created=created,
+                binds=list(binds),
+                volume_sources={v: self.volumes_by_name[v].mountpoint for v in volumes},
             )
             self.containers_by_id[container.id] = container
             return container

@@ -98,7 +98,6 @@ def test_ids_parents_and_paths_as_btrfs_prints_them(fs: FakeBtrfs) -> None:
     assert listed["docker/btrfs/subvolumes/layer"].parent_id == 256
     assert listed["docker/volumes/v/_data/btrfs/subvolumes/inner"].parent_id == 256
     assert listed["docker/volumes/v/_data/btrfs/subvolumes/inner/nested"].parent_id == 258
-    assert all(r.top_level == r.parent_id for r in listed.values())
     assert len({r.uuid for r in listed.values()}) == 4
     assert fs.calls_to("subvolume list") == [(V,)]
 
@@ -192,7 +191,9 @@ def test_delete_frees_exclusive_bytes_and_forgets_the_subvolume(fs: FakeBtrfs) -
     assert before.used_bytes - after.used_bytes == 40 * MiB
     assert after.free_bytes - before.free_bytes == 40 * MiB
     assert after.size_bytes == before.size_bytes
-    assert sub.id not in (fs.qgroups(V) or {})
+    # Linux 6.1 (the fake's default) keeps a deleted subvolume's qgroup; 6.11 drops it
+    assert sub.id in (fs.qgroups(V) or {})
+    assert sub.id in fs.filesystem_at(V).stale_qgroups
     assert sub.id not in fs.readonly_ids(V)
     assert not fs.exists(f"{V}/docker/big/etc")
 

@@ -1,8 +1,9 @@
-"""The agent's domain facade: what the HTTP views call. It owns the backends, the
-configuration, the audit log and the state store, and never speaks HTTP.
+"""The read side: what is on this NAS and what is left over, as domain values (the HTTP
+views and the local CLI turn them into their own shapes).
 
-Read side: ``host``, ``filesystems``, ``subvolumes``, ``volumes``, ``findings``.
-Clean side (``agent.cleanup``): direct deletes, plans, jobs.
+``Inventory`` asks the backends through ``take_snapshot`` and keeps what never changes
+(a subvolume's creation time, a filesystem's uuid). Every delete decides on a snapshot
+taken for it (``fresh_snapshot``); the kept pages of a listing are never used to delete.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig
 from agent.domain.findings import Finding, compute_findings
 from agent.domain.paths import PathMap, PathRefused, check_abs, is_under
-from agent.domain.snapshot import Snapshot, SubvolView, VolumeView, protected_reason, take_snapshot
+from agent.domain.snapshot import FsView, Snapshot, SubvolView, VolumeView, take_snapshot
 from agent.errors import NotFound, Unavailable, ValidationFailed
 from agent.host.backend import Btrfs, Docker
-from shared.schemas import DEFAULT_MIN_AGE_SECONDS, DEFAULT_PROTECT_LABELS, FINDING_KINDS
+from agent.host.records import DockerInfo
+from shared.policy import DEFAULT_MIN_AGE_SECONDS, DEFAULT_PROTECT_LABELS, FINDING_KINDS
 
 Clock = Callable[[], datetime]
 
@@ -36,7 +38,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class JanitorService:
+@dataclass(frozen=True)
+class HostFacts:
+    hostname: str
+    agent_version: str
+    kernel_release: str
+    rmdir_deletes_subvolumes: bool
+    btrfs_progs_version: str
+    docker: DockerInfo
+    roots: tuple[str, ...]
+
+
+class Inventory:
     def __init__(
         self,
         config: AgentConfig,
@@ -57,8 +70,29 @@ class JanitorService:
         self._lock = threading.Lock()
         self._paged: tuple[float, Snapshot] | None = None  # (monotonic time, snapshot)
 
-    # -- snapshot ------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
+    # -- snapshots -------------------------------------------------------------------
+    def fresh_snapshot(self, *, commit: Sequence[str] | bool = ()) -> Snapshot:
+        """A snapshot taken now. ``commit``: filesystems (uuids, or True for every one
+        the agent looks at) whose transaction is committed first, so that the
+        generations read reflect every write made before this call (btrfs moves a
+        subvolume's generation only when it commits)."""
+        if commit is True and not self._fs_cache:
+            self.take()  # learn the filesystems first
+        wanted = {u for u, _ in self._fs_cache.values()} if commit is True else set(commit or ())
+        done: set[str] = set()
+        if wanted:
+            for m in self.btrfs.mounts():
+                uuid = self._fs_cache.get(m.source, (None, None))[0]
+                if m.fstype == "btrfs" and uuid in wanted and uuid not in done:
+                    self.btrfs.commit(m.mountpoint)
+                    done.add(uuid)
+            for uuid in wanted - done:  # not seen before: find its mount first
+                fs = self.take().filesystems.get(uuid)
+                if fs is not None:
+                    self.btrfs.commit(fs.local_mount)
+        return self.take()
+
+    def take(self) -> Snapshot:
         return take_snapshot(
             self.btrfs,
             self.docker,
@@ -79,22 +113,23 @@ class JanitorService:
                 kept = self._paged
             if kept is not None and now - kept[0] <= PAGE_SNAPSHOT_SECONDS:
                 return kept[1]
-        snap = self.snapshot()
+        snap = self.take()
         with self._lock:
             self._paged = (now, snap)
         return snap
 
-    def forget_listing_snapshot(self) -> None:
+    def forget_kept(self) -> None:
+        """Something changed: drop what is kept between requests."""
         with self._lock:
             self._paged = None
 
     # -- health ----------------------------------------------------------------------
     def readiness(self) -> None:
-        """Raise DockerUnavailable / BtrfsUnavailable when either is unreachable. Both
-        are probed: the problem's ``unavailable`` member names every one that is down
-        (when both are, the code is Docker's and the detail says both)."""
+        """Raise an ``Unavailable`` when Docker, btrfs or the host's mount table cannot
+        be reached. All are probed: the problem's ``unavailable`` member names every one
+        that is down (the code and detail are the first one's)."""
         down: list[Unavailable] = []
-        for probe in (self.docker.ping, self.btrfs.version):
+        for probe in (self.docker.ping, self.btrfs.version, self.btrfs.host_mounts):
             try:
                 probe()
             except Unavailable as exc:
@@ -105,42 +140,28 @@ class JanitorService:
                 "; ".join(e.detail for e in down), extra={"unavailable": [e.code for e in down]}
             ) from first
 
-    # -- read ------------------------------------------------------------------------
-    def host(self) -> dict[str, Any]:
+    # -- reads -----------------------------------------------------------------------
+    def host(self) -> HostFacts:
         info = self.docker.info()
-        return {
-            "hostname": platform.node() or os.uname().nodename,
-            "agent_version": __version__,
-            "kernel": {
-                "release": self.btrfs.kernel_release(),
-                "rmdir_deletes_subvolumes": self.btrfs.rmdir_deletes_subvolumes(),
-            },
-            "btrfs_progs_version": self.btrfs.version(),
-            "docker": {
-                "server_version": info.server_version,
-                "api_version": info.api_version,
-                "storage_driver": info.storage_driver,
-                "data_root": info.data_root,
-            },
-            "roots": list(self.config.roots or (info.data_root,)),
-        }
+        return HostFacts(
+            hostname=platform.node() or os.uname().nodename,
+            agent_version=__version__,
+            kernel_release=self.btrfs.kernel_release(),
+            rmdir_deletes_subvolumes=self.btrfs.rmdir_deletes_subvolumes(),
+            btrfs_progs_version=self.btrfs.version(),
+            docker=info,
+            roots=tuple(self.config.roots or (info.data_root,)),
+        )
 
-    def filesystems(self) -> list[dict[str, Any]]:
-        snap = self.snapshot()
-        return [
-            {
-                "uuid": fs.uuid,
-                "label": fs.label,
-                "mountpoints": list(fs.mountpoints),
-                "size_bytes": fs.usage.size_bytes,
-                "used_bytes": fs.usage.used_bytes,
-                "free_bytes": fs.usage.free_bytes,
-                "quota_enabled": fs.quota_enabled,
-            }
-            for fs in sorted(snap.filesystems.values(), key=lambda f: f.uuid)
-        ]
+    def filesystems(self) -> list[FsView]:
+        snap = self.take()
+        return sorted(snap.filesystems.values(), key=lambda f: f.uuid)
 
     def created_at(self, sv: SubvolView) -> datetime | None:
+        """The subvolume's creation time: from the listing, else asked of the kernel
+        once and kept."""
+        if sv.created_at is not None:
+            return sv.created_at
         if sv.local_path is None:
             return None
         key = (sv.fs_uuid, sv.uuid) if sv.uuid else None
@@ -153,25 +174,10 @@ class JanitorService:
             self._created[key] = created
         return created
 
-    def _subvol_dict(self, sv: SubvolView) -> dict[str, Any]:
-        created = self.created_at(sv)
-        return {
-            "id": sv.id,
-            "parent_id": sv.parent_id,
-            "path": sv.path,
-            "read_only": sv.read_only,
-            "generation": sv.generation,
-            "created_at": created,
-            "uuid": sv.uuid,
-            "parent_uuid": sv.parent_uuid,
-            "referenced_bytes": sv.referenced_bytes,
-            "exclusive_bytes": sv.exclusive_bytes,
-            "owner": {"kind": sv.owner_kind, "ref": sv.owner_ref},
-        }
-
     def subvolumes(
         self, fs_uuid: str, *, under: str | None, limit: int, cursor: str | None
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[SubvolView], str | None]:
+        """One page of a filesystem's subvolumes by id, after ``cursor``."""
         after = 0
         if cursor is not None:
             # ASCII digits only: str.isdigit() is also true for "²", which int() refuses
@@ -202,50 +208,31 @@ class JanitorService:
             items.append(sv)
         next_cursor = str(items[-1].id) if more and items else None
         if next_cursor is None:
-            self.forget_listing_snapshot()  # the listing is complete: no page needs it
-        return [self._subvol_dict(sv) for sv in items], next_cursor
+            self.forget_kept()  # the listing is complete: no page needs it
+        return items, next_cursor
 
-    def subvolume(self, fs_uuid: str, sub_id: int) -> dict[str, Any]:
-        snap = self.snapshot()
+    def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView:
+        snap = self.take()
         if fs_uuid not in snap.subvolumes:
             raise NotFound(f"no btrfs filesystem with uuid {fs_uuid}")
         sv = snap.subvolume(fs_uuid, sub_id)
         if sv is None or sv.path is None:
             raise NotFound(f"no subvolume {sub_id} on filesystem {fs_uuid}")
-        return self._subvol_dict(sv)
+        return sv
 
-    def _volume_dict(self, vol: VolumeView) -> dict[str, Any]:
-        rec = vol.record
-        return {
-            "name": rec.name,
-            "driver": rec.driver,
-            "mountpoint": rec.mountpoint,
-            "labels": dict(rec.labels),
-            "created_at": rec.created_at,
-            "anonymous": rec.anonymous,
-            "in_use_by": list(vol.in_use_by),
-            "nested_subvolumes": [
-                {"id": s.id, "path": s.path, "read_only": s.read_only} for s in vol.nested
-            ],
-            "exclusive_bytes": vol.exclusive_bytes,
-            "protected": protected_reason(rec.labels, DEFAULT_PROTECT_LABELS),
-        }
+    def volumes(self, *, dangling: bool | None = None) -> list[VolumeView]:
+        snap = self.take()
+        return [
+            vol
+            for vol in sorted(snap.volumes.values(), key=lambda v: v.name)
+            if dangling is None or (not vol.in_use_by) == dangling
+        ]
 
-    def volumes(self, *, dangling: bool | None = None) -> list[dict[str, Any]]:
-        snap = self.snapshot()
-        out = []
-        for vol in sorted(snap.volumes.values(), key=lambda v: v.name):
-            if dangling is not None and (not vol.in_use_by) != dangling:
-                continue
-            out.append(self._volume_dict(vol))
-        return out
-
-    def volume(self, name: str) -> dict[str, Any]:
-        snap = self.snapshot()
-        vol = snap.volumes.get(name)
+    def volume(self, name: str) -> VolumeView:
+        vol = self.take().volumes.get(name)
         if vol is None:
             raise NotFound(f"no volume named {name}")
-        return self._volume_dict(vol)
+        return vol
 
     def compute_findings(
         self,
@@ -259,12 +246,11 @@ class JanitorService:
         if "orphan-layer" in kinds:
             for uuid, subs in snap.subvolumes.items():
                 for sv in subs.values():
-                    if sv.owner_kind == "orphan-layer" and sv.local_path:
+                    if sv.owner_kind == "orphan-layer" and sv.created_at is None:
                         created[(uuid, sv.id)] = self.created_at(sv)
         return compute_findings(
             snap,
             now=snap.taken_at,
-            pathmap=self.pathmap,
             created_at=created,
             rmdir_deletes_subvolumes=self.btrfs.rmdir_deletes_subvolumes(),
             min_age_seconds=min_age_seconds,
@@ -277,9 +263,7 @@ class JanitorService:
         *,
         kinds: Sequence[str] | None = None,
         min_age_seconds: int = DEFAULT_MIN_AGE_SECONDS,
-    ) -> list[dict[str, Any]]:
-        snap = self.snapshot()
-        found = self.compute_findings(
-            snap, kinds=tuple(kinds or FINDING_KINDS), min_age_seconds=min_age_seconds
+    ) -> list[Finding]:
+        return self.compute_findings(
+            self.take(), kinds=tuple(kinds or FINDING_KINDS), min_age_seconds=min_age_seconds
         )
-        return [f.as_dict() for f in found]

@@ -1,38 +1,68 @@
 """The safety rules, in one place that every delete goes through (direct DELETE, plan
-building and every action of a job, re-checked right before it runs).
+building, and every action of a job, checked again right before it runs).
 
 Rules (the contract's numbering):
-1. Only under the configured roots: clean absolute paths, no symlink on the way, not
-   a root itself.
-2. Never subvolume 5, the default subvolume, a mount point (or anything with a mount
-   inside it), anything a container uses, a layer Docker references, a volume whose
+1. Only under the configured roots: clean absolute paths, no symlink on the way, not a
+   root itself.
+2. Never subvolume 5, the default subvolume, a layer Docker references, a volume whose
    labels protect it (``keep`` and ``nas-janitor.keep`` always do), or a named volume
-   that holds no subvolume.
+   that holds no subvolume. Never anything in use:
+   - nothing mounted at or inside the target, of any filesystem type, in the host's
+     mount namespace or the agent's (``check_no_mounts``);
+   - nothing of the target mounted elsewhere: a ``subvol=`` or bind mount of it or of
+     anything inside it (found by what each mount of the same filesystem shows);
+   - no container, running or stopped, that mounts the target, something inside it,
+     or a folder holding it, as a volume or a bind mount (``check_no_container_uses``);
+   - when the host's mount table cannot be read, nothing at all.
 3. Children before parents (``Snapshot.delete_order``); the executor uses the btrfs
-   subvolume-destroy operation only.
+   subvolume-destroy operation for subvolumes, and removes plain files only through
+   ``agent.host.files.remove_tree``, which never crosses a mount.
 
-Each check raises a ``Refused`` subclass that the API maps to ``409`` with its code.
+Each check raises a ``Refused`` subclass that the API maps to ``409`` with its code, or
+``HostMountsUnavailable`` (503) when what it needs to see cannot be seen.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.domain.paths import VOLUME_NAME, PathMap, PathRefused, check_abs, is_under, under_any
-from agent.domain.snapshot import TOP_LEVEL_ID, Snapshot, SubvolView, VolumeView, protected_reason
-from agent.errors import InUse, NotFound, OutsideRoots, Protected, ValidationFailed
+from agent.domain.paths import VOLUME_NAME, PathRefused, check_abs, is_under, under_any
+from agent.domain.snapshot import (
+    TOP_LEVEL_ID,
+    LayerFolder,
+    MountIndex,
+    Snapshot,
+    SubvolView,
+    UseIndex,
+    VolumeView,
+)
+from agent.errors import (
+    HostMountsUnavailable,
+    InUse,
+    NotFound,
+    OutsideRoots,
+    Protected,
+    ValidationFailed,
+)
+from shared.policy import protected_reason
 
 
 @dataclass(frozen=True)
 class DeleteSet:
     """What a delete would remove, children first, and which read-only flags it must
-    clear on the way (parents of something that goes)."""
+    clear on the way (parents of something that goes). ``folder``: a plain folder
+    removed as a whole (an orphan layer folder). ``guard``: the paths (host) that must
+    hold no mount and no container use right before each step."""
 
     fs_uuid: str
     subvolumes: tuple[SubvolView, ...]
     clear_readonly: tuple[SubvolView, ...]
     volume: VolumeView | None = None
+    folder: LayerFolder | None = None
+    qgroup_ids: tuple[int, ...] = ()  # stale level-0 qgroups to destroy
+    guard: tuple[tuple[str, str, str | None], ...] = ()  # (host path, fs dev, in-fs path)
 
     @property
     def reclaimable_bytes(self) -> int | None:
@@ -42,46 +72,97 @@ class DeleteSet:
         return sum(x or 0 for x in sizes)
 
 
-def _check_path(snap: Snapshot, sv: SubvolView, pathmap: PathMap) -> str:
-    if sv.path is None:
-        raise OutsideRoots(f"subvolume {sv.id} is not visible under any mount of the agent")
+# ---------------------------------------------------------------------- the checks
+
+
+def _check_root_path(snap: Snapshot, path: str, what: str) -> str:
     try:
-        path = check_abs(sv.path)
+        path = check_abs(path)
     except PathRefused as exc:
-        raise OutsideRoots(f"subvolume {sv.id}: {exc}") from None
+        raise OutsideRoots(f"{what}: {exc}") from None
     if not under_any(path, snap.roots):
         raise OutsideRoots(f"{path} is outside the configured roots {list(snap.roots)}")
     if any(path == r.rstrip("/") for r in snap.roots):
         raise Protected(f"{path} is a configured root itself")
-    if not pathmap.symlink_free(path, snap.path_memo):
+    if not snap.pathmap.symlink_free(path, snap.path_memo):
         raise OutsideRoots(f"{path} goes through a symbolic link")
     return path
 
 
-def _check_subvolume(
+def _check_path(snap: Snapshot, sv: SubvolView) -> str:
+    if sv.path is None:
+        raise OutsideRoots(
+            f"subvolume {sv.id}: its path is not known for sure (not visible under any mount "
+            "of the agent, or longer than the kernel reports)"
+        )
+    return _check_root_path(snap, sv.path, f"subvolume {sv.id}")
+
+
+def check_no_mounts(
+    mounts: MountIndex, path: str, *, dev: str, in_fs: str | None, what: str | None = None
+) -> None:
+    """Nothing is mounted at or inside ``path`` (a host path), in the host's mount
+    namespace or this process's, whatever the filesystem type; and nothing of it is
+    mounted elsewhere (a ``subvol=`` or bind mount of it or of anything inside it, found
+    by what each mount of the same filesystem ``dev`` shows: ``in_fs`` is the path's
+    place inside that filesystem)."""
+    what = what or path
+    if not mounts.known:
+        raise HostMountsUnavailable(
+            f"cannot tell what is mounted inside {what}: {mounts.unknown_reason}"
+        )
+    for m in mounts.at_or_under(path):
+        if m.mountpoint.rstrip("/") == path.rstrip("/"):
+            raise Protected(f"{what} is a mount point: {m.describe()}")
+        raise InUse(f"{m.describe()} is mounted inside {what}")
+    if in_fs is None:
+        raise Protected(f"{what}: where it lies inside its filesystem is not known")
+    if dev:
+        for m in mounts.exposing(dev, in_fs):
+            shown = "it" if m.root.rstrip("/") == in_fs.rstrip("/") else m.root
+            raise Protected(f"{what} is also mounted elsewhere: {shown} at {m.mountpoint}")
+
+
+def check_no_container_uses(uses: UseIndex, path: str, *, wide: Sequence[str]) -> None:
+    """No container (running or stopped) mounts ``path``, something inside it, or a
+    folder holding it, as a volume or a bind mount. A container that mounts all of
+    Docker's data root or a configured root (``wide``: a monitoring or backup container)
+    sees everything but uses nothing in particular: it does not block."""
+    found = uses.overlapping(path, wide=wide)
+    if found:
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise InUse("; ".join(u.describe() for u in found[:3]) + more)
+
+
+def check_guard(
+    snap: Snapshot, guard: Sequence[tuple[str, str, str | None]], mounts: MountIndex
+) -> None:
+    """Every guarded path holds no mount and no container use, against ``mounts`` (a
+    table read right now) and the snapshot's container uses."""
+    for path, dev, in_fs in guard:
+        check_no_mounts(mounts, path, dev=dev, in_fs=in_fs)
+        check_no_container_uses(snap.uses, path, wide=snap.wide_paths())
+
+
+def _guard_entry(snap: Snapshot, fs_uuid: str, path: str) -> tuple[str, str, str | None]:
+    fs = snap.filesystems.get(fs_uuid)
+    return (path, fs.dev if fs else "", in_fs_path(snap, fs_uuid, path))
+
+
+def _check_member(
     snap: Snapshot,
     sv: SubvolView,
-    pathmap: PathMap,
     protect_labels: Sequence[str],
     *,
     own_volume: str | None = None,
 ) -> None:
+    """A subvolume that a delete would destroy (the target or one nested in it)."""
     fs = snap.filesystems[sv.fs_uuid]
     if sv.id == TOP_LEVEL_ID:
         raise Protected("subvolume 5 is the filesystem's top level")
     if sv.id == fs.default_id:
         raise Protected(f"subvolume {sv.id} is the filesystem's default subvolume")
-    path = _check_path(snap, sv, pathmap)
-    if path in snap.mountpoints:
-        raise Protected(f"{path} is a mount point")
-    mounted = {r for (u, r) in snap.mounted_roots if u == sv.fs_uuid and r != "/"}
-    if mounted and sv.local_path is not None:
-        in_fs = _in_fs_path(snap, sv)
-        if in_fs in mounted:
-            raise Protected(f"subvolume {sv.id} is mounted elsewhere (subvol={in_fs})")
-    for mp in snap.mountpoints:
-        if is_under(mp, path) and mp != path:
-            raise InUse(f"{mp} is mounted inside {path}")
+    path = _check_path(snap, sv)
     if sv.owner_kind == "docker-layer":
         raise Protected(f"{path} is a Docker layer that an image or container references")
     if sv.owner_kind == "docker-volume" and sv.owner_ref and sv.owner_ref != own_volume:
@@ -90,16 +171,19 @@ def _check_subvolume(
             _check_volume_usable(vol, protect_labels)
 
 
-def _in_fs_path(snap: Snapshot, sv: SubvolView) -> str | None:
-    fs = snap.filesystems[sv.fs_uuid]
-    if sv.local_path is None:
+def in_fs_path(snap: Snapshot, fs_uuid: str, host_path: str) -> str | None:
+    """The path inside filesystem ``fs_uuid`` of a host path: through this process's
+    deepest mount of it that holds the path (the mount the kernel resolves it by)."""
+    fs = snap.filesystems.get(fs_uuid)
+    if fs is None:
         return None
+    local = snap.pathmap.to_local(host_path)
+    best: tuple[int, str] | None = None
     for m in fs.mounts:
-        if is_under(sv.local_path, m.mountpoint):
-            rest = sv.local_path[len(m.mountpoint) :]
-            root = m.root.rstrip("/")
-            return (root + rest) or "/"
-    return None
+        if is_under(local, m.mountpoint) and (best is None or len(m.mountpoint) > best[0]):
+            rest = local[len(m.mountpoint.rstrip("/")) :]
+            best = (len(m.mountpoint), (m.root.rstrip("/") + rest) or "/")
+    return best[1] if best else None
 
 
 def _check_volume_usable(vol: VolumeView, protect_labels: Sequence[str]) -> None:
@@ -120,13 +204,11 @@ def _readonly_parents(snap: Snapshot, subs: Sequence[SubvolView]) -> tuple[Subvo
     return tuple(out[k] for k in sorted(out))
 
 
+# ---------------------------------------------------------------------- deletes
+
+
 def plan_subvolume_delete(
-    snap: Snapshot,
-    fs_uuid: str,
-    sub_id: int,
-    *,
-    pathmap: PathMap,
-    protect_labels: Sequence[str],
+    snap: Snapshot, fs_uuid: str, sub_id: int, *, protect_labels: Sequence[str]
 ) -> DeleteSet:
     """Check every rule for deleting a subvolume and all nested in it."""
     if fs_uuid not in snap.filesystems:
@@ -137,26 +219,27 @@ def plan_subvolume_delete(
             raise Protected("subvolume 5 is the filesystem's top level")
         raise NotFound(f"no subvolume {sub_id} on filesystem {fs_uuid}")
     subtree = snap.subtree(fs_uuid, sub_id)
+    _check_member(snap, sv, protect_labels)
+    path = _check_path(snap, sv)
+    guard = ((path, snap.filesystems[fs_uuid].dev, sv.in_fs),)
+    check_guard(snap, guard, snap.mounts)
     for member in subtree:
-        _check_subvolume(snap, member, pathmap, protect_labels)
+        _check_member(snap, member, protect_labels)
     ordered = tuple(snap.delete_order(subtree))
     parent = snap.subvolume(fs_uuid, sv.parent_id)
     if parent is not None and parent.read_only and parent.id != TOP_LEVEL_ID:
         # The parent stays, but a read-only parent refuses the delete (EROFS): its flag
         # is cleared for the delete and set again afterwards; it must itself be ours.
-        _check_path(snap, parent, pathmap)
+        _check_path(snap, parent)
     return DeleteSet(
-        fs_uuid=fs_uuid, subvolumes=ordered, clear_readonly=_readonly_parents(snap, ordered)
+        fs_uuid=fs_uuid,
+        subvolumes=ordered,
+        clear_readonly=_readonly_parents(snap, ordered),
+        guard=guard,
     )
 
 
-def plan_volume_delete(
-    snap: Snapshot,
-    name: str,
-    *,
-    pathmap: PathMap,
-    protect_labels: Sequence[str],
-) -> DeleteSet:
+def plan_volume_delete(snap: Snapshot, name: str, *, protect_labels: Sequence[str]) -> DeleteSet:
     """Check every rule for removing a volume with the subvolumes nested in it."""
     if not VOLUME_NAME.match(name):
         raise ValidationFailed("invalid volume name", errors={"name": ["not a Docker volume name"]})
@@ -171,34 +254,70 @@ def plan_volume_delete(
             f"volume {name} is a named volume holding no btrfs subvolume: not a leftover "
             "this agent removes (`docker volume rm` can, if that is what you want)"
         )
-    try:
-        mountpoint = check_abs(vol.record.mountpoint)
-    except PathRefused as exc:
-        raise OutsideRoots(f"volume {name}: {exc}") from None
-    if not under_any(mountpoint, snap.roots):
-        raise OutsideRoots(f"volume {name} lives at {mountpoint}, outside the configured roots")
-    if not pathmap.symlink_free(mountpoint, snap.path_memo):
-        raise OutsideRoots(f"{mountpoint} goes through a symbolic link")
-    for mp in snap.mountpoints:
-        if is_under(mp, mountpoint):
-            raise InUse(f"{mp} is mounted inside volume {name}")
+    mountpoint = _check_root_path(snap, vol.record.mountpoint, f"volume {name}")
+    # Docker removes the volume's whole folder (``<data_root>/volumes/<name>``).
+    folder = posixpath.dirname(mountpoint)
+    holder = snap.fs_for_host_path(folder)
+    if holder is None:
+        raise OutsideRoots(f"volume {name} lives at {mountpoint}, on no btrfs filesystem here")
+    guard = (_guard_entry(snap, holder.uuid, folder),)
+    check_guard(snap, guard, snap.mounts)
     members: dict[tuple[str, int], SubvolView] = {}
     for sv in vol.nested:
         for member in snap.subtree(sv.fs_uuid, sv.id):
             members[(member.fs_uuid, member.id)] = member
-    fs_uuids = {k[0] for k in members}
-    if len(fs_uuids) > 1:
+    if {k[0] for k in members} - {holder.uuid}:
         raise Protected(f"volume {name} spans several filesystems; refusing")
     for member in members.values():
-        _check_subvolume(snap, member, pathmap, protect_labels, own_volume=name)
+        _check_member(snap, member, protect_labels, own_volume=name)
     ordered = tuple(snap.delete_order(members.values()))
-    fs_uuid = next(iter(fs_uuids)) if fs_uuids else ""
-    if not fs_uuid:
-        fs = snap.fs_for_host_path(mountpoint)
-        fs_uuid = fs.uuid if fs else ""
     return DeleteSet(
-        fs_uuid=fs_uuid,
+        fs_uuid=holder.uuid,
         subvolumes=ordered,
         clear_readonly=_readonly_parents(snap, ordered),
         volume=vol,
+        guard=guard,
     )
+
+
+def plan_folder_delete(
+    snap: Snapshot, path: str, *, protect_labels: Sequence[str] = ()
+) -> DeleteSet:
+    """Check every rule for removing a plain folder in the daemon's btrfs/subvolumes/
+    that no layer references (an orphan layer folder)."""
+    folder = next((f for f in snap.layer_folders if f.path == path), None)
+    if folder is None:
+        raise NotFound(f"no layer folder at {path}")
+    if folder.referenced_by:
+        raise Protected(f"{path} is referenced by {folder.referenced_by}")
+    if not snap.layerdb_known:
+        raise Protected("Docker's layer records could not be read: every layer may be in use")
+    path = _check_root_path(snap, folder.path, f"folder {folder.name}")
+    for subs in snap.subvolumes.values():
+        for sv in subs.values():
+            if sv.path is not None and is_under(sv.path, path):
+                raise Protected(f"{path} holds subvolume {sv.id} ({sv.path})")
+    guard = (_guard_entry(snap, folder.fs_uuid, path),)
+    check_guard(snap, guard, snap.mounts)
+    return DeleteSet(
+        fs_uuid=folder.fs_uuid, subvolumes=(), clear_readonly=(), folder=folder, guard=guard
+    )
+
+
+def plan_qgroup_destroy(snap: Snapshot, fs_uuid: str, qgroup_ids: Sequence[int]) -> DeleteSet:
+    """Check that the level-0 qgroups ``qgroup_ids`` may be destroyed: their subvolumes
+    do not exist. A qgroup of a live subvolume is refused; one already gone is left out."""
+    fs = snap.filesystems.get(fs_uuid)
+    if fs is None:
+        raise NotFound(f"no btrfs filesystem with uuid {fs_uuid}")
+    live = snap.subvolumes.get(fs_uuid, {})
+    alive = sorted(i for i in qgroup_ids if i in live or i == TOP_LEVEL_ID)
+    if alive:
+        raise Protected(f"qgroup(s) {', '.join(f'0/{i}' for i in alive)} belong to a subvolume")
+    if not fs.quota_enabled:
+        raise Protected(f"quotas are off on filesystem {fs_uuid}")
+    stale = set(fs.stale_qgroups)
+    ids = tuple(i for i in qgroup_ids if i in stale)
+    if not ids:
+        raise NotFound(f"none of the qgroups is left on filesystem {fs_uuid}")
+    return DeleteSet(fs_uuid=fs_uuid, subvolumes=(), clear_readonly=(), qgroup_ids=ids)

@@ -12,18 +12,22 @@ metadata (the layerdb), never from a directory listing alone.
 
 from __future__ import annotations
 
+import bisect
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.domain.paths import PathMap, is_under
+from agent.errors import Unavailable
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import (
+    ContainerMount,
     ContainerRecord,
     DockerInfo,
     FilesystemIdent,
+    FolderEntry,
     FsUsage,
     LayerRefs,
     MountEntry,
@@ -33,8 +37,6 @@ from agent.host.records import (
 )
 
 TOP_LEVEL_ID = 5
-ALWAYS_PROTECT_LABELS = ("keep", "nas-janitor.keep")
-_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,22 @@ class FsView:
     quota_enabled: bool
     default_id: int
     local_mount: str  # where btrfs commands for this filesystem are pointed
-    mounts: tuple[MountEntry, ...]
+    mounts: tuple[MountEntry, ...]  # this process's mounts of it (local paths)
+    dev: str = ""  # "major:minor" of the filesystem, as mount tables name it
+    # level-0 qgroups whose subvolume is gone (kernels before 6.11 leave them behind)
+    stale_qgroups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerFolder:
+    """A plain folder (not a subvolume) in the daemon's ``btrfs/subvolumes/``: what
+    copying Docker's data root to another volume leaves instead of subvolumes."""
+
+    fs_uuid: str
+    name: str
+    path: str  # host path
+    changed_at: datetime | None  # the newest of its mtime and ctime
+    referenced_by: str | None  # "an image layer", "a container layer", ... or None
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,7 @@ class SubvolView:
     parent_id: int
     path: str | None  # host path; None when no mount of this process shows it
     local_path: str | None
+    in_fs: str | None  # its path inside the filesystem from the top level ("/docker/...")
     read_only: bool
     generation: int
     uuid: str | None
@@ -64,18 +82,143 @@ class SubvolView:
     exclusive_bytes: int | None
     owner_kind: str  # docker-layer | docker-volume | orphan-layer | other
     owner_ref: str | None
+    created_at: datetime | None = None  # otime
+    changed_at: datetime | None = None  # ctime: the last name created, renamed or removed
 
 
 @dataclass(frozen=True)
 class VolumeView:
+    """A Docker volume joined with its users and the subvolumes nested in it.
+
+    ``last_write`` is how its age is measured: the newest of the volume's creation time,
+    the creation and last change of every subvolume nested in it, and the modification
+    and change times of its ``_data`` folder and of the folders directly in it (what a
+    daemon using it as its data root touches whenever it runs: ``containers/``,
+    ``image/``, ``btrfs/subvolumes/``, ...). None when none of these is known."""
+
     record: VolumeRecord
     in_use_by: tuple[str, ...]
     nested: tuple[SubvolView, ...]
     exclusive_bytes: int | None
+    last_write: datetime | None = None
 
     @property
     def name(self) -> str:
         return self.record.name
+
+
+@dataclass(frozen=True)
+class MountView:
+    """One mount, of any type, as the in-use rules read it."""
+
+    mountpoint: str  # host path
+    fstype: str
+    source: str
+    root: str  # what is mounted there: a path inside its filesystem ("/" = its top)
+    dev: str  # the filesystem's "major:minor"
+
+    def describe(self) -> str:
+        what = self.fstype if self.root == "/" else f"{self.fstype} {self.root}"
+        return f"{self.mountpoint} ({what} from {self.source})"
+
+
+def _prefixed(items: Sequence[str], path: str) -> range:
+    """Indexes of the sorted ``items`` equal to ``path`` or below it (``path/...``)."""
+    base = path.rstrip("/")
+    lo = bisect.bisect_left(items, base)
+    hi = bisect.bisect_left(items, base + "0")  # "0" sorts right after "/"
+    return range(lo, hi)
+
+
+class MountIndex:
+    """Mounts of any type, looked up by host path and by what they show.
+
+    ``known`` is False when the host's mount table could not be read: then only this
+    process's mounts are in it, and ``unknown_reason`` says why (every delete is refused).
+    """
+
+    def __init__(self, mounts: Iterable[MountView], *, unknown_reason: str | None = None) -> None:
+        unique = {(m.mountpoint, m.dev, m.root): m for m in mounts}
+        self.all: tuple[MountView, ...] = tuple(sorted(unique.values(), key=lambda m: m.mountpoint))
+        self._points = [m.mountpoint for m in self.all]
+        by_dev: dict[str, list[MountView]] = {}
+        for m in self.all:
+            by_dev.setdefault(m.dev, []).append(m)
+        self._by_dev = {d: sorted(ms, key=lambda m: m.root) for d, ms in by_dev.items()}
+        self._roots = {d: [m.root for m in ms] for d, ms in self._by_dev.items()}
+        self.unknown_reason = unknown_reason
+
+    @property
+    def known(self) -> bool:
+        return self.unknown_reason is None
+
+    def at_or_under(self, path: str) -> list[MountView]:
+        """Mounts whose mount point is ``path`` or inside it (``path`` a host path)."""
+        hits = [self.all[i] for i in _prefixed(self._points, path)]
+        return [m for m in hits if is_under(m.mountpoint, path)]
+
+    def exposing(self, dev: str, in_fs: str) -> list[MountView]:
+        """Mounts of filesystem ``dev`` that show ``in_fs`` or something inside it: what
+        deleting ``in_fs`` would take away from under another mount point."""
+        roots = self._roots.get(dev)
+        if not roots:
+            return []
+        mounts = self._by_dev[dev]
+        hits = [mounts[i] for i in _prefixed(roots, in_fs)]
+        return [m for m in hits if is_under(m.root, in_fs)]
+
+
+@dataclass(frozen=True)
+class ContainerUse:
+    """One volume or bind mount of one container (any state)."""
+
+    container_id: str
+    container_name: str
+    running: bool
+    mount: ContainerMount
+
+    def describe(self) -> str:
+        state = "running" if self.running else "stopped"
+        what = f"volume {self.mount.name}" if self.mount.type == "volume" else self.mount.source
+        return (
+            f"container {self.container_name or self.container_id[:12]} ({state}) mounts "
+            f"{what} at {self.mount.destination}"
+        )
+
+
+class UseIndex:
+    """What containers mount from the host, by source path."""
+
+    def __init__(self, containers: Iterable[ContainerRecord]) -> None:
+        uses = [
+            ContainerUse(c.id, c.name, c.running, m)
+            for c in containers
+            for m in c.mounts
+            if m.source.startswith("/")
+        ]
+        uses.sort(key=lambda u: u.mount.source)
+        self._uses = uses
+        self._sources = [posixpath.normpath(u.mount.source) for u in uses]
+        self._by_source: dict[str, list[ContainerUse]] = {}
+        for src, use in zip(self._sources, uses, strict=True):
+            self._by_source.setdefault(src, []).append(use)
+
+    def overlapping(self, path: str, *, wide: Sequence[str] = ()) -> list[ContainerUse]:
+        """Uses whose source is ``path``, inside it, or holds it. A source that holds
+        one of the ``wide`` paths (Docker's data root, a configured root: a view of
+        everything, as a monitoring or backup container has) does not count as a use of
+        what is inside it."""
+        hits = [self._uses[i] for i in _prefixed(self._sources, path)]
+        out = [u for u in hits if is_under(posixpath.normpath(u.mount.source), path)]
+        parent = posixpath.dirname(path)
+        while True:
+            for use in self._by_source.get(parent, ()):
+                if not any(is_under(w, parent) for w in wide):
+                    out.append(use)
+            if parent == "/":
+                break
+            parent = posixpath.dirname(parent)
+        return out
 
 
 @dataclass
@@ -89,8 +232,10 @@ class Snapshot:
     containers: tuple[ContainerRecord, ...]
     refs: LayerRefs
     layerdb_known: bool  # False: Docker's layer records could not be read
-    mountpoints: frozenset[str]  # host paths where anything is mounted
-    mounted_roots: frozenset[tuple[str, str]]  # (fs uuid, in-fs path) mounted somewhere
+    layer_folders: tuple[LayerFolder, ...]  # plain folders in <data_root>/btrfs/subvolumes
+    mounts: MountIndex  # every mount of the host and of this process, by host path
+    uses: UseIndex  # every volume and bind mount of every container, by host path
+    pathmap: PathMap = field(default_factory=PathMap)  # host paths <-> this process's
     _children: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     _sorted_ids: dict[str, list[int]] = field(default_factory=dict)
     # folder -> no symlink on the way, for the safety checks on this snapshot
@@ -164,33 +309,42 @@ class Snapshot:
     def volume_users(self, name: str) -> tuple[str, ...]:
         return tuple(c.id for c in self.containers if name in c.volume_names)
 
-
-def protected_reason(labels: dict[str, str], protect_labels: Sequence[str]) -> str | None:
-    """Why a volume's labels protect it, or None. A protect label protects unless its
-    value says false/0/no/off. ``keep`` and ``nas-janitor.keep`` always protect: a
-    policy can add labels, never take these away."""
-    for key in dict.fromkeys((*ALWAYS_PROTECT_LABELS, *protect_labels)):
-        if key in labels and labels[key].strip().lower() not in _FALSE_WORDS:
-            value = labels[key]
-            return f"label {key}={value}" if value else f"label {key}"
-    return None
+    def wide_paths(self) -> tuple[str, ...]:
+        """Paths a container may mount whole without using what is inside: the data
+        root and the configured roots."""
+        return (self.docker.data_root, *self.roots)
 
 
-def _mount_prefixes(mounts: Sequence[MountEntry]) -> list[tuple[str, str]]:
-    """(path inside the filesystem, local mount point) of each mount, the deepest
-    first, so the first match in ``_map_path`` is the most specific one."""
-    pairs = [(m.root.rstrip("/"), m.mountpoint.rstrip("/")) for m in mounts]
-    return sorted(pairs, key=lambda p: -len(p[0]))
+def _view_mounts(
+    mounts: Sequence[MountEntry], pathmap: PathMap, wanted: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(in-fs root, local mount point) of the mounts that a subvolume's path is read
+    through, best first: mounts whose host path lies under one of the ``wanted`` paths
+    (the roots, the data root) or holds one, then the rest; within each, the widest root
+    (the top level first), then the shortest mount point.
+
+    The widest view is taken, never the deepest: a nested subvolume that is also mounted
+    elsewhere (``subvol=`` or a bind mount) keeps the path it has inside its volume, and
+    the other mount is what the safety rules then see as exposing it."""
+
+    def rank(m: MountEntry) -> tuple[int, int, int]:
+        host = pathmap.to_host(m.mountpoint)
+        near = host is not None and any(is_under(w, host) or is_under(host, w) for w in wanted)
+        return (0 if near else 1, m.root.rstrip("/").count("/"), len(m.mountpoint))
+
+    return [(m.root.rstrip("/"), m.mountpoint.rstrip("/")) for m in sorted(mounts, key=rank)]
 
 
-def _map_path(rec_path: str, prefixes: Sequence[tuple[str, str]]) -> str | None:
-    """Local path of a subvolume (path relative to top level) through any mount."""
-    full = "/" + rec_path.lstrip("/") if rec_path else "/"
-    for root, mountpoint in prefixes:
-        if full == root or full == (root or "/"):
+def _map_path(in_fs: str, views: Sequence[tuple[str, str]]) -> str | None:
+    """Local path of ``in_fs`` (a path from the top level) through the first view that
+    shows it."""
+    for root, mountpoint in views:
+        if in_fs == (root or "/"):
             return mountpoint or "/"
-        if full.startswith(root + "/"):
-            return mountpoint + full[len(root) :]
+        if root == "":
+            return mountpoint + in_fs
+        if in_fs.startswith(root + "/"):
+            return mountpoint + in_fs[len(root) :]
     return None
 
 
@@ -202,8 +356,7 @@ class _FsScan:
     """One filesystem's btrfs commands, running side by side."""
 
     records: Future[list[SubvolumeRecord]]
-    readonly: Future[set[int]]
-    qgroups: Future[dict[int, Qgroup] | None]
+    qgroups: Future[Mapping[int, Qgroup] | None]
     usage: Future[FsUsage]
     default: Future[int]
 
@@ -211,7 +364,6 @@ class _FsScan:
     def start(cls, btrfs: Btrfs, mount: str) -> _FsScan:
         return cls(
             records=_POOL.submit(btrfs.list_subvolumes, mount),
-            readonly=_POOL.submit(btrfs.readonly_ids, mount),
             qgroups=_POOL.submit(btrfs.qgroups, mount),
             usage=_POOL.submit(btrfs.usage, mount),
             default=_POOL.submit(btrfs.default_subvolume, mount),
@@ -235,23 +387,22 @@ def take_snapshot(
     f_volumes = _POOL.submit(docker.volumes)
     f_containers = _POOL.submit(docker.containers)
     f_mounts = _POOL.submit(btrfs.mounts)
+    f_host_mounts = _POOL.submit(btrfs.host_mounts)
     info = f_info.result()
     data_root = info.data_root
     roots = tuple(roots) or (data_root,)
     f_refs = _POOL.submit(docker.layer_refs, pathmap.to_local(data_root))
+    layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
+    f_folders = _POOL.submit(btrfs.plain_folders, pathmap.to_local(layer_dir))
     all_mounts = f_mounts.result()
     by_source: dict[str, list[MountEntry]] = {}
     for m in all_mounts:
-        by_source.setdefault(m.source, []).append(m)
+        if m.fstype == "btrfs":
+            by_source.setdefault(m.source, []).append(m)
+    mounts_index = _mount_index(all_mounts, f_host_mounts, pathmap)
 
     filesystems: dict[str, FsView] = {}
     subvolumes: dict[str, dict[int, SubvolView]] = {}
-    mounted_roots: set[tuple[str, str]] = set()
-    mountpoints: set[str] = set()
-    for m in all_mounts:
-        host_mp = pathmap.to_host(m.mountpoint)
-        if host_mp is not None:
-            mountpoints.add(host_mp)
 
     # Only filesystems that hold a root or Docker's data root: nothing else is ours to
     # look at, and an unrelated filesystem (a failing USB disk, a mount going away) must
@@ -290,7 +441,6 @@ def take_snapshot(
     refs = f_refs.result()
     referenced = refs.all
     layerdb_known = bool(referenced)
-    layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
     volumes_dir = posixpath.join(data_root, "volumes")
     vol_by_name = {v.name: v for v in volumes}
     users: dict[str, list[str]] = {}
@@ -299,11 +449,10 @@ def take_snapshot(
             users.setdefault(vn, []).append(c.id)
 
     for uuid, label, mounts, host_mps, scan in scans:
-        for m in mounts:
-            mounted_roots.add((uuid, m.root.rstrip("/") or "/"))
         records: list[SubvolumeRecord] = scan.records.result()
-        ro = scan.readonly.result()
         qg = scan.qgroups.result()
+        live = {r.id for r in records}
+        stale = tuple(sorted(i for i in qg if i not in live and i != TOP_LEVEL_ID)) if qg else ()
         filesystems[uuid] = FsView(
             uuid=uuid,
             label=label,
@@ -313,11 +462,14 @@ def take_snapshot(
             default_id=scan.default.result(),
             local_mount=mounts[0].mountpoint,
             mounts=tuple(mounts),
+            dev=mounts[0].dev,
+            stale_qgroups=stale,
         )
         subs: dict[int, SubvolView] = {}
-        prefixes = _mount_prefixes(mounts)
+        views = _view_mounts(mounts, pathmap, wanted)
         for rec in sorted(records, key=lambda r: r.id):
-            local = _map_path(rec.path, prefixes)
+            in_fs = "/" + rec.path.strip("/") if rec.path is not None else None
+            local = _map_path(in_fs, views) if in_fs is not None else None
             host = pathmap.to_host(local) if local is not None else None
             kind, ref = "other", None
             if host is not None:
@@ -340,7 +492,8 @@ def take_snapshot(
                 parent_id=rec.parent_id,
                 path=host,
                 local_path=local,
-                read_only=rec.id in ro,
+                in_fs=in_fs,
+                read_only=rec.read_only,
                 generation=rec.generation,
                 uuid=rec.uuid,
                 parent_uuid=rec.parent_uuid,
@@ -348,6 +501,8 @@ def take_snapshot(
                 exclusive_bytes=q.exclusive if q else None,
                 owner_kind=kind,
                 owner_ref=ref,
+                created_at=rec.created_at,
+                changed_at=rec.changed_at,
             )
         subvolumes[uuid] = subs
 
@@ -358,7 +513,7 @@ def take_snapshot(
             if sv.owner_kind == "docker-volume" and sv.owner_ref:
                 nested_by_volume.setdefault(sv.owner_ref, []).append(sv)
 
-    views: dict[str, VolumeView] = {}
+    volume_views: dict[str, VolumeView] = {}
     for v in volumes:
         nested = tuple(sorted(nested_by_volume.get(v.name, []), key=lambda s: s.id))
         # Only what sits in nested subvolumes can be counted cheaply: plain files in
@@ -366,11 +521,21 @@ def take_snapshot(
         excl: int | None = None
         if nested and all(quota_by_fs.get(s.fs_uuid) for s in nested):
             excl = sum(s.exclusive_bytes or 0 for s in nested)
-        views[v.name] = VolumeView(
+        in_use_by = tuple(users.get(v.name, ()))
+        last_write = None
+        if not in_use_by:  # only a candidate's age matters: no stat for the others
+            last_write = _newest(
+                v.created_at,
+                *(s.created_at for s in nested),
+                *(s.changed_at for s in nested),
+                btrfs.last_change(pathmap.to_local(v.mountpoint)) if v.mountpoint else None,
+            )
+        volume_views[v.name] = VolumeView(
             record=v,
-            in_use_by=tuple(users.get(v.name, ())),
+            in_use_by=in_use_by,
             nested=nested,
             exclusive_bytes=excl,
+            last_write=last_write,
         )
 
     return Snapshot(
@@ -379,10 +544,82 @@ def take_snapshot(
         roots=roots,
         filesystems=filesystems,
         subvolumes=subvolumes,
-        volumes=views,
+        volumes=volume_views,
         containers=containers,
         refs=refs,
         layerdb_known=layerdb_known,
-        mountpoints=frozenset(mountpoints),
-        mounted_roots=frozenset(mounted_roots),
+        mounts=mounts_index,
+        uses=UseIndex(containers),
+        pathmap=pathmap,
+        layer_folders=_layer_folders(f_folders, layer_dir, refs, filesystems, pathmap),
     )
+
+
+def _newest(*times: datetime | None) -> datetime | None:
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def _layer_folders(
+    listing: Future[list[FolderEntry]],
+    layer_dir: str,
+    refs: LayerRefs,
+    filesystems: Mapping[str, FsView],
+    pathmap: PathMap,
+) -> tuple[LayerFolder, ...]:
+    """The plain folders in the daemon's ``btrfs/subvolumes/``, with what references
+    each. None are known (an empty tuple) when the folder cannot be read."""
+    try:
+        entries = listing.result()
+    except OSError:
+        return ()
+    holder = next(
+        (
+            fs
+            for fs in filesystems.values()
+            if any(is_under(layer_dir, mp) for mp in fs.mountpoints)
+        ),
+        None,
+    )
+    if holder is None:
+        return ()
+    kinds = (
+        (refs.image_cache_ids, "an image layer"),
+        (refs.container_mount_ids, "a container layer"),
+        (refs.container_init_ids, "a container's init layer"),
+    )
+    out = []
+    for e in sorted(entries, key=lambda e: e.name):
+        ref = next((what for ids, what in kinds if e.name in ids), None)
+        path = posixpath.join(layer_dir, e.name)
+        out.append(LayerFolder(holder.uuid, e.name, path, e.changed_at, ref))
+    return tuple(out)
+
+
+def read_mounts(btrfs: Btrfs, pathmap: PathMap) -> MountIndex:
+    """The mount tables as they are now (the host's and this process's)."""
+    host: Future[list[MountEntry]] = Future()
+    try:
+        host.set_result(btrfs.host_mounts())
+    except Unavailable as exc:
+        host.set_exception(exc)
+    return _mount_index(btrfs.mounts(), host, pathmap)
+
+
+def _mount_index(
+    local: Sequence[MountEntry], host: Future[list[MountEntry]], pathmap: PathMap
+) -> MountIndex:
+    """The host's mounts (host paths already) and this process's (mapped to host paths;
+    those outside the host's view are left out). When the host's table cannot be read,
+    the index says why and holds this process's mounts only."""
+    views = [
+        MountView(hp, m.fstype, m.source, m.root, m.dev)
+        for m in local
+        if (hp := pathmap.to_host(m.mountpoint)) is not None
+    ]
+    try:
+        host_mounts = host.result()
+    except Unavailable as exc:
+        return MountIndex(views, unknown_reason=exc.detail)
+    views.extend(MountView(m.mountpoint, m.fstype, m.source, m.root, m.dev) for m in host_mounts)
+    return MountIndex(views)

@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
+from agent.host.files import TreeRemoval
 from agent.host.records import (
     ContainerRecord,
     DeleteResult,
     DockerInfo,
     FilesystemIdent,
+    FolderEntry,
     FsUsage,
     LayerRefs,
     MountEntry,
@@ -38,7 +40,11 @@ class Btrfs(Protocol):
         read from ``/sys/fs/btrfs/features/rmdir_subvol``."""
 
     def mounts(self) -> list[MountEntry]:
-        """Every btrfs mount this process sees."""
+        """Every mount this process sees, of any type (local paths)."""
+
+    def host_mounts(self) -> list[MountEntry]:
+        """Every mount of the host's mount namespace, of any type (host paths).
+        ``HostMountsUnavailable`` when it cannot be seen."""
 
     def filesystem(self, mount: str) -> FilesystemIdent: ...
 
@@ -62,12 +68,36 @@ class Btrfs(Protocol):
 
     def set_readonly(self, path: str, value: bool) -> None: ...
 
+    def destroy_qgroup(self, mount: str, qgroup_id: int) -> None:
+        """``btrfs qgroup destroy 0/<id> <mount>``; ``BtrfsCommandError`` on failure
+        (its stderr says "busy" while the kernel still needs it)."""
+
     def delete(self, paths: Sequence[str]) -> list[DeleteResult]:
         """``btrfs subvolume delete`` for a whole batch in one process. The caller
         orders it (children first); the result says what happened to each path."""
 
+    def commit(self, mount: str) -> None:
+        """Commit the filesystem's transaction now (what ``btrfs filesystem sync`` does):
+        afterwards every subvolume's generation reflects the writes made before."""
+
     def sync(self, mount: str) -> None:
         """Wait until deleted subvolumes are really cleaned (space freed)."""
+
+    def kernel_drops_qgroups(self) -> bool:
+        """True when the kernel removes a deleted subvolume's level-0 qgroup itself
+        (Linux >= 6.11); older kernels leave it behind."""
+
+    # -- plain files and folders (``agent.host.files``) ---------------------------------
+
+    def remove_tree(self, path: str, *, keep_top: bool = False) -> TreeRemoval:
+        """Remove a folder (or only what is in it) without following a symlink and
+        without crossing into another filesystem, subvolume or mount."""
+
+    def last_change(self, path: str) -> datetime | None:
+        """The newest mtime/ctime of the folder ``path`` and the folders directly in it."""
+
+    def plain_folders(self, path: str) -> list[FolderEntry]:
+        """The folders directly in ``path`` that are not subvolumes."""
 
 
 class Docker(Protocol):

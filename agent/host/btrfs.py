@@ -35,7 +35,8 @@ import subprocess
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from agent.errors import BtrfsCommandError, BtrfsUnavailable
+from agent.errors import BtrfsCommandError, BtrfsUnavailable, HostMountsUnavailable
+from agent.host import files
 from agent.host.btrfs_parse import (
     DeleteMessage,
     DeleteOutput,
@@ -52,9 +53,11 @@ from agent.host.btrfs_parse import (
     parse_version,
     quotas_disabled,
 )
+from agent.host.files import TreeRemoval
 from agent.host.records import (
     DeleteResult,
     FilesystemIdent,
+    FolderEntry,
     FsUsage,
     MountEntry,
     Qgroup,
@@ -176,12 +179,38 @@ class BtrfsTool:
         return os.path.exists(os.path.join(self._sys_root, "fs/btrfs/features/rmdir_subvol"))
 
     def mounts(self) -> list[MountEntry]:
+        """Every mount this process sees, of any type (local paths)."""
         path = os.path.join(self._proc_root, "self/mountinfo")
         try:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 text = f.read()
         except OSError as e:
             raise BtrfsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
+        return parse_mountinfo(text)
+
+    def host_mounts(self) -> list[MountEntry]:
+        """Every mount of the host's mount namespace, of any type, with host paths: the
+        table of pid 1 (``/proc/1/mountinfo``; its paths are relative to pid 1's root).
+
+        That is the host's only when this process is in the host's (the initial) pid
+        namespace: in a container with a pid namespace of its own, pid 1 is the
+        container's first process and its table the container's, where a mount made on
+        the host is invisible. That is refused (``HostMountsUnavailable``)."""
+        path = os.path.join(self._proc_root, "1/mountinfo")
+        try:
+            if not _in_initial_pid_namespace(self._proc_root):
+                raise HostMountsUnavailable(
+                    "the agent runs in a pid namespace of its own (a container without "
+                    "the host's pid namespace): pid 1 is not the host's and mounts made "
+                    "on the host are invisible; run it with `pid: host` (docker-compose) "
+                    "or `--pid host`"
+                )
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except OSError as e:
+            raise HostMountsUnavailable(
+                f"cannot read the host's mount table {path}: {e.strerror}"
+            ) from e
         return parse_mountinfo(text)
 
     def filesystem(self, mount: str) -> FilesystemIdent:
@@ -231,7 +260,8 @@ class BtrfsTool:
         # mounted there). With it every path is the full one from the top level, some
         # prefixed "<FS_TREE>/", which the parser drops.
         out = self._output(["subvolume", "list", "-a", "-p", "-u", "-q", _arg(mount)])
-        return parse_subvolume_list(out)
+        ro = self.readonly_ids(mount)
+        return [r._replace(read_only=r.id in ro) for r in parse_subvolume_list(out)]
 
     def readonly_ids(self, mount: str) -> set[int]:
         out = self._output(["subvolume", "list", "-r", _arg(mount)])
@@ -288,12 +318,45 @@ class BtrfsTool:
     def set_readonly(self, path: str, value: bool) -> None:
         self._run(["property", "set", "-t", "s", _arg(path), "ro", "true" if value else "false"])
 
+    def commit(self, mount: str) -> None:
+        """``BTRFS_IOC_SYNC`` on the mount (what ``btrfs filesystem sync`` calls; every
+        kernel with btrfs has it): commits the running transaction, no process."""
+        try:
+            fd = os.open(_arg(mount), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BtrfsUnavailable(f"cannot open {mount}: {e.strerror}") from e
+        try:
+            fcntl.ioctl(fd, BTRFS_IOC_SYNC)
+        except OSError as e:
+            raise BtrfsCommandError(["BTRFS_IOC_SYNC", mount], e.errno or 1, "", str(e)) from e
+        finally:
+            os.close(fd)
+
+    def kernel_drops_qgroups(self) -> bool:
+        return kernel_at_least(self.kernel_release(), (6, 11))
+
+    def destroy_qgroup(self, mount: str, qgroup_id: int) -> None:
+        if type(qgroup_id) is not int or qgroup_id < 0:
+            raise ValueError(f"not a qgroup id: {qgroup_id!r}")
+        self._run(["qgroup", "destroy", f"0/{qgroup_id}", _arg(mount)])
+
     def sync(self, mount: str) -> None:
         """Commit the transaction (``btrfs filesystem sync``: it also wakes the kernel's
         cleaner, which otherwise starts on the next periodic commit, up to 30 s later),
         then wait for every deleted subvolume to be cleaned (``btrfs subvolume sync``)."""
         self._run(["filesystem", "sync", _arg(mount)])
         self._run(["subvolume", "sync", _arg(mount)], timeout=self._sync_timeout)
+
+    # ------------------------------------------------------------------ plain files
+
+    def remove_tree(self, path: str, *, keep_top: bool = False) -> TreeRemoval:
+        return files.remove_tree(path, keep_top=keep_top)
+
+    def last_change(self, path: str) -> datetime | None:
+        return files.last_change(path)
+
+    def plain_folders(self, path: str) -> list[FolderEntry]:
+        return files.plain_folders(path)
 
     def delete(self, paths: Sequence[str]) -> list[DeleteResult]:
         """Delete a batch with ``btrfs subvolume delete P1 P2 ...``: one process (more only
@@ -387,6 +450,17 @@ class BtrfsTool:
 # ---------------------------------------------------------------------- helpers
 
 
+def kernel_at_least(release: str, want: tuple[int, int]) -> bool:
+    """``"4.4.180+"`` >= (4, 18)? False when the release does not start with numbers."""
+    parts = release.split(".", 2)
+    try:
+        major = int(parts[0])
+        minor = int("".join(ch for ch in parts[1].split("-")[0] if ch.isdigit()) or "x")
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) >= want
+
+
 def _text(value: str | bytes | None) -> str:
     if value is None:
         return ""
@@ -401,6 +475,16 @@ def _arg(path: str) -> str:
     if "\0" in path:
         raise ValueError("path contains a NUL byte")
     return path
+
+
+# include/linux/proc_ns.h: the inode number of the initial pid namespace (Linux >= 3.8)
+PROC_PID_INIT_INO = 0xEFFFFFFC
+
+
+def _in_initial_pid_namespace(proc_root: str) -> bool:
+    """``/proc/self/ns/pid`` names the initial pid namespace (``pid:[4026531836]``)."""
+    link = os.readlink(os.path.join(proc_root, "self/ns/pid"))
+    return link == f"pid:[{PROC_PID_INIT_INO}]"
 
 
 def _lexists(path: str) -> bool:
@@ -432,6 +516,7 @@ def _ioc(direction: int, nr: int, size: int) -> int:
 _SUBVOL_INFO_SIZE = 504
 _SUBVOL_INFO_OTIME = 392
 BTRFS_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)
+BTRFS_IOC_SYNC = _ioc(0, 8, 0)  # _IO(BTRFS_IOCTL_MAGIC, 8)
 
 # struct btrfs_ioctl_search_args (4096 bytes): a 104-byte key, then the result buffer
 # struct btrfs_ioctl_ino_lookup_args (4096 bytes): u64 treeid, u64 objectid, name

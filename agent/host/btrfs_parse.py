@@ -162,20 +162,23 @@ def parse_subvolume_list(stdout: str) -> list[SubvolumeRecord]:
                 raise BtrfsParseError(what, "unexpected line", line)
             if m.group("parent") is None or m.group("uuid") is None or m.group("puuid") is None:
                 raise BtrfsParseError(what, "line lacks parent, uuid or parent_uuid", line)
-            sid, gen, parent, top, puuid, uuid, path = (
+            sid, gen, parent, _top, puuid, uuid, path = (
                 m.group("id"), m.group("gen"), m.group("parent"), m.group("top"),
                 m.group("puuid"), m.group("uuid"), m.group("path"),
             )  # fmt: skip
         else:
-            sid, gen, parent, top, puuid, uuid, path = f.groups()
+            sid, gen, parent, _top, puuid, uuid, path = f.groups()
         records.append(
             SubvolumeRecord(
                 id=int(sid),
                 parent_id=int(parent),
-                top_level=int(top),
                 generation=int(gen),
                 uuid=_uuid_or_none(uuid, what, line),
                 parent_uuid=_uuid_or_none(puuid, what, line),
+                read_only=False,
+                created_at=None,
+                changed_at=None,
+                ctransid=None,
                 path=_list_path(path),
             )
         )
@@ -509,8 +512,8 @@ def unescape_mountinfo(field: str) -> str:
     return _OCTAL_RE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def parse_mountinfo(text: str, fstype: str | None = "btrfs") -> list[MountEntry]:
-    """``/proc/<pid>/mountinfo`` -> the mounts of type ``fstype`` (all when None).
+def parse_mountinfo(text: str, fstype: str | None = None) -> list[MountEntry]:
+    """``/proc/<pid>/mountinfo`` -> its mounts, of every type (only ``fstype`` when given).
 
     Line: ``id parent major:minor root mountpoint options [optional...] - type source
     superoptions`` (proc(5)); the optional fields end at the lone ``-``. Mount point,
@@ -532,12 +535,17 @@ def parse_mountinfo(text: str, fstype: str | None = "btrfs") -> list[MountEntry]
         kind, source, super_options = fields[sep + 1 : sep + 4]
         if fstype is not None and kind != fstype:
             continue
+        if not fields[0].isdigit() or ":" not in fields[2]:
+            raise BtrfsParseError(what, "no mount id or major:minor", line)
         entries.append(
             MountEntry(
                 mountpoint=unescape_mountinfo(fields[4]),
                 root=unescape_mountinfo(fields[3]),
                 source=unescape_mountinfo(source),
                 options=super_options,
+                fstype=unescape_mountinfo(kind),
+                dev=fields[2],
+                mount_id=int(fields[0]),
             )
         )
     return entries

@@ -35,7 +35,13 @@ import docker.errors
 import requests.exceptions
 
 from agent.errors import DockerUnavailable, InUse, NotFound, ToolFailed
-from agent.host.records import ContainerRecord, DockerInfo, LayerRefs, VolumeRecord
+from agent.host.records import (
+    ContainerMount,
+    ContainerRecord,
+    DockerInfo,
+    LayerRefs,
+    VolumeRecord,
+)
 
 ANONYMOUS_LABEL = "com.docker.volume.anonymous"  # set by Docker 23 and later
 _ANONYMOUS_NAME = re.compile(r"[0-9a-f]{64}")  # how Docker 20.10 names anonymous volumes
@@ -179,17 +185,25 @@ def container_record(item: Mapping[str, Any]) -> ContainerRecord:
     state = item.get("State")
     status = str(item.get("Status") or "")
     running = state in _RUNNING_STATES if state else status.startswith("Up")
+    mounts = tuple(
+        ContainerMount(
+            type=str(m.get("Type")),
+            source=str(m.get("Source") or ""),
+            destination=str(m.get("Destination") or ""),
+            name=str(m["Name"]) if m.get("Name") else None,
+            rw=bool(m.get("RW", True)),
+        )
+        for m in item.get("Mounts") or []
+        if m.get("Type") in ("volume", "bind")
+    )
     return ContainerRecord(
         id=str(item["Id"]),
         name=str(names[0]).lstrip("/") if names else "",
         running=running,
         status=status,
         image_id=str(item.get("ImageID") or ""),
-        volume_names=tuple(
-            str(m["Name"])
-            for m in item.get("Mounts") or []
-            if m.get("Type") == "volume" and m.get("Name")
-        ),
+        volume_names=tuple(m.name for m in mounts if m.type == "volume" and m.name),
+        mounts=mounts,
     )
 
 

@@ -13,19 +13,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class SubvolumeRecord:
-    """One line of ``btrfs subvolume list -p -u -q``."""
+class SubvolumeRecord(NamedTuple):
+    """One subvolume, as the kernel's root tree describes it.
+
+    A named tuple: immutable, and small and quick to build by the ten thousand.
+    """
 
     id: int
-    parent_id: int  # the subvolume whose tree holds this one ("parent" column)
-    top_level: int
+    parent_id: int  # the subvolume whose tree holds this one
     generation: int
-    uuid: str | None
+    uuid: str | None  # None on a filesystem made before Linux 3.6
     parent_uuid: str | None  # the snapshot source, not the containing subvolume
-    path: str  # relative to the filesystem's top level (subvolume 5), as btrfs prints it
+    read_only: bool
+    created_at: datetime | None  # otime, aware UTC; None before Linux 3.6
+    # ctime: moved whenever a name is created, renamed or removed anywhere in the
+    # subvolume, aware UTC
+    changed_at: datetime | None
+    ctransid: int | None  # the transaction of that change
+    # Relative to the filesystem's top level (subvolume 5), decoded with os.fsdecode;
+    # None when the path cannot be known for sure: never act on such a subvolume by path.
+    path: str | None
 
 
 @dataclass(frozen=True)
@@ -39,12 +49,19 @@ class Qgroup:
 
 @dataclass(frozen=True)
 class MountEntry:
-    """One btrfs line of ``/proc/self/mountinfo``."""
+    """One line of a mount table (``/proc/<pid>/mountinfo``), of any filesystem type.
 
-    mountpoint: str  # local path where it is mounted
+    ``mountpoint`` is a path as the table's own process sees it: a local path for this
+    process's table, a host path for the host's. Paths are ``str`` holding the kernel's
+    bytes (``os.fsdecode``: bytes that are not UTF-8 stay surrogate escapes)."""
+
+    mountpoint: str
     root: str  # path inside the filesystem that is mounted there ("/" = top level)
-    source: str  # the device
+    source: str  # the device, or what the filesystem type calls its source ("tmpfs")
     options: str  # super options, e.g. "rw,subvolid=5,subvol=/"
+    fstype: str = "btrfs"
+    dev: str = ""  # the filesystem's st_dev as "major:minor" (one per btrfs filesystem)
+    mount_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,27 @@ class VolumeRecord:
 
 
 @dataclass(frozen=True)
+class FolderEntry:
+    """A plain folder (not a subvolume) found in a folder: its name and the newest of
+    its modification and change times."""
+
+    name: str
+    changed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ContainerMount:
+    """One entry of a container's ``Mounts``: a volume or a bind mount (tmpfs and other
+    mounts with no source on the host are not kept)."""
+
+    type: str  # "volume" | "bind"
+    source: str  # host path (a volume's is its ``_data`` folder)
+    destination: str  # where the container sees it
+    name: str | None = None  # the volume's name (type "volume")
+    rw: bool = True
+
+
+@dataclass(frozen=True)
 class ContainerRecord:
     id: str
     name: str
@@ -100,6 +138,7 @@ class ContainerRecord:
     status: str
     image_id: str
     volume_names: tuple[str, ...] = ()
+    mounts: tuple[ContainerMount, ...] = ()  # every volume and bind mount, any state
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,7 @@ def needs(blp: Blueprint, scope: str) -> Callable[[F], F]:
     def decorator(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            tokens = current_app.extensions["nas_janitor"].tokens
+            tokens = current_app.extensions["nas_janitor"].tokens  # the HttpContext
             principal = tokens.authenticate(request.headers.get("Authorization"))
             tokens.require(principal, scope)
             g.principal = principal

@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Any
-
 from flask import Flask
 
 from agent import __version__
-from agent.clean.cleaner import Cleaner
 from agent.config import AgentConfig, load_config
-from agent.domain.inventory import Clock, JanitorService, utcnow
-from agent.host.backend import Btrfs, Docker
+from agent.domain.inventory import Clock, utcnow
+from agent.http import wire
 from agent.http.api import Api, require_json_bodies
 from agent.http.auth import TokenRegistry
+from agent.http.context import EXTENSION, HttpContext
 from agent.http.metrics import Metrics
-from agent.store.audit import AuditLog
-from agent.store.state import StateStore
-
-
-@dataclass(frozen=True)
-class Backends:
-    btrfs: Btrfs
-    docker: Docker
-
-
-@dataclass
-class AgentContext:
-    """What the views reach through ``current_app.extensions["nas_janitor"]``."""
-
-    config: AgentConfig
-    service: JanitorService
-    tokens: TokenRegistry
-    metrics: Metrics
-    extra: dict[str, Any]
-
-
-def real_backends(config: AgentConfig) -> Backends:
-    from agent.host.btrfs import BtrfsTool
-    from agent.host.dockerd import DockerClient
-
-    return Backends(
-        btrfs=BtrfsTool(binary=config.btrfs_binary),
-        docker=DockerClient(base_url=config.docker_host, timeout=30.0),
-    )
+from agent.runtime import Backends, build_runtime
 
 
 def create_app(
@@ -54,8 +22,6 @@ def create_app(
     clock: Clock = utcnow,
 ) -> Flask:
     config = config or load_config()
-    backend = backend or real_backends(config)
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
 
     app = Flask("nas_janitor.agent")
     # No 308 from "/v1/volumes//x" to "/v1/volumes/x": a redirect keeps the method, and
@@ -86,22 +52,13 @@ def create_app(
         "bearerAuth", {"type": "http", "scheme": "bearer", "description": "agent token"}
     )
 
-    service = JanitorService(config, btrfs=backend.btrfs, docker=backend.docker, clock=clock)
     metrics = Metrics()
     metrics.init_app(app)
-    metrics.watch_findings(lambda: service.findings())
-    audit = AuditLog(os.path.join(config.state_dir, "audit.db"))
-    state = StateStore(os.path.join(config.state_dir, "state.db"))
-    cleaner = Cleaner(service, audit=audit, state=state, on_action=metrics.count_action)
-    cleaner.recover()
-    ctx = AgentContext(
-        config=config,
-        service=service,
-        tokens=TokenRegistry(config.tokens),
-        metrics=metrics,
-        extra={"audit": audit, "state": state, "cleaner": cleaner},
+    rt = build_runtime(config, backends=backend, clock=clock, on_action=metrics.count_action)
+    metrics.watch_findings(lambda: [wire.finding(f) for f in rt.inventory.findings()])
+    app.extensions[EXTENSION] = HttpContext(
+        runtime=rt, tokens=TokenRegistry(config.tokens), metrics=metrics
     )
-    app.extensions["nas_janitor"] = ctx
 
     from agent.http.views import audit as audit_views
     from agent.http.views import clean, health, inventory

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.schemas import FINDING_KINDS
+from shared.policy import FINDING_KINDS
 
 
 class FindingsCollector(Collector):

@@ -48,6 +48,7 @@ from typing import Any
 from agent.errors import AgentError
 from agent.store.sqlite import SqliteFile, read_transaction, write_transaction
 from shared.auditchain import GENESIS, canonical_json, entry_hash
+from shared.wirepath import safe_json, safe_text
 
 __all__ = [
     "GENESIS",
@@ -314,7 +315,10 @@ class AuditLog(SqliteFile):
                 raise ValueError(f"{name} must be a string, not {type(value).__name__}")
             _check_text(name, value)
         body = {"message": detail} if isinstance(detail, str) else detail
-        normalized = normalize_json_object(body, what="detail")
+        # A file name may hold bytes that are not UTF-8 (surrogate escapes in ``str``):
+        # the log keeps them readable (U+FFFD) rather than refuse the entry.
+        normalized = normalize_json_object(safe_json(body), what="detail")
+        actor, action, target, outcome = (safe_text(v) for v in (actor, action, target, outcome))
         detail_text = canonical_json(normalized)
         at_text = format_time(self._clock() if at is None else at)
         with self._lock, write_transaction(self._conn) as conn:

@@ -50,7 +50,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-JOB_STATES = frozenset({"queued", "running", "succeeded", "partial", "failed", "interrupted"})
+JOB_STATES = frozenset(
+    {"queued", "running", "succeeded", "partial", "failed", "skipped", "interrupted"}
+)
 ACTIVE_JOB_STATES = frozenset({"queued", "running"})  # what a crash cuts short (SQL below)
 RESULT_OUTCOMES = frozenset({"deleted", "skipped", "failed"})
 

@@ -8,7 +8,7 @@ from controller.commands import json_option
 from controller.output import agent_error, human_age, human_bytes, print_json, table
 from controller.session import Session
 from shared.models import dump
-from shared.schemas import FINDING_KINDS
+from shared.policy import FINDING_KINDS
 
 
 @click.command()

@@ -28,7 +28,7 @@ from controller.output import JobProgress, agent_error, bytes_exact, print_json,
 from controller.session import Session
 from controller.store import AgentRunRecord
 from shared.models import Policy
-from shared.schemas import FINDING_KINDS
+from shared.policy import FINDING_KINDS
 
 SUMMARY_COLUMNS = (
     "AGENT",

@@ -19,7 +19,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from agent.host.btrfs import BtrfsTool
-from agent.http.app import create_app, real_backends
+from agent.http.app import create_app
+from agent.runtime import real_backends
 from lab import DIND_IMAGE, Lab
 from tests.agent.http.apphelpers import BOTH, CLEAN, agent_config, auth
 from tests.agent.http.test_app import TRAVERSAL

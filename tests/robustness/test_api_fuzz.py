@@ -30,7 +30,8 @@ import schemathesis
 from schemathesis.generation.meta import TestPhase
 
 from lab import Lab
-from tests.agent.http.apphelpers import BOTH, build
+from agent.runtime import Backends
+from tests.agent.http.apphelpers import BOTH, Swappable, build
 from tests.fakes import make_leak_scenario
 from tests.robustness import fuzzing, knobs
 
@@ -112,16 +113,20 @@ def _operations(doc: dict[str, Any]) -> set[str]:
 
 
 def test_schemathesis_in_process_over_the_fakes(tmp_path: Path) -> None:
-    agent = build(tmp_path / "state")
-    sc = agent.sc
-    service = agent.app.extensions["nas_janitor"].service
+    sc = make_leak_scenario()
+    btrfs, docker = Swappable(sc.btrfs), Swappable(sc.docker)
+    agent = build(
+        tmp_path / "state",
+        sc,
+        backends=Backends(btrfs=btrfs, docker=docker),  # type: ignore[arg-type]
+    )
     h = {"Authorization": f"Bearer {BOTH}"}
     plan = agent.client.post("/v1/plans", json={"kinds": ["orphan-layer"]}, headers=h)
     assert plan.status_code == 201
     plan_id = plan.get_json()["id"]
     job = agent.client.post(f"/v1/plans/{plan_id}/apply", headers=h)
     assert job.status_code == 202
-    agent.app.extensions["nas_janitor"].extra["cleaner"].wait(job.get_json()["job_id"], 30)
+    agent.wait_job(job.get_json()["job_id"])
     orphan = sc.btrfs.subvolume(sc.orphan_layer)
     assert orphan is None  # the job deleted it: the examples' id now reads 404
     served = agent.client.get("/openapi.json").get_json()
@@ -142,7 +147,7 @@ def test_schemathesis_in_process_over_the_fakes(tmp_path: Path) -> None:
                 case.query = {**(case.query or {}), "dry_run": "false"}
             return
         fresh = make_leak_scenario()
-        service.btrfs, service.docker = fresh.btrfs, fresh.docker
+        btrfs.inner, docker.inner = fresh.btrfs, fresh.docker
         resets += 1
 
     seed = knobs.seed()

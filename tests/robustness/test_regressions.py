@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.domain.paths import PathRefused, check_abs
-from tests.agent.http.apphelpers import AgentUnderTest, auth, build
+from tests.agent.http.apphelpers import AgentUnderTest, auth, build, join_job_thread
 from tests.robustness.agents import launch
 
 
@@ -132,6 +132,7 @@ def test_plan_request_body_is_optional_as_documented(agent: AgentUnderTest) -> N
         "min_age_seconds": 86400,
         "protect_labels": ["keep", "nas-janitor.keep"],
         "finding_ids": None,
+        "include_named_volumes": False,
     }
 
 
@@ -243,8 +244,7 @@ def test_direct_volume_delete_decides_under_the_filesystem_lock(agent: AgentUnde
     stale delete set, and it answered 502 trying to clear the read-only flag of a
     subvolume already gone (schemathesis' stateful phase: apply, then DELETE)."""
     sc = agent.sc
-    cleaner = agent.app.extensions["nas_janitor"].extra["cleaner"]
-    lock = cleaner.fs_lock(sc.fs_uuid)
+    lock = agent.runtime.executor.fs_lock(sc.fs_uuid)
     answer: dict[str, Any] = {}
     calls = len(sc.docker.calls)
     lock.acquire()  # a job's action on this filesystem is running
@@ -365,7 +365,7 @@ def test_resuming_finishes_a_volume_whose_subvolumes_went_before_a_crash(tmp_pat
 
     sc.btrfs.delete = delete_then_die  # type: ignore[method-assign]
     job_id = agent.client.post(f"/v1/plans/{plan['id']}/apply", headers=h).get_json()["job_id"]
-    agent.app.extensions["nas_janitor"].extra["cleaner"].wait(job_id, 30)
+    join_job_thread(job_id)
     del sc.btrfs.delete
     assert not any(sc.btrfs.exists(p) for p in sc.dind_nested)
     assert sc.docker.volume(sc.dind_volume) is not None  # the crash came before docker
@@ -374,7 +374,7 @@ def test_resuming_finishes_a_volume_whose_subvolumes_went_before_a_crash(tmp_pat
     assert again.get(f"/v1/jobs/{job_id}").get_json()["state"] == "interrupted"
     r = again.client.post(f"/v1/plans/{plan['id']}/apply", headers=h)
     assert r.status_code == 202 and r.get_json()["job_id"] == job_id
-    again.app.extensions["nas_janitor"].extra["cleaner"].wait(job_id, 30)
+    again.wait_job(job_id)
     job = again.get(f"/v1/jobs/{job_id}").get_json()
     assert job["state"] == "succeeded", job
     (result,) = job["results"]
@@ -421,7 +421,7 @@ def test_a_job_run_while_docker_is_down_fails_its_actions_with_the_reason(
     assert len(plan["actions"]) == 2
     agent.sc.docker.down = True
     job_id = agent.client.post(f"/v1/plans/{plan['id']}/apply", headers=h).get_json()["job_id"]
-    agent.app.extensions["nas_janitor"].extra["cleaner"].wait(job_id, 30)
+    agent.wait_job(job_id)
     job = agent.get(f"/v1/jobs/{job_id}").get_json()
     assert job["state"] == "failed"
     assert [r["outcome"] for r in job["results"]] == ["failed", "failed"]

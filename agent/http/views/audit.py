@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
 from flask_smorest import Blueprint
 
 from agent.http.api import needs
+from agent.http.context import runtime
 from agent.store.audit import AuditLog
 from shared.schemas import AuditPageSchema, AuditQuerySchema, AuditVerifySchema
 
@@ -15,8 +15,7 @@ blp = Blueprint("audit", __name__, url_prefix="/v1", description="The tamper-evi
 
 
 def log() -> AuditLog:
-    a: AuditLog = current_app.extensions["nas_janitor"].extra["audit"]
-    return a
+    return runtime().audit
 
 
 @blp.get("/audit")

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, current_app, jsonify
+from flask import Response, jsonify
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
-from agent.clean.cleaner import Cleaner
 from agent.domain.paths import VOLUME_NAME_PARAMETER
+from agent.errors import ValidationFailed
+from agent.http import wire
 from agent.http.api import actor, needs
+from agent.http.context import runtime
+from shared.policy import Policy, PolicyError
 from shared.schemas import (
     ApplyResponseSchema,
     Base,
@@ -23,11 +26,6 @@ from shared.schemas import (
 )
 
 blp = Blueprint("clean", __name__, url_prefix="/v1", description="Plan and clean up")
-
-
-def cleaner() -> Cleaner:
-    c: Cleaner = current_app.extensions["nas_janitor"].extra["cleaner"]
-    return c
 
 
 class ApplyHeaders(Base):
@@ -52,7 +50,8 @@ class ApplyHeaders(Base):
 def delete_subvolume(fs_uuid: str, sub_id: int, *, dry_run: bool) -> dict[str, Any]:
     """Delete a subvolume and everything nested in it, deepest first (dry run by
     default: pass ``dry_run=false`` to change anything)."""
-    return cleaner().delete_subvolume(fs_uuid, sub_id, dry_run=dry_run, actor=actor())
+    answer = runtime().deletes.subvolume(fs_uuid, sub_id, dry_run=dry_run, actor=actor())
+    return wire.delete_answer(answer)
 
 
 @blp.delete("/volumes/<string:name>", parameters=[VOLUME_NAME_PARAMETER])
@@ -65,16 +64,20 @@ def delete_subvolume(fs_uuid: str, sub_id: int, *, dry_run: bool) -> dict[str, A
 def delete_volume(name: str, *, dry_run: bool) -> dict[str, Any]:
     """Remove a volume: its nested subvolumes deepest first, then the volume through
     Docker (dry run by default)."""
-    return cleaner().delete_volume(name, dry_run=dry_run, actor=actor())
+    return wire.delete_answer(runtime().deletes.volume(name, dry_run=dry_run, actor=actor()))
 
 
 @blp.post("/plans")
 @needs(blp, "clean")
 @blp.arguments(PlanRequestSchema, required=False)
 @blp.response(201, PlanSchema)
-def create_plan(policy: dict[str, Any]) -> dict[str, Any]:
+def create_plan(body: dict[str, Any]) -> dict[str, Any]:
     """Plan a clean-up from the current findings and a policy. Nothing changes."""
-    return cleaner().create_plan(policy, actor=actor())
+    try:
+        policy = Policy.from_json(body)
+    except PolicyError as exc:
+        raise ValidationFailed("invalid policy", errors=exc.errors) from None
+    return wire.plan(runtime().planner.create(policy, actor=actor()))
 
 
 @blp.get("/plans/<string:plan_id>")
@@ -83,7 +86,7 @@ def create_plan(policy: dict[str, Any]) -> dict[str, Any]:
 @blp.alt_response(404, response="NOT_FOUND")
 def get_plan(plan_id: str) -> dict[str, Any]:
     """A plan."""
-    return cleaner().get_plan(plan_id)
+    return wire.plan(runtime().planner.get(plan_id))
 
 
 @blp.post("/plans/<string:plan_id>/apply")
@@ -96,10 +99,10 @@ def apply_plan(plan_id: str, *, idempotency_key: str | None) -> Response:
     """Run a plan as a job in the background. Applying it again (or with the same
     ``Idempotency-Key``) returns the same job and runs nothing twice; an interrupted
     job is resumed."""
-    body = cleaner().apply(plan_id, idempotency_key=idempotency_key, actor=actor())
-    resp = jsonify(ApplyResponseSchema().dump(body))
+    job_id = runtime().jobs.apply(plan_id, idempotency_key=idempotency_key, actor=actor())
+    resp = jsonify(ApplyResponseSchema().dump({"job_id": job_id, "plan_id": plan_id}))
     resp.status_code = 202
-    resp.headers["Location"] = f"/v1/jobs/{body['job_id']}"
+    resp.headers["Location"] = f"/v1/jobs/{job_id}"
     return resp
 
 
@@ -109,4 +112,4 @@ def apply_plan(plan_id: str, *, idempotency_key: str | None) -> Response:
 @blp.alt_response(404, response="NOT_FOUND")
 def get_job(job_id: str) -> dict[str, Any]:
     """A job's state, progress and per-action results."""
-    return cleaner().job(job_id)
+    return wire.job(runtime().jobs.job(job_id))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
 from flask_smorest import Blueprint
 
+from agent.http.context import runtime
 from shared.schemas import HealthSchema
 
 blp = Blueprint("health", __name__, description="Liveness and readiness (no token)")
@@ -24,5 +24,5 @@ def healthz() -> dict[str, Any]:
 @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
 def readyz() -> dict[str, Any]:
     """Docker and btrfs are reachable (503 problem naming which is not)."""
-    current_app.extensions["nas_janitor"].service.readiness()
+    runtime().inventory.readiness()
     return {"status": "ready"}

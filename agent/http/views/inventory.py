@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, current_app, jsonify
+from flask import Response, jsonify
 from flask_smorest import Blueprint
-from marshmallow import fields, validate
 
-from agent.domain.inventory import JanitorService
+from agent.domain.inventory import Inventory
 from agent.domain.paths import VOLUME_NAME_PARAMETER
+from agent.http import wire
 from agent.http.api import needs
+from agent.http.context import runtime
 from shared.schemas import (
-    DEFAULT_MIN_AGE_SECONDS,
     FilesystemPageSchema,
     FindingPageSchema,
     FindingQuerySchema,
@@ -29,17 +29,8 @@ from shared.schemas import (
 blp = Blueprint("inventory", __name__, url_prefix="/v1", description="What is on this NAS")
 
 
-def svc() -> JanitorService:
-    service: JanitorService = current_app.extensions["nas_janitor"].service
-    return service
-
-
-class FindingQuery(FindingQuerySchema):
-    min_age_seconds = fields.Integer(
-        load_default=DEFAULT_MIN_AGE_SECONDS,
-        validate=validate.Range(min=0, max=10 * 365 * 86400),
-        metadata={"description": "findings younger than this are blocked as too_young"},
-    )
+def inv() -> Inventory:
+    return runtime().inventory
 
 
 @blp.get("/host")
@@ -47,7 +38,7 @@ class FindingQuery(FindingQuerySchema):
 @blp.response(200, HostSchema)
 def host() -> dict[str, Any]:
     """The NAS: kernel, btrfs-progs, Docker, and the roots the agent may act under."""
-    return svc().host()
+    return wire.host(inv().host())
 
 
 @blp.get("/filesystems")
@@ -55,7 +46,7 @@ def host() -> dict[str, Any]:
 @blp.response(200, FilesystemPageSchema)
 def filesystems() -> dict[str, Any]:
     """Every btrfs filesystem the agent sees."""
-    return {"items": svc().filesystems(), "next_cursor": None}
+    return {"items": [wire.filesystem(fs) for fs in inv().filesystems()], "next_cursor": None}
 
 
 @blp.get("/filesystems/<string:fs_uuid>/subvolumes")
@@ -65,8 +56,11 @@ def filesystems() -> dict[str, Any]:
 @blp.alt_response(404, response="NOT_FOUND")
 def subvolumes(fs_uuid: str, *, limit: int, cursor: str | None, under: str | None) -> Response:
     """Subvolumes of one filesystem with their owner, paged by id."""
-    items, next_cursor = svc().subvolumes(fs_uuid, under=under, limit=limit, cursor=cursor)
-    return jsonify(dump_subvolume_page(items, next_cursor))
+    i = inv()
+    items, next_cursor = i.subvolumes(fs_uuid, under=under, limit=limit, cursor=cursor)
+    return jsonify(
+        dump_subvolume_page([wire.subvolume(sv, i.created_at(sv)) for sv in items], next_cursor)
+    )
 
 
 @blp.get("/filesystems/<string:fs_uuid>/subvolumes/<int:sub_id>")
@@ -75,7 +69,9 @@ def subvolumes(fs_uuid: str, *, limit: int, cursor: str | None, under: str | Non
 @blp.alt_response(404, response="NOT_FOUND")
 def subvolume(fs_uuid: str, sub_id: int) -> dict[str, Any]:
     """One subvolume."""
-    return svc().subvolume(fs_uuid, sub_id)
+    i = inv()
+    sv = i.subvolume(fs_uuid, sub_id)
+    return wire.subvolume(sv, i.created_at(sv))
 
 
 @blp.get("/volumes")
@@ -84,7 +80,10 @@ def subvolume(fs_uuid: str, sub_id: int) -> dict[str, Any]:
 @blp.response(200, VolumePageSchema)
 def volumes(*, dangling: bool | None) -> dict[str, Any]:
     """Docker volumes with their users and the subvolumes nested in them."""
-    return {"items": svc().volumes(dangling=dangling), "next_cursor": None}
+    return {
+        "items": [wire.volume(v) for v in inv().volumes(dangling=dangling)],
+        "next_cursor": None,
+    }
 
 
 @blp.get("/volumes/<string:name>", parameters=[VOLUME_NAME_PARAMETER])
@@ -93,16 +92,18 @@ def volumes(*, dangling: bool | None) -> dict[str, Any]:
 @blp.alt_response(404, response="NOT_FOUND")
 def volume(name: str) -> dict[str, Any]:
     """One volume."""
-    return svc().volume(name)
+    return wire.volume(inv().volume(name))
 
 
 @blp.get("/findings")
 @needs(blp, "read")
-@blp.arguments(FindingQuery, location="query", as_kwargs=True)
+@blp.arguments(FindingQuerySchema, location="query", as_kwargs=True)
 @blp.response(200, FindingPageSchema)
 def findings(*, kind: list[str] | None, min_age_seconds: int) -> dict[str, Any]:
     """Leftovers with evidence, reclaimable bytes and what blocks their clean-up."""
     return {
-        "items": svc().findings(kinds=kind, min_age_seconds=min_age_seconds),
+        "items": [
+            wire.finding(f) for f in inv().findings(kinds=kind, min_age_seconds=min_age_seconds)
+        ],
         "next_cursor": None,
     }

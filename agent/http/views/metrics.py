@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Response, current_app
+from flask import Response
 from flask_smorest import Blueprint
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.http.api import needs
+from agent.http.context import http
 
 blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 
@@ -16,5 +17,5 @@ blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 @blp.response(200, content_type="text/plain", description="Prometheus text exposition")
 def metrics() -> Response:
     """Findings and reclaimable bytes by kind, actions, bytes reclaimed, requests."""
-    registry = current_app.extensions["nas_janitor"].metrics.registry
+    registry = http().metrics.registry
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST.split(";")[0])

@@ -566,36 +566,57 @@ def test_a_path_that_was_no_subvolume_is_never_ok() -> None:
 
 def test_mountinfo_btrfs_entries() -> None:
     text = (CAPTURES / "linux" / "mountinfo.txt").read_text()
-    assert parse_mountinfo(text) == [
+    assert parse_mountinfo(text, fstype="btrfs") == [
         MountEntry(
             mountpoint="/srv/lab/volume 1",
             root="/",
             source="/dev/loop2",
             options="rw,discard=async,space_cache=v2,subvolid=5,subvol=/",
+            fstype="btrfs",
+            dev="0:43",
+            mount_id=50,
         ),
         MountEntry(
             mountpoint="/srv/lab/back\\slash",
             root="/docker",
             source="/dev/loop2",
             options="rw,discard=async,space_cache=v2,subvolid=256,subvol=/docker",
+            fstype="btrfs",
+            dev="0:43",
+            mount_id=60,
         ),
         MountEntry(
             mountpoint="/srv/lab/tab\tdir",
             root="/docker",
             source="/dev/loop2",
             options="rw,discard=async,space_cache=v2,subvolid=256,subvol=/docker",
+            fstype="btrfs",
+            dev="0:43",
+            mount_id=61,
         ),
     ]
 
 
 def test_mountinfo_all_types() -> None:
     text = (CAPTURES / "linux" / "mountinfo.txt").read_text()
-    entries = parse_mountinfo(text, fstype=None)
+    entries = parse_mountinfo(text)
     assert len(entries) == 9
-    assert MountEntry("/", "/", "/dev/vda", "rw,discard,resv_strict,resuid=65534,resgid=65534") in (
-        entries
+    assert [e.fstype for e in entries] == [
+        "proc", "sysfs", "devtmpfs", "tmpfs", "devpts", "ext4", "btrfs", "btrfs", "btrfs",
+    ]  # fmt: skip
+    root = MountEntry(
+        "/",
+        "/",
+        "/dev/vda",
+        "rw,discard,resv_strict,resuid=65534,resgid=65534",
+        "ext4",
+        "254:0",
+        27,
     )
-    assert parse_mountinfo(text, fstype="proc") == [MountEntry("/proc", "/", "proc", "rw")]
+    assert root in entries
+    assert parse_mountinfo(text, fstype="proc") == [
+        MountEntry("/proc", "/", "proc", "rw", "proc", "0:21", 22)
+    ]
 
 
 def test_mountinfo_escapes() -> None:
@@ -607,7 +628,9 @@ def test_mountinfo_escapes() -> None:
     )
     [entry] = parse_mountinfo(line + "\n")
     # super options stay as the kernel wrote them (a comma in a value is escaped too)
-    assert entry == MountEntry("/mnt/my nas", "/sub vol", "/dev/sd b", r"rw,subvol=/sub\040vol")
+    assert entry == MountEntry(
+        "/mnt/my nas", "/sub vol", "/dev/sd b", r"rw,subvol=/sub\040vol", "btrfs", "0:43", 70
+    )
 
 
 @pytest.mark.parametrize(

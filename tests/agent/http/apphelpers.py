@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -11,7 +14,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from agent.config import AgentConfig, load_config
-from agent.http.app import Backends, create_app
+from agent.http.app import create_app
+from agent.runtime import Backends, Runtime
 from agent.http.auth import hash_token
 from tests.fakes import LeakScenario, make_leak_scenario
 
@@ -51,8 +55,49 @@ class AgentUnderTest:
         """A new app on the same state directory and the same fake NAS."""
         return build(self.state_dir, self.sc)
 
+    @property
+    def runtime(self) -> Runtime:
+        rt: Runtime = self.app.extensions["nas_janitor"].runtime
+        return rt
 
-def build(state_dir: Path, sc: LeakScenario | None = None, **cfg: Any) -> AgentUnderTest:
+    def wait_job(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
+        """Poll ``GET /v1/jobs/{id}`` until the job has stopped moving; its last answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job: dict[str, Any] = self.get(f"/v1/jobs/{job_id}").get_json()
+            if job["state"] not in ("queued", "running"):
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(0.01)
+
+
+def join_job_thread(job_id: str, timeout: float = 30) -> None:
+    """Wait for a job's thread to end, whatever state it left (a test that stands a
+    crash in for a step leaves the job ``running``, as a killed agent does)."""
+    for thread in threading.enumerate():
+        if thread.name == f"job-{job_id[:8]}":
+            thread.join(timeout)
+            assert not thread.is_alive(), f"job {job_id} still running after {timeout} s"
+
+
+class Swappable:
+    """A backend whose target a test can swap between calls (``.inner``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def build(
+    state_dir: Path,
+    sc: LeakScenario | None = None,
+    *,
+    backends: Backends | None = None,
+    **cfg: Any,
+) -> AgentUnderTest:
     sc = sc or make_leak_scenario()
     clock_now = sc.now
 
@@ -61,7 +106,7 @@ def build(state_dir: Path, sc: LeakScenario | None = None, **cfg: Any) -> AgentU
 
     app = create_app(
         agent_config(state_dir, **cfg),
-        backend=Backends(btrfs=sc.btrfs, docker=sc.docker),
+        backend=backends or Backends(btrfs=sc.btrfs, docker=sc.docker),
         clock=clock,
     )
     app.testing = True

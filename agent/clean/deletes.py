@@ -1,0 +1,249 @@
+"""Direct deletes (``DELETE /v1/filesystems/{uuid}/subvolumes/{id}``, ``DELETE
+/v1/volumes/{name}``), audited and decided under the filesystem's mutation lock.
+
+A real delete decides what to delete from a snapshot taken while it holds the lock of
+the filesystem it deletes on, so no job action (or other delete) on that filesystem runs
+between the decision and the delete. Every attempt is in the audit log before the answer
+is sent: refusals and dry runs too, and a real delete has a ``started`` entry before
+anything changes and its outcome after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.clean.executor import ExecResult, Executor
+from agent.clean.qgroups import QgroupSweeper
+from agent.domain.inventory import Inventory
+from agent.domain.plans import Deleted
+from agent.domain.safety import DeleteSet, plan_subvolume_delete, plan_volume_delete
+from agent.domain.snapshot import Snapshot
+from agent.errors import AgentError, Conflict, NotFound, Refused, Unavailable, ValidationFailed
+from agent.store.audit import AuditLog
+from shared.policy import DEFAULT_PROTECT_LABELS
+from shared.wirepath import path_fields
+
+ActionHook = Callable[[str, str, int | None], None]  # (operation, outcome, bytes)
+
+
+@dataclass(frozen=True)
+class DeleteAnswer:
+    """What a direct delete did (or, ``dry_run``, would do)."""
+
+    dry_run: bool
+    deleted: tuple[Deleted, ...]
+    reclaimable_bytes: int | None
+    audit_seq: int
+    volume: str | None = None
+
+
+def deleted_json(items: Sequence[Deleted]) -> list[dict[str, Any]]:
+    return [{"id": d.id, **path_fields(d.path)} for d in items]
+
+
+def audited_run(
+    executor: Executor,
+    audit: AuditLog,
+    snap: Snapshot,
+    ds: DeleteSet,
+    *,
+    actor: str,
+    action: str,
+    target: str,
+    context: dict[str, Any],
+    on_action: ActionHook,
+) -> tuple[ExecResult, int]:
+    """Run a checked delete set between two audit entries: ``started`` before anything
+    changes (a crash never loses the record), then the outcome with everything that was
+    destroyed, also when it failed part way. An error before anything changed is audited
+    as ``refused`` (a guard) or ``failed`` and raised again."""
+    audit.append(
+        actor=actor,
+        action=action,
+        target=target,
+        outcome="started",
+        detail={
+            **context,
+            "subvolumes": [path_fields(s.path)["path"] for s in ds.subvolumes],
+            "clear_readonly": [path_fields(s.path)["path"] for s in ds.clear_readonly],
+        },
+    )
+    try:
+        res = executor.run(snap, ds)
+    except AgentError as exc:
+        outcome = "refused" if isinstance(exc, Refused) else "failed"
+        audit.append(
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            detail={**context, "code": exc.code, "reason": exc.detail},
+        )
+        on_action(action, outcome, None)
+        raise
+    outcome = "deleted" if res.ok else "failed"
+    entry = audit.append(
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        detail={
+            **context,
+            "deleted": deleted_json(res.deleted),
+            "failed": [{"path": p, "error": e} for p, e in res.failed],
+            "volume_removed": res.volume_removed,
+            "folder_removed": res.folder_removed,
+            "files_removed": res.files_removed,
+            "qgroups_destroyed": list(res.qgroups_destroyed),
+            "reclaimed_bytes": res.reclaimed_bytes,
+        },
+    )
+    on_action(action, outcome, res.reclaimed_bytes)
+    return res, entry.seq
+
+
+class Deletes:
+    def __init__(
+        self,
+        inventory: Inventory,
+        executor: Executor,
+        audit: AuditLog,
+        sweeper: QgroupSweeper,
+        *,
+        on_action: ActionHook = lambda op, outcome, size: None,
+    ) -> None:
+        self.inventory = inventory
+        self.executor = executor
+        self.audit = audit
+        self.sweeper = sweeper
+        self._on_action = on_action
+
+    def subvolume(self, fs_uuid: str, sub_id: int, *, dry_run: bool, actor: str) -> DeleteAnswer:
+        return self._direct(
+            action="subvolume.delete",
+            target=f"subvolume {fs_uuid}/{sub_id}",
+            actor=actor,
+            dry_run=dry_run,
+            fs_hint=fs_uuid,
+            decide=lambda snap: plan_subvolume_delete(
+                snap, fs_uuid, sub_id, protect_labels=DEFAULT_PROTECT_LABELS
+            ),
+        )
+
+    def volume(self, name: str, *, dry_run: bool, actor: str) -> DeleteAnswer:
+        return self._direct(
+            action="volume.delete",
+            target=f"volume {name}",
+            actor=actor,
+            dry_run=dry_run,
+            fs_hint=None,
+            decide=lambda snap: plan_volume_delete(
+                snap, name, protect_labels=DEFAULT_PROTECT_LABELS
+            ),
+        )
+
+    def _direct(
+        self,
+        *,
+        action: str,
+        target: str,
+        actor: str,
+        dry_run: bool,
+        fs_hint: str | None,
+        decide: Callable[[Snapshot], DeleteSet],
+    ) -> DeleteAnswer:
+        # A volume's filesystem is known only from a snapshot: decide, then take that
+        # filesystem's lock and decide again under it.
+        held = fs_hint or "-"
+        for _ in range(3):
+            lock = self.executor.fs_lock(held) if not dry_run else None
+            if lock is not None:
+                lock.acquire()
+            try:
+                try:
+                    snap = self.inventory.fresh_snapshot()
+                    ds = decide(snap)
+                except (Refused, NotFound, ValidationFailed, Unavailable) as exc:
+                    self.audit.append(
+                        actor=actor,
+                        action=action,
+                        target=target,
+                        outcome="refused",
+                        detail={"code": exc.code, "reason": exc.detail, "dry_run": dry_run},
+                    )
+                    raise
+                if dry_run:
+                    entry = self.audit.append(
+                        actor=actor,
+                        action=action,
+                        target=target,
+                        outcome="dry_run",
+                        detail={
+                            "dry_run": True,
+                            "subvolumes": deleted_json(
+                                [Deleted(s.id, s.path) for s in ds.subvolumes]
+                            ),
+                            "clear_readonly": [
+                                path_fields(s.path)["path"] for s in ds.clear_readonly
+                            ],
+                        },
+                    )
+                    return self._answer(ds, dry_run=True, audit_seq=entry.seq)
+                if not ds.fs_uuid or ds.fs_uuid == held:
+                    return self._run(snap, ds, actor, action, target)
+                held = ds.fs_uuid  # decided without that filesystem's lock: again, under it
+            finally:
+                if lock is not None:
+                    lock.release()
+        raise Conflict(f"{target} moved between filesystems while deleting it; try again")
+
+    def _run(
+        self, snap: Snapshot, ds: DeleteSet, actor: str, action: str, target: str
+    ) -> DeleteAnswer:
+        res, seq = audited_run(
+            self.executor,
+            self.audit,
+            snap,
+            ds,
+            actor=actor,
+            action=action,
+            target=target,
+            context={"dry_run": False},
+            on_action=self._on_action,
+        )
+        if not res.ok:
+            raise Conflict(
+                f"delete failed part way: {res.detail}",
+                extra={
+                    "deleted": deleted_json(res.deleted),
+                    "reclaimed_bytes": res.reclaimed_bytes,
+                    "audit_seq": seq,
+                },
+            )
+        fs = snap.filesystems.get(ds.fs_uuid)
+        if fs is not None and res.deleted:
+            self.sweeper.after_delete(
+                fs_uuid=fs.uuid,
+                mount=fs.local_mount,
+                quota_enabled=fs.quota_enabled,
+                deleted_ids=[d.id for d in res.deleted],
+            )
+        return DeleteAnswer(
+            dry_run=False,
+            deleted=res.deleted,
+            reclaimable_bytes=ds.reclaimable_bytes,
+            audit_seq=seq,
+            volume=ds.volume.name if ds.volume is not None else None,
+        )
+
+    @staticmethod
+    def _answer(ds: DeleteSet, *, dry_run: bool, audit_seq: int) -> DeleteAnswer:
+        return DeleteAnswer(
+            dry_run=dry_run,
+            deleted=tuple(Deleted(s.id, s.path) for s in ds.subvolumes),
+            reclaimable_bytes=ds.reclaimable_bytes,
+            audit_seq=audit_seq,
+            volume=ds.volume.name if ds.volume is not None else None,
+        )

@@ -1,0 +1,410 @@
+"""Jobs: a plan applied in the background, action by action, audited and crash safe.
+
+A job runs its plan's actions in order in a thread of its own. Before each action,
+under the filesystem's mutation lock, the filesystem's transaction is committed and a
+fresh snapshot taken; the target is checked again (``recheck``): every safety rule,
+Docker's layer records read again, the same subvolumes with the same generations as
+planned, an orphan still old enough. A target that changed is skipped, never forced.
+Each action's result is recorded once; one action that fails does not stop the others:
+their errors are collected, and the job ends ``succeeded``, ``partial``, ``failed`` or
+``skipped`` (nothing done) by what its results say (``agent.domain.plans.job_state``).
+
+No job stays ``queued``: a job whose start cannot be audited is marked ``interrupted``
+before the error goes back, and applying its plan again resumes it. After a crash the
+job reads ``interrupted`` too; applying the plan again resumes the same job and runs
+only the actions that have no result yet (a target deleted by the attempt a crash cut
+short is recognised by its ``started`` entry in the audit log).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from agent.clean.deletes import ActionHook, audited_run
+from agent.clean.executor import Executor
+from agent.clean.qgroups import QgroupSweeper
+from agent.domain.inventory import Inventory
+from agent.domain.plans import Action, ActionResult, Deleted, Plan, job_state
+from agent.domain.safety import (
+    DeleteSet,
+    plan_folder_delete,
+    plan_qgroup_destroy,
+    plan_subvolume_delete,
+    plan_volume_delete,
+)
+from agent.domain.snapshot import Snapshot
+from agent.errors import AgentError, Conflict, NotFound, PlanExpired, Refused, ValidationFailed
+from agent.store.audit import AuditLog
+from agent.store.state import StateStore, StoredJob
+from shared.policy import ORPHAN_MIN_AGE_FLOOR_SECONDS
+
+log = logging.getLogger("nas_janitor.agent.jobs")
+AGENT_ACTOR = "agent"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Why an action's target is not deleted now: ``code`` is the machine word
+    (``gone``, ``changed``, ``too_young``, or a refusal's code)."""
+
+    code: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    plan_id: str
+    state: str
+    done: int
+    total: int
+    results: tuple[ActionResult, ...]
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        """Bytes of what the job destroyed, failed actions' part included."""
+        return sum(r.reclaimed_bytes or 0 for r in self.results if r.destroyed_anything)
+
+
+def _time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+class Jobs:
+    def __init__(
+        self,
+        inventory: Inventory,
+        executor: Executor,
+        sweeper: QgroupSweeper,
+        *,
+        audit: AuditLog,
+        state: StateStore,
+        on_action: ActionHook = lambda op, outcome, size: None,
+        on_finish: Any = lambda state: None,
+    ) -> None:
+        self.inventory = inventory
+        self.executor = executor
+        self.sweeper = sweeper
+        self.audit = audit
+        self.state = state
+        self._on_action = on_action
+        self._on_finish = on_finish
+
+    # -- reading -------------------------------------------------------------------------
+    def job(self, job_id: str) -> JobView:
+        stored = self.state.get_job(job_id)
+        if stored is None:
+            raise NotFound(f"no job {job_id}")
+        return self._view(stored)
+
+    def _view(self, stored: StoredJob) -> JobView:
+        results = tuple(ActionResult.from_json(r.body) for r in self.state.results(stored.id))
+        return JobView(
+            id=stored.id,
+            plan_id=stored.plan_id,
+            state=stored.state,
+            done=len(results),
+            total=int(stored.body.get("total", 0)),
+            results=results,
+            started_at=_time(stored.body.get("started_at")),
+            finished_at=_time(stored.body.get("finished_at")),
+        )
+
+    # -- applying ------------------------------------------------------------------------
+    def apply(self, plan_id: str, *, idempotency_key: str | None, actor: str) -> str:
+        """Start (or resume) the job of a plan; its id. Applying again, or with the same
+        ``Idempotency-Key``, names the same job and runs nothing twice."""
+        stored_plan = self.state.get_plan(plan_id)
+        if stored_plan is None:
+            raise NotFound(f"no plan {plan_id}")
+        plan = Plan.from_json(stored_plan.body)
+        existing = self.state.get_job_for_plan(plan_id)
+        if existing is None and self.inventory.clock() >= stored_plan.expires_at:
+            self.audit.append(
+                actor=actor,
+                action="plan.apply",
+                target=f"plan {plan_id}",
+                outcome="refused",
+                detail={"code": "plan_expired"},
+            )
+            raise PlanExpired(f"plan {plan_id} expired at {stored_plan.expires_at.isoformat()}")
+        body = {
+            "total": len(plan.actions),
+            "started_at": None,
+            "finished_at": None,
+            "audit_from": self.audit.head_entry()[0],
+        }
+        job, created = self.state.create_job_for_plan(
+            job_id=uuid.uuid4().hex, plan_id=plan_id, idempotency_key=idempotency_key, body=body
+        )
+        if created:
+            self._audited_start(job, plan, actor, outcome="started")
+        elif job.state == "interrupted":
+            try:
+                self.state.update_job(
+                    job.id, state="queued", body=dict(job.body), expect_state="interrupted"
+                )
+            except Conflict:
+                return job.id  # another request resumed it first
+            self._audited_start(job, plan, actor, outcome="resumed")
+        return job.id
+
+    def _audited_start(self, job: StoredJob, plan: Plan, actor: str, *, outcome: str) -> None:
+        """The job's start in the audit log, then its thread. When the audit entry cannot
+        be written the job does not run: it is left ``interrupted`` (applying the plan
+        again resumes it) and the error goes back."""
+        try:
+            self.audit.append(
+                actor=actor,
+                action="plan.apply",
+                target=f"plan {plan.id}",
+                outcome=outcome,
+                detail={"job_id": job.id, "actions": len(plan.actions)},
+            )
+        except BaseException:
+            self.state.update_job(job.id, state="interrupted", body=dict(job.body))
+            raise
+        thread = threading.Thread(
+            target=self._run_job, args=(job.id, plan, actor), name=f"job-{job.id[:8]}", daemon=True
+        )
+        thread.start()
+
+    def _run_job(self, job_id: str, plan: Plan, actor: str) -> None:
+        try:
+            self._run_actions(job_id, plan, actor)
+        except Exception as exc:  # the job must end in a state, whatever happened
+            log.exception("job %s crashed", job_id)
+            stored = self.state.get_job(job_id)
+            body = dict(stored.body) if stored else {}
+            body["finished_at"] = self.inventory.clock().isoformat()
+            body["error"] = str(exc)[:500]
+            try:
+                self.state.update_job(job_id, state="interrupted", body=body)
+            except Exception:
+                log.exception("job %s: its state could not be recorded", job_id)
+
+    def _run_actions(self, job_id: str, plan: Plan, actor: str) -> None:
+        stored = self.state.get_job(job_id)
+        assert stored is not None
+        body = dict(stored.body)
+        body["started_at"] = body.get("started_at") or self.inventory.clock().isoformat()
+        self.state.update_job(job_id, state="running", body=body)
+        done = {r.seq for r in self.state.results(job_id)}
+        # What an earlier run of this job did before a crash, from the audit log.
+        before = self._audited_outcomes(job_id, int(stored.body.get("audit_from", 0)))
+        for action in plan.actions:
+            if action.seq in done:
+                continue
+            try:
+                result = self._run_action(job_id, plan, action, actor, before.get(action.seq))
+            except Exception as exc:  # one action's bug must not stop the others
+                log.exception("job %s action %s", job_id, action.seq)
+                result = ActionResult(
+                    action.seq, "failed", f"internal: {type(exc).__name__}: {str(exc)[:300]}"
+                )
+            self.state.record_result(job_id, action.seq, result.outcome, result.to_json())
+        results = [ActionResult.from_json(r.body) for r in self.state.results(job_id)]
+        final = job_state(results)
+        body["finished_at"] = self.inventory.clock().isoformat()
+        self.state.update_job(job_id, state=final, body=body)
+        outcomes = [r.outcome for r in results]
+        self._on_finish(final)
+        self.audit.append(
+            actor=actor,
+            action="job.finish",
+            target=f"job {job_id}",
+            outcome=final,
+            detail={
+                "plan_id": plan.id,
+                "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+                "reclaimed_bytes": sum(r.reclaimed_bytes or 0 for r in results),
+            },
+        )
+
+    def _audited_outcomes(self, job_id: str, after_seq: int) -> dict[int, str]:
+        """The last audited outcome of each action of a job (only a resumed job has any)."""
+        out: dict[int, str] = {}
+        cursor = after_seq
+        while True:
+            page = self.audit.page(after_seq=cursor, limit=1000)
+            if not page:
+                return out
+            for entry in page:
+                d = entry.detail
+                if d.get("job_id") == job_id and isinstance(d.get("seq"), int):
+                    out[d["seq"]] = entry.outcome
+            cursor = page[-1].seq
+
+    def _run_action(
+        self, job_id: str, plan: Plan, action: Action, actor: str, audited: str | None
+    ) -> ActionResult:
+        target = action.describe()
+        context: dict[str, Any] = {"job_id": job_id, "seq": action.seq}
+        with self.executor.fs_lock(action.filesystem_uuid or "-"):
+            try:
+                snap = self.inventory.fresh_snapshot(
+                    commit=(action.filesystem_uuid,) if action.filesystem_uuid else ()
+                )
+            except AgentError as exc:
+                # Docker or btrfs away (or failing): the action cannot even be checked.
+                self.audit.append(
+                    actor=actor,
+                    action=action.op,
+                    target=target,
+                    outcome="failed",
+                    detail={**context, "code": exc.code, "reason": exc.detail},
+                )
+                self._on_action(action.op, "failed", None)
+                return ActionResult(action.seq, "failed", f"{exc.code}: {exc.detail}")
+            checked = recheck(snap, plan, action, resuming=audited == "started")
+            if isinstance(checked, Skipped):
+                outcome, why = "skipped", str(checked)
+                if audited in ("started", "deleted") and checked.code == "gone":
+                    # Our own delete ran before the crash; its record is in the audit.
+                    outcome, why = (
+                        "deleted",
+                        "deleted before the agent restarted (see the audit log)",
+                    )
+                self.audit.append(
+                    actor=actor,
+                    action=action.op,
+                    target=target,
+                    outcome=outcome,
+                    detail={**context, "reason": why},
+                )
+                self._on_action(action.op, outcome, None)
+                return ActionResult(action.seq, outcome, why)
+            now_ids = {s.id for s in checked.subvolumes}
+            earlier = sorted(i for i, _ in action.generations if i not in now_ids)
+            if earlier:  # resuming: these went in the attempt a crash cut short
+                context["deleted_before_restart"] = earlier
+            try:
+                res, _ = audited_run(
+                    self.executor,
+                    self.audit,
+                    snap,
+                    checked,
+                    actor=actor,
+                    action=action.op,
+                    target=target,
+                    context=context,
+                    on_action=self._on_action,
+                )
+            except AgentError as exc:
+                outcome = "skipped" if isinstance(exc, Refused) else "failed"
+                return ActionResult(action.seq, outcome, f"{exc.code}: {exc.detail}")
+        fs = snap.filesystems.get(checked.fs_uuid)
+        if fs is not None and res.deleted:
+            self.sweeper.after_delete(
+                fs_uuid=fs.uuid,
+                mount=fs.local_mount,
+                quota_enabled=fs.quota_enabled,
+                deleted_ids=[d.id for d in res.deleted],
+            )
+        detail = res.detail
+        if earlier:
+            detail += f"; {len(earlier)} more deleted before the agent restarted"
+        return ActionResult(
+            seq=action.seq,
+            outcome="deleted" if res.ok else "failed",
+            detail=detail,
+            reclaimed_bytes=res.reclaimed_bytes,
+            deleted=tuple(Deleted(d.id, d.path) for d in res.deleted),
+        )
+
+    # -- start-up --------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Mark jobs a crash cut short as interrupted, and say so in the audit log."""
+        ids = self.state.mark_interrupted()
+        for job_id in ids:
+            self.audit.append(
+                actor=AGENT_ACTOR,
+                action="job.interrupted",
+                target=f"job {job_id}",
+                outcome="interrupted",
+                detail={"reason": "the agent restarted mid-job"},
+            )
+        return ids
+
+
+def recheck(
+    snap: Snapshot, plan: Plan, action: Action, *, resuming: bool = False
+) -> DeleteSet | Skipped:
+    """The action's delete set if its target is as planned, else why not.
+
+    ``resuming``: this job started this action before a crash cut it short (its
+    ``started`` entry is in the audit log). Planned subvolumes that are gone then went in
+    that attempt; what is left, unchanged, is finished (e.g. ``docker volume rm`` of a
+    volume whose subvolumes were all deleted)."""
+    protect = plan.policy.protect_labels
+    target = action.target
+    try:
+        if action.op == "remove_volume":
+            ds = plan_volume_delete(snap, str(target.name), protect_labels=protect)
+        elif action.op == "remove_folder":
+            ds = plan_folder_delete(snap, str(target.path), protect_labels=protect)
+        elif action.op == "destroy_qgroups":
+            ds = plan_qgroup_destroy(snap, str(action.filesystem_uuid), action.qgroup_ids)
+        else:
+            ds = plan_subvolume_delete(
+                snap, str(action.filesystem_uuid), int(target.id or 0), protect_labels=protect
+            )
+    except NotFound as exc:
+        return Skipped("gone", exc.detail)
+    except (Refused, ValidationFailed) as exc:
+        return Skipped(exc.code, exc.detail)
+    if action.kind in ("orphan-layer", "orphan-layer-folder"):
+        young = _still_young(snap, action)
+        if young is not None:
+            return young
+    planned = dict(action.generations)
+    now_ids = {s.id: s for s in ds.subvolumes}
+    if set(now_ids) != set(planned):
+        new = sorted(set(now_ids) - set(planned))
+        gone = sorted(set(planned) - set(now_ids))
+        if resuming and not new and all(s.generation == planned[i] for i, s in now_ids.items()):
+            return ds
+        return Skipped(
+            "changed",
+            "the subvolumes differ from the plan"
+            + (f"; new {new}" if new else "")
+            + (f"; gone {gone}" if gone else ""),
+        )
+    for sid, gen in planned.items():
+        if now_ids[sid].generation != gen:
+            return Skipped(
+                "changed",
+                f"subvolume {sid} generation moved from {gen} to {now_ids[sid].generation}",
+            )
+    return ds
+
+
+def _still_young(snap: Snapshot, action: Action) -> Skipped | None:
+    """An orphan that changed within ``ORPHAN_MIN_AGE_FLOOR_SECONDS`` (Docker writing it),
+    or whose last change cannot be told."""
+    if action.kind == "orphan-layer":
+        sv = snap.subvolume(str(action.filesystem_uuid), int(action.target.id or 0))
+        times = [t for t in ((sv.created_at, sv.changed_at) if sv else ()) if t is not None]
+    else:
+        folder = next((f for f in snap.layer_folders if f.path == action.target.path), None)
+        times = [folder.changed_at] if folder is not None and folder.changed_at else []
+    if not times:
+        return Skipped("too_young", "when it last changed cannot be told")
+    age = int((snap.taken_at - max(times)).total_seconds())
+    if age < ORPHAN_MIN_AGE_FLOOR_SECONDS:
+        return Skipped(
+            "too_young",
+            f"changed {age} s ago, less than {ORPHAN_MIN_AGE_FLOOR_SECONDS} s: Docker may be "
+            "writing it",
+        )
+    return None

@@ -1,0 +1,97 @@
+"""The agent put together: backends, the read side, the clean side and the stores, as one
+typed value. The HTTP app (``agent.http.app``) and the local commands (``agent.cli``)
+build it the same way, so both apply the same rules to the same state.
+
+    rt = build_runtime(config)          # the real btrfs-progs and Docker
+    rt.inventory.findings()
+    rt.planner.create(Policy(), actor="local")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from agent.clean.deletes import ActionHook, Deletes
+from agent.clean.executor import Executor
+from agent.clean.jobs import Jobs
+from agent.clean.planner import Planner
+from agent.clean.qgroups import QgroupSweeper
+from agent.config import AgentConfig
+from agent.domain.inventory import Clock, Inventory, utcnow
+from agent.domain.snapshot import read_mounts
+from agent.host.backend import Btrfs, Docker
+from agent.store.audit import AuditLog
+from agent.store.state import StateStore
+
+
+@dataclass(frozen=True)
+class Backends:
+    btrfs: Btrfs
+    docker: Docker
+
+
+def real_backends(config: AgentConfig) -> Backends:
+    from agent.host.btrfs import BtrfsTool
+    from agent.host.dockerd import DockerClient
+
+    return Backends(
+        btrfs=BtrfsTool(binary=config.btrfs_binary),
+        docker=DockerClient(base_url=config.docker_host, timeout=30.0),
+    )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    config: AgentConfig
+    backends: Backends
+    inventory: Inventory
+    executor: Executor
+    deletes: Deletes
+    planner: Planner
+    jobs: Jobs
+    audit: AuditLog
+    state: StateStore
+
+
+def build_runtime(
+    config: AgentConfig,
+    *,
+    backends: Backends | None = None,
+    clock: Clock = utcnow,
+    on_action: ActionHook = lambda op, outcome, size: None,
+) -> Runtime:
+    """Everything the agent is made of, over ``backends`` (the real ones by default).
+    Jobs a crash cut short are marked interrupted."""
+    backends = backends or real_backends(config)
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    inventory = Inventory(config, btrfs=backends.btrfs, docker=backends.docker, clock=clock)
+    executor = Executor(
+        backends.btrfs,
+        backends.docker,
+        read_mounts=lambda: read_mounts(backends.btrfs, inventory.pathmap),
+        after_change=inventory.forget_kept,
+    )
+    audit = AuditLog(os.path.join(config.state_dir, "audit.db"))
+    state = StateStore(os.path.join(config.state_dir, "state.db"))
+    sweeper = QgroupSweeper(executor, audit)
+    jobs = Jobs(
+        inventory,
+        executor,
+        sweeper,
+        audit=audit,
+        state=state,
+        on_action=on_action,
+    )
+    jobs.recover()
+    return Runtime(
+        config=config,
+        backends=backends,
+        inventory=inventory,
+        executor=executor,
+        deletes=Deletes(inventory, executor, audit, sweeper, on_action=on_action),
+        planner=Planner(inventory, state, audit, ttl_seconds=config.plan_ttl_seconds),
+        jobs=jobs,
+        audit=audit,
+        state=state,
+    )
