@@ -29,8 +29,8 @@ import pytest
 import schemathesis
 from schemathesis.generation.meta import TestPhase
 
-from lab import Lab
 from agent.runtime import Backends
+from lab import Lab
 from tests.agent.http.apphelpers import BOTH, Swappable, build
 from tests.fakes import make_leak_scenario
 from tests.robustness import fuzzing, knobs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,8 +14,8 @@ from flask.testing import FlaskClient
 
 from agent.config import AgentConfig, load_config
 from agent.http.app import create_app
-from agent.runtime import Backends, Runtime
 from agent.http.auth import hash_token
+from agent.runtime import Backends, Runtime
 from tests.fakes import LeakScenario, make_leak_scenario
 
 READ = "nj_test-read-token-0000000000000000000000000"
