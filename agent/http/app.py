@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from agent.http.auth import TokenRegistry
 from agent.http.metrics import Metrics
 from agent.store.audit import AuditLog
 from agent.store.state import StateStore
+
+log = logging.getLogger("nas_janitor.agent")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ def create_app(
     metrics.init_app(app)
     metrics.watch_findings(lambda: service.findings())
     audit = AuditLog(os.path.join(config.state_dir, "audit.db"))
+    try:  # the chain's state for /metrics from the start; a broken log still starts
+        metrics.verify_audit(audit)
+    except Exception:
+        log.exception("the audit log could not be verified at start-up")
     state = StateStore(os.path.join(config.state_dir, "state.db"))
     cleaner = Cleaner(service, audit=audit, state=state, on_action=metrics.count_action)
     cleaner.recover()
