@@ -99,7 +99,13 @@ def create_app(
     except Exception:
         log.exception("the audit log could not be verified at start-up")
     state = StateStore(os.path.join(config.state_dir, "state.db"))
-    cleaner = Cleaner(service, audit=audit, state=state, on_action=metrics.count_action)
+    cleaner = Cleaner(
+        service,
+        audit=audit,
+        state=state,
+        on_action=metrics.count_action,
+        on_job_end=metrics.count_job,
+    )
     cleaner.recover()
     ctx = AgentContext(
         config=config,

@@ -1,6 +1,6 @@
-"""Prometheus metrics: request counts and latencies, actions and bytes reclaimed, the
-audit chain's state as last checked, and findings by kind (computed when scraped, from a
-fresh snapshot)."""
+"""Prometheus metrics: request counts and latencies, actions and bytes reclaimed, jobs
+by final state, the audit chain's state as last checked, and findings by kind (computed
+when scraped, from a fresh snapshot)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shared.models import TERMINAL_JOB_STATES
 from shared.schemas import FINDING_KINDS
 
 if TYPE_CHECKING:
@@ -86,6 +87,14 @@ class Metrics:
             "Unix time of the last check of the audit log's hash chain",
             registry=self.registry,
         )
+        self.jobs = Counter(
+            "nas_janitor_jobs_finished",
+            "Jobs that reached a final state, by that state",
+            ["state"],
+            registry=self.registry,
+        )
+        for state in sorted(TERMINAL_JOB_STATES):
+            self.jobs.labels(state)  # every state has a series from the start
 
     def verify_audit(self, audit: AuditLog) -> VerifyResult:
         """``audit.verify()``, with its verdict kept for scrapes (a failure to read the
@@ -98,6 +107,9 @@ class Metrics:
             raise
         self.audit_chain_ok.set(1 if result.ok else 0)
         return result
+
+    def count_job(self, state: str) -> None:
+        self.jobs.labels(state).inc()
 
     def count_action(self, op: str, outcome: str, reclaimed: int | None) -> None:
         self.actions.labels(op, outcome).inc()

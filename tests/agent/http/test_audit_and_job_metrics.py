@@ -1,9 +1,10 @@
 """The metrics the alert rules need beyond findings: the audit chain's state (set by
-every verify and at start-up, never by a scrape). The real app over the stateful
-fakes."""
+every verify and at start-up, never by a scrape) and jobs by final state. The real app
+over the stateful fakes."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -60,3 +61,42 @@ def test_audit_chain_gauge_is_zero_when_the_log_cannot_be_read(tmp_path: Path) -
     assert again.client.get("/healthz").status_code == 200
     assert chain_ok(again) == 0.0
 
+
+def test_jobs_are_counted_by_final_state(tmp_path: Path) -> None:
+    agent = build(tmp_path)
+    before = samples(agent)
+    for state in ("succeeded", "partial", "failed", "interrupted"):
+        assert before[("nas_janitor_jobs_finished_total", (("state", state),))] == 0.0
+    r = agent.client.post("/v1/plans", json={"min_age_seconds": 0}, headers=auth(CLEAN))
+    plan = r.get_json()
+    agent.sc.btrfs.refuse_delete(agent.sc.orphan_layer, "Operation not permitted")
+    job_id = agent.client.post(f"/v1/plans/{plan['id']}/apply", headers=auth(CLEAN)).get_json()[
+        "job_id"
+    ]
+    agent.app.extensions["nas_janitor"].extra["cleaner"].wait(job_id, timeout=30)
+    assert agent.get(f"/v1/jobs/{job_id}").get_json()["state"] == "partial"
+    after = samples(agent)
+    assert after[("nas_janitor_jobs_finished_total", (("state", "partial"),))] == 1.0
+    assert after[("nas_janitor_jobs_finished_total", (("state", "succeeded"),))] == 0.0
+    assert re.search(
+        r'^nas_janitor_actions_total\{op="delete_subvolumes",outcome="failed"\} 1\.0$',
+        agent.get("/metrics", token=READ).get_data(as_text=True),
+        re.M,
+    )
+
+
+def test_a_job_cut_short_by_a_restart_counts_as_interrupted(tmp_path: Path) -> None:
+    agent = build(tmp_path)
+    plan = agent.client.post("/v1/plans", json={"min_age_seconds": 0}, headers=auth(CLEAN))
+    state = agent.app.extensions["nas_janitor"].extra["state"]
+    state.create_job_for_plan(
+        job_id="j" * 32,
+        plan_id=plan.get_json()["id"],
+        idempotency_key=None,
+        body={"total": 2},
+        state="running",
+    )  # what a crash mid-job leaves
+    restarted = agent.restart()
+    got = samples(restarted)
+    assert got[("nas_janitor_jobs_finished_total", (("state", "interrupted"),))] == 1.0
+    assert got[("nas_janitor_jobs_finished_total", (("state", "failed"),))] == 0.0
