@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := btrfs-progs docker.io busybox-static debootstrap docker-compose prometheus
+APT_PACKAGES := btrfs-progs docker.io busybox-static debootstrap docker-compose prometheus chromium
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: test deps venv lint typecheck unit demo clean
@@ -16,7 +16,7 @@ test: deps venv lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## deps: the system packages the lab and the tests need (installed only when missing;
-## prometheus brings promtool, which checks the alert rules)
+## prometheus brings promtool, which checks the alert rules; chromium renders /docs)
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -117,7 +117,7 @@ def create_app(
     app.extensions["nas_janitor"] = ctx
 
     from agent.http.views import audit as audit_views
-    from agent.http.views import clean, health, inventory
+    from agent.http.views import clean, docs, health, inventory
     from agent.http.views import metrics as metrics_views
 
     api.register_blueprint(health.blp)
@@ -125,4 +125,5 @@ def create_app(
     api.register_blueprint(clean.blp)
     api.register_blueprint(audit_views.blp)
     api.register_blueprint(metrics_views.blp)
+    app.register_blueprint(docs.blp)  # not an API operation: outside the OpenAPI document
     return app
