@@ -3,12 +3,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := btrfs-progs docker.io busybox-static debootstrap docker-compose
+# what the tests need beyond the lab: promtool checks the alert rules, chromium renders /docs
+TEST_PACKAGES := prometheus chromium
 # what building btrfs-progs 4.4.1 needs (lab/btrfs_progs.py BUILD_PACKAGES says the same)
 BTRFS_PROGS_PACKAGES := autoconf automake pkg-config uuid-dev libblkid-dev zlib1g-dev \
   liblzo2-dev libattr1-dev
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test deps venv lint typecheck unit demo clean btrfs-progs
+.PHONY: test deps test-deps venv lint typecheck unit demo clean btrfs-progs
 
 ## demo: the main job on the embedded lab: leak, agent, controller, reclaim, audit
 demo: deps venv
@@ -16,7 +18,7 @@ demo: deps venv
 
 ## test: install what is needed (btrfs-progs 4.4.1 too), then lint, type checks, unit
 ## and lab tests (the agent's with the distro's btrfs-progs and with 4.4.1)
-test: deps venv lint typecheck btrfs-progs
+test: deps test-deps venv lint typecheck btrfs-progs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # a shell command that installs those of the Debian packages $(1) that are missing
@@ -31,6 +33,10 @@ apt_install = missing=""; for p in $(1); do \
 ## deps: the system packages the lab needs (installed only when missing)
 deps:
 	@$(call apt_install,$(APT_PACKAGES))
+
+## test-deps: the system packages only the tests need (promtool, chromium)
+test-deps:
+	@$(call apt_install,$(TEST_PACKAGES))
 
 ## btrfs-progs: btrfs-progs 4.4.1 for the agent's lab tests, built from
 ## ../shared/vendor/btrfs-progs-v4.4.1.tar.gz when it is there (see lab/btrfs_progs.py),

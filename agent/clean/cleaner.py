@@ -81,6 +81,7 @@ class Cleaner:
         audit: AuditLog,
         state: StateStore,
         on_action: Callable[[str, str, int | None], None] | None = None,
+        on_job_end: Callable[[str], None] | None = None,
     ) -> None:
         self.service = service
         self.audit = audit
@@ -89,6 +90,7 @@ class Cleaner:
         self._locks_guard = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self._on_action = on_action or (lambda op, outcome, size: None)
+        self._on_job_end = on_job_end or (lambda state: None)
 
     # -- locks -----------------------------------------------------------------------
     def fs_lock(self, fs_uuid: str) -> threading.Lock:
@@ -508,7 +510,7 @@ class Cleaner:
 
     def _run_job(self, job_id: str, plan: dict[str, Any], actor: str) -> None:
         try:
-            self._run_job_inner(job_id, plan, actor)
+            state = self._run_job_inner(job_id, plan, actor)
         except Exception as exc:  # the job must end in a state, whatever happened
             log.exception("job %s crashed", job_id)
             stored = self.state.get_job(job_id)
@@ -516,8 +518,10 @@ class Cleaner:
             body["finished_at"] = self.service.clock().isoformat()
             body["error"] = str(exc)[:500]
             self.state.update_job(job_id, state="failed", body=body)
+            state = "failed"
+        self._on_job_end(state)
 
-    def _run_job_inner(self, job_id: str, plan: dict[str, Any], actor: str) -> None:
+    def _run_job_inner(self, job_id: str, plan: dict[str, Any], actor: str) -> str:
         stored = self.state.get_job(job_id)
         assert stored is not None
         body = self._job_body(
@@ -551,6 +555,7 @@ class Cleaner:
                 "outcomes": {o: outcomes.count(o) for o in set(outcomes)},
             },
         )
+        return state
 
     def _recheck(
         self,
@@ -707,4 +712,5 @@ class Cleaner:
                 outcome="interrupted",
                 detail={"reason": "the agent restarted mid-job"},
             )
+            self._on_job_end("interrupted")
         return ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from agent.http.auth import TokenRegistry
 from agent.http.metrics import Metrics
 from agent.store.audit import AuditLog
 from agent.store.state import StateStore
+
+log = logging.getLogger("nas_janitor.agent")
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,18 @@ def create_app(
     metrics.init_app(app)
     metrics.watch_findings(lambda: service.findings())
     audit = AuditLog(os.path.join(config.state_dir, "audit.db"))
+    try:  # the chain's state for /metrics from the start; a broken log still starts
+        metrics.verify_audit(audit)
+    except Exception:
+        log.exception("the audit log could not be verified at start-up")
     state = StateStore(os.path.join(config.state_dir, "state.db"))
-    cleaner = Cleaner(service, audit=audit, state=state, on_action=metrics.count_action)
+    cleaner = Cleaner(
+        service,
+        audit=audit,
+        state=state,
+        on_action=metrics.count_action,
+        on_job_end=metrics.count_job,
+    )
     cleaner.recover()
     ctx = AgentContext(
         config=config,
@@ -104,7 +117,7 @@ def create_app(
     app.extensions["nas_janitor"] = ctx
 
     from agent.http.views import audit as audit_views
-    from agent.http.views import clean, health, inventory
+    from agent.http.views import clean, docs, health, inventory
     from agent.http.views import metrics as metrics_views
 
     api.register_blueprint(health.blp)
@@ -112,4 +125,5 @@ def create_app(
     api.register_blueprint(clean.blp)
     api.register_blueprint(audit_views.blp)
     api.register_blueprint(metrics_views.blp)
+    app.register_blueprint(docs.blp)  # not an API operation: outside the OpenAPI document
     return app
