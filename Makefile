@@ -3,27 +3,50 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := btrfs-progs docker.io busybox-static debootstrap docker-compose
+# what the tests need beyond the lab: promtool checks the alert rules, chromium renders /docs
+TEST_PACKAGES := prometheus chromium
+# what building btrfs-progs 4.4.1 needs (lab/btrfs_progs.py BUILD_PACKAGES says the same)
+BTRFS_PROGS_PACKAGES := autoconf automake pkg-config uuid-dev libblkid-dev zlib1g-dev \
+  liblzo2-dev libattr1-dev
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test deps venv lint typecheck unit demo clean
+.PHONY: test deps test-deps venv lint typecheck unit demo clean btrfs-progs
 
 ## demo: the main job on the embedded lab: leak, agent, controller, reclaim, audit
 demo: deps venv
 	$(PY) -m lab.demo
 
-## test: install what is needed, then lint, type checks, unit and lab tests
-test: deps venv lint typecheck
+## test: install what is needed (btrfs-progs 4.4.1 too), then lint, type checks, unit
+## and lab tests (the agent's with the distro's btrfs-progs and with 4.4.1)
+test: deps test-deps venv lint typecheck btrfs-progs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## deps: the system packages the lab needs (installed only when missing)
-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# a shell command that installs those of the Debian packages $(1) that are missing
+apt_install = missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+
+## deps: the system packages the lab needs (installed only when missing)
+deps:
+	@$(call apt_install,$(APT_PACKAGES))
+
+## test-deps: the system packages only the tests need (promtool, chromium)
+test-deps:
+	@$(call apt_install,$(TEST_PACKAGES))
+
+## btrfs-progs: btrfs-progs 4.4.1 for the agent's lab tests, built from
+## ../shared/vendor/btrfs-progs-v4.4.1.tar.gz when it is there (see lab/btrfs_progs.py),
+## cached outside the clone; the build's packages are installed only for a build
+btrfs-progs: venv
+	@if ! $(PY) -m lab.btrfs_progs path >/dev/null 2>&1 && \
+	    $(PY) -m lab.btrfs_progs source >/dev/null 2>&1; then \
+	  $(call apt_install,$(BTRFS_PROGS_PACKAGES)); \
+	fi
+	@$(PY) -m lab.btrfs_progs build >/dev/null
 
 ## venv: a virtualenv with the pinned dependencies and dev tools
 venv: $(VENV)/.installed

@@ -10,6 +10,7 @@ build it the same way, so both apply the same rules to the same state.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.clean.deletes import ActionHook, Deletes
@@ -60,6 +61,7 @@ def build_runtime(
     backends: Backends | None = None,
     clock: Clock = utcnow,
     on_action: ActionHook = lambda op, outcome, size: None,
+    on_job_end: Callable[[str], None] = lambda state: None,
 ) -> Runtime:
     """Everything the agent is made of, over ``backends`` (the real ones by default).
     Jobs a crash cut short are marked interrupted."""
@@ -82,8 +84,10 @@ def build_runtime(
         audit=audit,
         state=state,
         on_action=on_action,
+        on_finish=on_job_end,
     )
-    jobs.recover()
+    for _ in jobs.recover():
+        on_job_end("interrupted")
     return Runtime(
         config=config,
         backends=backends,

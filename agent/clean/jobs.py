@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -90,7 +91,7 @@ class Jobs:
         audit: AuditLog,
         state: StateStore,
         on_action: ActionHook = lambda op, outcome, size: None,
-        on_finish: Any = lambda state: None,
+        on_finish: Callable[[str], None] = lambda state: None,
     ) -> None:
         self.inventory = inventory
         self.executor = executor
@@ -192,6 +193,7 @@ class Jobs:
                 self.state.update_job(job_id, state="interrupted", body=body)
             except Exception:
                 log.exception("job %s: its state could not be recorded", job_id)
+            self._on_finish("interrupted")
 
     def _run_actions(self, job_id: str, plan: Plan, actor: str) -> None:
         stored = self.state.get_job(job_id)

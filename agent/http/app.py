@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Flask
 
 from agent import __version__
@@ -13,6 +15,8 @@ from agent.http.auth import TokenRegistry
 from agent.http.context import EXTENSION, HttpContext
 from agent.http.metrics import Metrics
 from agent.runtime import Backends, build_runtime
+
+log = logging.getLogger("nas_janitor.agent")
 
 
 def create_app(
@@ -54,14 +58,24 @@ def create_app(
 
     metrics = Metrics()
     metrics.init_app(app)
-    rt = build_runtime(config, backends=backend, clock=clock, on_action=metrics.count_action)
+    rt = build_runtime(
+        config,
+        backends=backend,
+        clock=clock,
+        on_action=metrics.count_action,
+        on_job_end=metrics.count_job,
+    )
     metrics.watch_findings(lambda: [wire.finding(f) for f in rt.inventory.findings()])
+    try:  # the chain's state for /metrics from the start; a broken log still starts
+        metrics.verify_audit(rt.audit)
+    except Exception:
+        log.exception("the audit log could not be verified at start-up")
     app.extensions[EXTENSION] = HttpContext(
         runtime=rt, tokens=TokenRegistry(config.tokens), metrics=metrics
     )
 
     from agent.http.views import audit as audit_views
-    from agent.http.views import clean, health, inventory
+    from agent.http.views import clean, docs, health, inventory
     from agent.http.views import metrics as metrics_views
 
     api.register_blueprint(health.blp)
@@ -69,4 +83,5 @@ def create_app(
     api.register_blueprint(clean.blp)
     api.register_blueprint(audit_views.blp)
     api.register_blueprint(metrics_views.blp)
+    app.register_blueprint(docs.blp)  # not an API operation: outside the OpenAPI document
     return app

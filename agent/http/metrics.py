@@ -1,18 +1,23 @@
-"""Prometheus metrics: request counts and latencies, actions and bytes reclaimed, and
-findings by kind (computed when scraped, from a fresh snapshot)."""
+"""Prometheus metrics: request counts and latencies, actions and bytes reclaimed, jobs
+by final state, the audit chain's state as last checked, and findings by kind (computed
+when scraped, from a fresh snapshot)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, g, request
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shared.models import TERMINAL_JOB_STATES
 from shared.policy import FINDING_KINDS
+
+if TYPE_CHECKING:
+    from agent.store.audit import AuditLog, VerifyResult
 
 
 class FindingsCollector(Collector):
@@ -71,6 +76,40 @@ class Metrics:
             "Bytes reclaimed by deletes (known sizes only)",
             registry=self.registry,
         )
+        self.audit_chain_ok = Gauge(
+            "nas_janitor_audit_chain_ok",
+            "1 when the last check of the audit log's hash chain (at start-up or by "
+            "GET /v1/audit/verify) found it intact, 0 when it did not",
+            registry=self.registry,
+        )
+        self.audit_checked_at = Gauge(
+            "nas_janitor_audit_verify_timestamp_seconds",
+            "Unix time of the last check of the audit log's hash chain",
+            registry=self.registry,
+        )
+        self.jobs = Counter(
+            "nas_janitor_jobs_finished",
+            "Jobs that reached a final state, by that state",
+            ["state"],
+            registry=self.registry,
+        )
+        for state in sorted(TERMINAL_JOB_STATES):
+            self.jobs.labels(state)  # every state has a series from the start
+
+    def verify_audit(self, audit: AuditLog) -> VerifyResult:
+        """``audit.verify()``, with its verdict kept for scrapes (a failure to read the
+        log counts as a broken chain, and is raised)."""
+        self.audit_checked_at.set_to_current_time()
+        try:
+            result = audit.verify()
+        except Exception:
+            self.audit_chain_ok.set(0)
+            raise
+        self.audit_chain_ok.set(1 if result.ok else 0)
+        return result
+
+    def count_job(self, state: str) -> None:
+        self.jobs.labels(state).inc()
 
     def count_action(self, op: str, outcome: str, reclaimed: int | None) -> None:
         self.actions.labels(op, outcome).inc()

@@ -1,6 +1,8 @@
 """The agent with its real backends (btrfs-progs, dockerd) on the real lab: findings,
 safe deletes, plans and jobs, space really freed, nothing else touched, traversal
-vectors, kill -9 in the middle of a job, and a tampered audit row."""
+vectors, kill -9 in the middle of a job, and a tampered audit row. Each test runs with the
+distro's btrfs-progs and with 4.4.1 as the agent's ``btrfs_binary`` (tests/conftest.py);
+the tests' own checks list subvolumes with the distro's."""
 
 from __future__ import annotations
 
@@ -27,16 +29,16 @@ from tests.agent.http.test_app import TRAVERSAL
 from tests.agentproc import AgentProcess, start_agent
 
 
-def make_app(lab: Lab, state_dir: Path) -> Flask:
-    cfg = agent_config(state_dir, docker_host=lab.docker_host)
+def make_app(lab: Lab, state_dir: Path, btrfs_binary: str = "btrfs") -> Flask:
+    cfg = agent_config(state_dir, docker_host=lab.docker_host, btrfs_binary=btrfs_binary)
     app = create_app(cfg, backend=real_backends(cfg))
     app.testing = True
     return app
 
 
 @pytest.fixture
-def client(lab: Lab, tmp_path: Path) -> Iterator[FlaskClient]:
-    yield make_app(lab, tmp_path / "state").test_client()
+def client(lab: Lab, tmp_path: Path, btrfs_binary: str) -> Iterator[FlaskClient]:
+    yield make_app(lab, tmp_path / "state", btrfs_binary).test_client()
 
 
 def findings(c: FlaskClient, **query: Any) -> list[dict[str, Any]]:
@@ -96,9 +98,12 @@ def test_findings_are_exactly_what_the_lab_seeded(lab: Lab, client: FlaskClient)
     assert orphan["age_seconds"] is not None and orphan["age_seconds"] < 3600
 
 
-def test_read_endpoints_on_the_lab(lab: Lab, client: FlaskClient) -> None:
+def test_read_endpoints_on_the_lab(lab: Lab, client: FlaskClient, btrfs_binary: str) -> None:
     h = auth(BOTH)
     host = client.get("/v1/host", headers=h).get_json()
+    # the agent runs the btrfs it was given
+    shown = subprocess.run([btrfs_binary, "--version"], capture_output=True, text=True).stdout
+    assert shown.split() == ["btrfs-progs", f"v{host['btrfs_progs_version']}"]
     assert host["docker"]["storage_driver"] == "btrfs"
     assert host["docker"]["data_root"] == str(lab.data_root)
     assert host["roots"] == [str(lab.data_root)]
@@ -240,12 +245,13 @@ def _get(agent: AgentProcess, path: str) -> Any:
         return r.json()
 
 
-def test_kill_9_during_apply_then_resume(lab: Lab, tmp_path: Path) -> None:
+def test_kill_9_during_apply_then_resume(lab: Lab, tmp_path: Path, btrfs_binary: str) -> None:
     orphans = [lab.seed_orphan_subvolume(files=2) for _ in range(40)]
     names = {p.name for p in orphans}
     before_digests = never_touch_digests(lab)
     before = subvolume_paths(lab)
-    agent = start_agent(tmp_path / "a", docker_host=lab.docker_host)
+    extra = {"btrfs_binary": btrfs_binary}
+    agent = start_agent(tmp_path / "a", docker_host=lab.docker_host, extra=extra)
     try:
         with agent.client() as c:
             found = [
@@ -269,7 +275,7 @@ def test_kill_9_during_apply_then_resume(lab: Lab, tmp_path: Path) -> None:
     cut = {p.name for p in orphans if not p.exists()}
     assert 5 <= len(cut) < 40, "the kill should land mid-job"
 
-    again = start_agent(tmp_path / "a", docker_host=lab.docker_host, token=agent.token)
+    again = start_agent(tmp_path / "a", docker_host=lab.docker_host, token=agent.token, extra=extra)
     try:
         job = _get(again, f"/v1/jobs/{job_id}")
         assert job["state"] == "interrupted"
@@ -305,7 +311,7 @@ def test_kill_9_during_apply_then_resume(lab: Lab, tmp_path: Path) -> None:
     # editing one audit row by hand shows in verify
     with sqlite3.connect(again.state_dir / "audit.db") as db:
         db.execute("UPDATE audit SET outcome = 'skipped' WHERE seq = 3")
-    third = start_agent(tmp_path / "a", docker_host=lab.docker_host, token=agent.token)
+    third = start_agent(tmp_path / "a", docker_host=lab.docker_host, token=agent.token, extra=extra)
     try:
         bad = _get(third, "/v1/audit/verify")
         assert bad["ok"] is False and bad["first_bad_seq"] == 3

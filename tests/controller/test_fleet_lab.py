@@ -1,6 +1,7 @@
 """``janitorctl run`` against three real agents under gunicorn on loopback (TLS), one of
 them down, on a lab of its own: the summary, the exit code, the leftovers really
-reclaimed, and the pulled audit."""
+reclaimed, and the pulled audit. Once with the distro's btrfs-progs as the agents'
+``btrfs_binary``, once with 4.4.1 (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -29,17 +30,26 @@ def janitorctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
     )
 
 
-def test_run_over_three_agents_one_down(lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
+def test_run_over_three_agents_one_down(
+    lab_factory: Callable[..., Lab], tmp_path: Path, btrfs_binary: str
+) -> None:
     lab = lab_factory()
     seeded = lab.seeded
     pki = Pki(tmp_path / "pki")
+    extra = {"btrfs_binary": btrfs_binary}
     # nas1: the agent of the lab, with mutual TLS
-    nas1 = start_agent(tmp_path / "nas1", docker_host=lab.docker_host, pki=pki, mutual_tls=True)
+    nas1 = start_agent(
+        tmp_path / "nas1", docker_host=lab.docker_host, pki=pki, mutual_tls=True, extra=extra
+    )
     # nas2: an agent on the same Docker whose only root holds nothing to clean: its
     # findings are all blocked (outside its roots), so it deletes nothing
     empty_root = lab.data_root / "volumes" / seeded.never_touch.named_volume.name
     nas2 = start_agent(
-        tmp_path / "nas2", docker_host=lab.docker_host, pki=pki, roots=[str(empty_root)]
+        tmp_path / "nas2",
+        docker_host=lab.docker_host,
+        pki=pki,
+        roots=[str(empty_root)],
+        extra=extra,
     )
     down_port = free_port()  # nas3: nothing listens there
     try:

@@ -63,7 +63,7 @@ def wait_job(agent: AgentProcess, job_id: str, timeout: float = 180.0) -> dict[s
 # -- a btrfs that dies on cue ------------------------------------------------------------------
 
 _WRAPPER = r"""#!/bin/bash
-# btrfs for the kill -9 tests: every command goes to the real btrfs. Each `subvolume
+# btrfs for the kill -9 tests: every command goes to the real btrfs (@REAL@). Each `subvolume
 # delete` is counted and logged; armed ("before|after N PGID" in $ctl/arm), the Nth one
 # SIGKILLs the agent's process group (PGID, which must be this process's own group)
 # before the real btrfs runs, or after it returned. No hook in the agent: it only runs
@@ -98,14 +98,15 @@ exec "$real" "$@"
 
 @dataclass
 class DyingBtrfs:
-    """The wrapper script and its control folder."""
+    """The wrapper script and its control folder; ``real`` is the btrfs it runs."""
 
     dir: Path
+    real: str = REAL_BTRFS
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "btrfs"
-        self.path.write_text(_WRAPPER.replace("@CTL@", str(self.dir)).replace("@REAL@", REAL_BTRFS))
+        self.path.write_text(_WRAPPER.replace("@CTL@", str(self.dir)).replace("@REAL@", self.real))
         self.path.chmod(0o755)
 
     def arm(self, point: str, nth: int, pgid: int) -> None:

@@ -1,7 +1,8 @@
 """kill -9 at chosen points of an apply, on the real agent under gunicorn on the lab.
 
 No hook in the agent: its ``btrfs_binary`` setting names a stand-in script
-(``agents.DyingBtrfs``) that runs the real /usr/bin/btrfs for everything, logs every
+(``agents.DyingBtrfs``) that runs the real btrfs for everything (the distro's, then
+btrfs-progs 4.4.1: fixture ``btrfs_binary`` in tests/conftest.py), logs every
 ``subvolume delete``, and on the Nth one SIGKILLs the agent's whole process group
 (gunicorn master and worker) either *before* running the real delete, or *after* it
 returned, which is also before the agent could write the outcome to its audit log.
@@ -40,14 +41,14 @@ from tests.robustness.agents import (
 @pytest.mark.parametrize("point", ["before", "after"])
 @pytest.mark.parametrize("nth", knobs.KILL_ON_DELETE)
 def test_kill_9_at_a_chosen_delete_then_resume(
-    lab: Lab, tmp_path: Path, point: str, nth: int
+    lab: Lab, tmp_path: Path, point: str, nth: int, btrfs_binary: str
 ) -> None:
     count = nth + 2
     orphans = [lab.seed_orphan_subvolume(files=2) for _ in range(count)]
     names = {p.name for p in orphans}
     digests = never_touch_digests(lab)
     paths_before = subvolume_paths(lab)
-    btrfs = DyingBtrfs(tmp_path / "btrfs")
+    btrfs = DyingBtrfs(tmp_path / "btrfs", real=btrfs_binary)
     workdir = tmp_path / "agent"
     extra = {"btrfs_binary": str(btrfs.path)}
 
@@ -146,14 +147,16 @@ def _paths(deleted: list[Any]) -> list[str]:
 
 
 @pytest.mark.parametrize("point", ["after", "before"] if knobs.LONG else ["after"])
-def test_kill_9_around_a_volume_removal_then_resume(lab: Lab, tmp_path: Path, point: str) -> None:
+def test_kill_9_around_a_volume_removal_then_resume(
+    lab: Lab, tmp_path: Path, point: str, btrfs_binary: str
+) -> None:
     """A dind volume is one batch (its subvolumes, children first, read-only parent
     flag cleared on the way), then ``docker volume rm``. Killed after the batch, the
     resumed job must finish the volume, not skip it as changed."""
     dind = lab.seed_dind_volume(containers=1)
     digests = never_touch_digests(lab)
     paths_before = subvolume_paths(lab)
-    btrfs = DyingBtrfs(tmp_path / "btrfs")
+    btrfs = DyingBtrfs(tmp_path / "btrfs", real=btrfs_binary)
     workdir = tmp_path / "agent"
     extra = {"btrfs_binary": str(btrfs.path)}
     agent = launch(workdir, docker_host=lab.docker_host, extra=extra)

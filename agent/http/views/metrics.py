@@ -16,6 +16,7 @@ blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 @needs(blp, "read")
 @blp.response(200, content_type="text/plain", description="Prometheus text exposition")
 def metrics() -> Response:
-    """Findings and reclaimable bytes by kind, actions, bytes reclaimed, requests."""
+    """Findings and reclaimable bytes by kind, actions, bytes reclaimed, jobs by final
+    state, the audit chain as last checked, requests."""
     registry = http().metrics.registry
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST.split(";")[0])
