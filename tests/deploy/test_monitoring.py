@@ -233,7 +233,7 @@ def exported_names() -> set[str]:
         assert plan.status_code == 201
         job = agent.client.post(f"/v1/plans/{plan.get_json()['id']}/apply", headers=auth(CLEAN))
         assert job.status_code == 202
-        agent.app.extensions["nas_janitor"].extra["cleaner"].wait(job.get_json()["job_id"], 30)
+        agent.wait_job(job.get_json()["job_id"])
         assert agent.get(f"/v1/jobs/{job.get_json()['job_id']}").get_json()["state"] == (
             "succeeded"
         )

@@ -65,7 +65,7 @@ def test_audit_chain_gauge_is_zero_when_the_log_cannot_be_read(tmp_path: Path) -
 def test_jobs_are_counted_by_final_state(tmp_path: Path) -> None:
     agent = build(tmp_path)
     before = samples(agent)
-    for state in ("succeeded", "partial", "failed", "interrupted"):
+    for state in ("succeeded", "partial", "failed", "skipped", "interrupted"):
         assert before[("nas_janitor_jobs_finished_total", (("state", state),))] == 0.0
     r = agent.client.post("/v1/plans", json={"min_age_seconds": 0}, headers=auth(CLEAN))
     plan = r.get_json()
@@ -73,7 +73,7 @@ def test_jobs_are_counted_by_final_state(tmp_path: Path) -> None:
     job_id = agent.client.post(f"/v1/plans/{plan['id']}/apply", headers=auth(CLEAN)).get_json()[
         "job_id"
     ]
-    agent.app.extensions["nas_janitor"].extra["cleaner"].wait(job_id, timeout=30)
+    agent.wait_job(job_id)
     assert agent.get(f"/v1/jobs/{job_id}").get_json()["state"] == "partial"
     after = samples(agent)
     assert after[("nas_janitor_jobs_finished_total", (("state", "partial"),))] == 1.0
@@ -88,7 +88,7 @@ def test_jobs_are_counted_by_final_state(tmp_path: Path) -> None:
 def test_a_job_cut_short_by_a_restart_counts_as_interrupted(tmp_path: Path) -> None:
     agent = build(tmp_path)
     plan = agent.client.post("/v1/plans", json={"min_age_seconds": 0}, headers=auth(CLEAN))
-    state = agent.app.extensions["nas_janitor"].extra["state"]
+    state = agent.runtime.state
     state.create_job_for_plan(
         job_id="j" * 32,
         plan_id=plan.get_json()["id"],
