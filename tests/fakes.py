@@ -179,10 +179,17 @@ class FakeFilesystem:
     times: dict[str, datetime] = field(default_factory=dict)  # folder -> last change
     # level-0 qgroups of deleted subvolumes that a kernel before 6.11 leaves behind
     stale_qgroups: dict[int, Qgroup] = field(default_factory=dict)
+    uncommitted: set[int] = field(default_factory=set)  # written, not yet committed
 
     def commit(self) -> int:
-        """A new transaction: returns its generation."""
+        """A new transaction: returns its generation. Writes made with
+        ``FakeBtrfs.touch(..., committed=False)`` get it now, as btrfs moves a subvolume's
+        generation only when the transaction holding the write commits."""
         self.generation += 1
+        for sid in self.uncommitted:
+            if sid in self.subvolumes:
+                self.subvolumes[sid].generation = self.generation
+        self.uncommitted.clear()
         return self.generation
 
     def exists(self, rel: str) -> bool:
@@ -402,13 +409,23 @@ class FakeBtrfs:
             fs, rel = self._resolve(path)
             self._make_dirs(fs, rel)
 
-    def touch(self, path: str, *, add_bytes: int = 0) -> int:
+    def touch(
+        self, path: str, *, add_bytes: int = 0, committed: bool = True, new_name: bool = False
+    ) -> int:
         """Write into the subvolume holding local ``path``: moves its generation (and
-        grows it by ``add_bytes``). Returns the new generation."""
+        grows it by ``add_bytes``). Returns its generation. ``committed=False``: the
+        generation moves only at the next commit (as btrfs does until its periodic
+        commit). ``new_name``: a file was created too (the subvolume's ctime moves)."""
         with self._lock:
             fs, rel = self._resolve(path)
             sub = fs.subvolumes[fs.by_path[rel]] if rel in fs.by_path else fs.containing(rel)
-            sub.generation = fs.commit()
+            if committed:
+                sub.generation = fs.commit()
+            else:
+                fs.uncommitted.add(sub.id)
+            if new_name:
+                sub.changed_at = self.now
+                fs.times[rel if fs.exists(rel) else posixpath.dirname(rel)] = self.now
             sub.holds_files = True
             sub.exclusive_bytes += add_bytes
             sub.referenced_bytes += add_bytes

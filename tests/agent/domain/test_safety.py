@@ -1,0 +1,286 @@
+"""The safety rules over snapshots of the stateful fakes: every rule, and the attack that
+would break it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.domain.inventory import Inventory
+from agent.domain.safety import (
+    check_no_mounts,
+    plan_folder_delete,
+    plan_qgroup_destroy,
+    plan_subvolume_delete,
+    plan_volume_delete,
+)
+from agent.domain.snapshot import Snapshot
+from agent.errors import (
+    HostMountsUnavailable,
+    InUse,
+    NotFound,
+    OutsideRoots,
+    Protected,
+    ValidationFailed,
+)
+from shared.policy import DEFAULT_PROTECT_LABELS
+from tests.agent.http.apphelpers import agent_config
+from tests.fakes import LeakScenario, make_leak_scenario
+
+LABELS = DEFAULT_PROTECT_LABELS
+
+
+def snapshot(sc: LeakScenario, tmp_path: Path, **cfg: object) -> Snapshot:
+    inv = Inventory(agent_config(tmp_path, **cfg), btrfs=sc.btrfs, docker=sc.docker)
+    return inv.take()
+
+
+def sub_id(sc: LeakScenario, path: str) -> int:
+    sub = sc.btrfs.subvolume(path)
+    assert sub is not None, path
+    return sub.id
+
+
+@pytest.fixture
+def sc() -> LeakScenario:
+    return make_leak_scenario()
+
+
+def volume(snap: Snapshot, sc: LeakScenario) -> object:
+    return plan_volume_delete(snap, sc.dind_volume, protect_labels=LABELS)
+
+
+def orphan(snap: Snapshot, sc: LeakScenario) -> object:
+    return plan_subvolume_delete(
+        snap, sc.fs_uuid, sub_id(sc, sc.orphan_layer), protect_labels=LABELS
+    )
+
+
+# --------------------------------------------------------------------------- the plain leak
+
+
+def test_the_plain_leak_may_go(sc: LeakScenario, tmp_path: Path) -> None:
+    snap = snapshot(sc, tmp_path)
+    ds = plan_volume_delete(snap, sc.dind_volume, protect_labels=LABELS)
+    ids = [s.id for s in ds.subvolumes]
+    assert sorted(ids) == sorted(sub_id(sc, p) for p in sc.dind_nested)
+    # children first: the read-only parent's child before it
+    child, parent = sub_id(sc, sc.dind_ro_parent_child), sub_id(sc, sc.dind_ro_parent)
+    assert ids.index(child) < ids.index(parent)
+    assert [s.id for s in ds.clear_readonly] == [parent]
+    assert ds.guard and ds.guard[0][0] == f"{sc.data_root}/volumes/{sc.dind_volume}"
+    assert [s.id for s in orphan(snap, sc).subvolumes] == [sub_id(sc, sc.orphan_layer)]  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- mounts of any type
+
+
+MOUNTERS: dict[str, Callable[[LeakScenario, str], None]] = {
+    "tmpfs": lambda sc, at: sc.btrfs.add_mount(at),
+    "tmpfs on the host only": lambda sc, at: sc.btrfs.add_mount(at, host_only=True),
+    "bind of a host folder": lambda sc, at: sc.btrfs.add_mount(
+        at, fstype="ext4", source="/dev/vda", root="/home/alice/photos"
+    ),
+}
+
+
+@pytest.mark.parametrize("how", MOUNTERS)
+def test_a_mount_inside_a_leaked_volume_blocks_it(
+    sc: LeakScenario, tmp_path: Path, how: str
+) -> None:
+    MOUNTERS[how](sc, f"{sc.dind_ro_parent}/tmp-mount")
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(InUse, match="mounted inside"):
+        volume(snap, sc)
+    # the nested subvolume holding it is blocked on its own too
+    with pytest.raises(InUse, match="mounted inside"):
+        plan_subvolume_delete(
+            snap, sc.fs_uuid, sub_id(sc, sc.dind_ro_parent), protect_labels=LABELS
+        )
+
+
+@pytest.mark.parametrize("how", MOUNTERS)
+def test_a_mount_inside_an_orphan_layer_blocks_it(
+    sc: LeakScenario, tmp_path: Path, how: str
+) -> None:
+    MOUNTERS[how](sc, f"{sc.orphan_layer}/run")
+    with pytest.raises(InUse, match="mounted inside"):
+        orphan(snapshot(sc, tmp_path), sc)
+
+
+def test_a_mount_on_a_nested_subvolume_blocks_its_volume_and_it(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.btrfs.add_mount(sc.dind_ro_leaf)  # something mounted over the subvolume itself
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(InUse):
+        volume(snap, sc)
+    with pytest.raises(Protected, match="mount point"):
+        plan_subvolume_delete(snap, sc.fs_uuid, sub_id(sc, sc.dind_ro_leaf), protect_labels=LABELS)
+
+
+def test_without_the_hosts_mount_table_nothing_goes(sc: LeakScenario, tmp_path: Path) -> None:
+    sc.btrfs.host_mounts_error = "the agent runs in a pid namespace of its own"
+    snap = snapshot(sc, tmp_path)
+    assert not snap.mounts.known
+    with pytest.raises(HostMountsUnavailable, match="pid namespace"):
+        volume(snap, sc)
+    with pytest.raises(HostMountsUnavailable):
+        orphan(snap, sc)
+
+
+# --------------------------------------------------------------------------- mounted elsewhere
+
+
+@pytest.mark.parametrize("kind", ["subvol mount", "bind mount", "bind of a folder inside"])
+def test_a_nested_subvolume_mounted_elsewhere_blocks_its_volume(
+    sc: LeakScenario, tmp_path: Path, kind: str
+) -> None:
+    nested = sc.dind_ro_parent
+    if kind == "subvol mount":
+        sc.btrfs.mount_subvolume(nested, "/mnt/elsewhere")
+    elif kind == "bind mount":
+        sc.btrfs.bind_mount(nested, "/mnt/elsewhere")
+    else:
+        sc.btrfs.make_dirs(f"{sc.dind_mountpoint}/image/layerdb")
+        sc.btrfs.bind_mount(f"{sc.dind_mountpoint}/image/layerdb", "/mnt/elsewhere")
+    snap = snapshot(sc, tmp_path)
+    # it keeps the path it has inside its volume (the widest view, not the deepest)
+    sv = snap.subvolume(sc.fs_uuid, sub_id(sc, nested))
+    assert sv is not None and sv.path == nested and sv.owner_kind == "docker-volume"
+    with pytest.raises(Protected, match=r"also mounted elsewhere.*/mnt/elsewhere"):
+        volume(snap, sc)
+
+
+def test_an_orphan_mounted_elsewhere_is_blocked(sc: LeakScenario, tmp_path: Path) -> None:
+    sc.btrfs.mount_subvolume(sc.orphan_layer, "/srv/cache")
+    snap = snapshot(sc, tmp_path)
+    sv = snap.subvolume(sc.fs_uuid, sub_id(sc, sc.orphan_layer))
+    assert sv is not None and sv.path == sc.orphan_layer and sv.owner_kind == "orphan-layer"
+    with pytest.raises(Protected, match="also mounted elsewhere"):
+        orphan(snap, sc)
+
+
+def test_mounts_of_what_holds_the_target_do_not_block(sc: LeakScenario, tmp_path: Path) -> None:
+    """dockerd bind-mounts its data root and btrfs/ onto themselves; a second view of the
+    whole filesystem elsewhere shows the target but exposes nothing of it alone."""
+    sc.btrfs.mount_subvolume(sc.data_root, "/var/lib/docker-view")
+    snap = snapshot(sc, tmp_path)
+    volume(snap, sc)
+    orphan(snap, sc)
+
+
+# --------------------------------------------------------------------------- containers' use
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_a_container_bind_mounting_a_nested_subvolume_blocks_the_volume(
+    sc: LeakScenario, tmp_path: Path, running: bool
+) -> None:
+    sc.docker.add_container(
+        "ci-cache-user", running=running, binds=[(sc.dind_ro_parent_child, "/cache")]
+    )
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(InUse, match="ci-cache-user"):
+        volume(snap, sc)
+    with pytest.raises(InUse, match="ci-cache-user"):
+        plan_subvolume_delete(
+            snap, sc.fs_uuid, sub_id(sc, sc.dind_ro_parent_child), protect_labels=LABELS
+        )
+
+
+def test_a_container_bind_mounting_an_orphan_layer_blocks_it(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.docker.add_container("debug", running=False, binds=[(f"{sc.orphan_layer}/etc", "/x")])
+    with pytest.raises(InUse, match="debug"):
+        orphan(snapshot(sc, tmp_path), sc)
+
+
+def test_a_container_bind_mounting_a_folder_holding_the_target_blocks_it(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.docker.add_container("inner-peek", binds=[(f"{sc.data_root}/volumes", "/volumes")])
+    with pytest.raises(InUse, match="inner-peek"):
+        volume(snapshot(sc, tmp_path), sc)
+
+
+def test_a_container_seeing_the_whole_data_root_uses_nothing_in_particular(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.docker.add_container("monitor", binds=[(sc.data_root, "/var/lib/docker:ro")])
+    sc.docker.add_container("backup", binds=[("/volume1", "/source")])
+    snap = snapshot(sc, tmp_path)
+    volume(snap, sc)
+    orphan(snap, sc)
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+def test_protected_and_in_use_volumes(sc: LeakScenario, tmp_path: Path) -> None:
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(Protected, match="keep"):
+        plan_volume_delete(snap, sc.keep_volume, protect_labels=LABELS)
+    with pytest.raises(InUse):
+        plan_volume_delete(snap, sc.in_use_volume, protect_labels=LABELS)
+    with pytest.raises(InUse):
+        plan_volume_delete(snap, sc.stopped_anonymous_volume, protect_labels=LABELS)
+    with pytest.raises(Protected, match="named volume holding no"):
+        plan_volume_delete(snap, sc.named_volume, protect_labels=LABELS)
+    with pytest.raises(ValidationFailed):
+        plan_volume_delete(snap, "../x", protect_labels=LABELS)
+    with pytest.raises(NotFound):
+        plan_volume_delete(snap, "nothere", protect_labels=LABELS)
+
+
+def test_layers_the_top_level_the_default_and_outside_the_roots(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    snap = snapshot(sc, tmp_path)
+    layer = sub_id(sc, sc.layers[0])
+    with pytest.raises(Protected, match="Docker layer"):
+        plan_subvolume_delete(snap, sc.fs_uuid, layer, protect_labels=LABELS)
+    with pytest.raises(Protected, match="top level"):
+        plan_subvolume_delete(snap, sc.fs_uuid, 5, protect_labels=LABELS)
+    with pytest.raises(Protected, match="configured root itself"):
+        plan_subvolume_delete(snap, sc.fs_uuid, sub_id(sc, sc.data_root), protect_labels=LABELS)
+    with pytest.raises(OutsideRoots):
+        plan_subvolume_delete(snap, sc.fs_uuid, sub_id(sc, sc.share), protect_labels=LABELS)
+    sc.btrfs.set_default(sc.orphan_layer)
+    with pytest.raises(Protected, match="default subvolume"):
+        orphan(snapshot(sc, tmp_path), sc)
+
+
+def test_a_mount_appearing_later_is_seen_by_a_fresh_table(sc: LeakScenario, tmp_path: Path) -> None:
+    """The executor checks the guard against tables read right before each step."""
+    snap = snapshot(sc, tmp_path)
+    ds = plan_volume_delete(snap, sc.dind_volume, protect_labels=LABELS)
+    sc.btrfs.add_mount(f"{sc.dind_mountpoint}/late", host_only=True)
+    fresh = snapshot(sc, tmp_path).mounts
+    (path, dev, in_fs) = ds.guard[0]
+    with pytest.raises(InUse, match="late"):
+        check_no_mounts(fresh, path, dev=dev, in_fs=in_fs)
+
+
+def test_plain_folder_layers(sc: LeakScenario, tmp_path: Path) -> None:
+    layer_dir = f"{sc.data_root}/btrfs/subvolumes"
+    loose = f"{layer_dir}/{'a' * 64}"
+    sc.btrfs.make_dirs(f"{loose}/etc")
+    snap = snapshot(sc, tmp_path)
+    folder = next(f for f in snap.layer_folders if f.path == loose)
+    assert folder.referenced_by is None
+    assert plan_folder_delete(snap, loose).folder == folder
+    sc.btrfs.add_mount(f"{loose}/etc")
+    with pytest.raises(InUse):
+        plan_folder_delete(snapshot(sc, tmp_path), loose)
+
+
+def test_qgroups_of_live_subvolumes_are_never_destroyed(sc: LeakScenario, tmp_path: Path) -> None:
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(Protected, match="belong to a subvolume"):
+        plan_qgroup_destroy(snap, sc.fs_uuid, [sub_id(sc, sc.orphan_layer)])
+    with pytest.raises(Protected):
+        plan_qgroup_destroy(snap, sc.fs_uuid, [5])
