@@ -134,13 +134,20 @@ def test_without_the_hosts_mount_table_nothing_goes(sc: LeakScenario, tmp_path: 
 # --------------------------------------------------------------------------- mounted elsewhere
 
 
-@pytest.mark.parametrize("kind", ["subvol mount", "bind mount", "bind of a folder inside"])
+@pytest.mark.parametrize(
+    "kind", ["subvol mount", "subvol mount under the root", "bind mount", "bind of a folder inside"]
+)
 def test_a_nested_subvolume_mounted_elsewhere_blocks_its_volume(
     sc: LeakScenario, tmp_path: Path, kind: str
 ) -> None:
     nested = sc.dind_ro_parent
+    elsewhere = "/mnt/elsewhere"
     if kind == "subvol mount":
-        sc.btrfs.mount_subvolume(nested, "/mnt/elsewhere")
+        sc.btrfs.mount_subvolume(nested, elsewhere)
+    elif kind == "subvol mount under the root":
+        elsewhere = f"{sc.data_root}/cache-view"
+        sc.btrfs.make_dirs(elsewhere)
+        sc.btrfs.mount_subvolume(nested, elsewhere)
     elif kind == "bind mount":
         sc.btrfs.bind_mount(nested, "/mnt/elsewhere")
     else:
@@ -150,7 +157,7 @@ def test_a_nested_subvolume_mounted_elsewhere_blocks_its_volume(
     # it keeps the path it has inside its volume (the widest view, not the deepest)
     sv = snap.subvolume(sc.fs_uuid, sub_id(sc, nested))
     assert sv is not None and sv.path == nested and sv.owner_kind == "docker-volume"
-    with pytest.raises(Protected, match=r"also mounted elsewhere.*/mnt/elsewhere"):
+    with pytest.raises(Protected, match=f"also mounted elsewhere.*{elsewhere}"):
         volume(snap, sc)
 
 
