@@ -224,7 +224,7 @@ class FakeBtrfs:
     def __init__(
         self,
         *,
-        kernel: str = "6.1.0-28-amd64",
+        kernel: str = "6.12.48-amd64",
         progs_version: str = "6.2",
         now: datetime = DEFAULT_NOW,
     ) -> None:
@@ -1253,7 +1253,7 @@ def make_leak_scenario(
     *,
     now: datetime = DEFAULT_NOW,
     age: timedelta = timedelta(days=3),
-    kernel: str = "6.1.0-28-amd64",
+    kernel: str = "6.12.48-amd64",
     quota: bool = True,
 ) -> LeakScenario:
     """A ``FakeBtrfs`` + ``FakeDocker`` pair shaped like the real lab (lab.md): one

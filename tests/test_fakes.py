@@ -191,11 +191,25 @@ def test_delete_frees_exclusive_bytes_and_forgets_the_subvolume(fs: FakeBtrfs) -
     assert before.used_bytes - after.used_bytes == 40 * MiB
     assert after.free_bytes - before.free_bytes == 40 * MiB
     assert after.size_bytes == before.size_bytes
-    # Linux 6.1 (the fake's default) keeps a deleted subvolume's qgroup; 6.11 drops it
-    assert sub.id in (fs.qgroups(V) or {})
-    assert sub.id in fs.filesystem_at(V).stale_qgroups
+    # Linux 6.11 and later (the fake's default) drop a deleted subvolume's qgroup
+    assert sub.id not in (fs.qgroups(V) or {})
     assert sub.id not in fs.readonly_ids(V)
     assert not fs.exists(f"{V}/docker/big/etc")
+
+
+def test_kernels_before_6_11_keep_a_deleted_subvolumes_qgroup() -> None:
+    fs = FakeBtrfs(kernel="4.4.302+")
+    fs.add_filesystem(mount=V)
+    sub = fs.create_subvolume(f"{V}/docker/old")
+    assert fs.delete([f"{V}/docker/old"])[0].ok
+    assert sub.id in (fs.qgroups(V) or {}) and sub.id in fs.filesystem_at(V).stale_qgroups
+    fs.qgroup_busy = 1
+    with pytest.raises(BtrfsCommandError, match="busy"):
+        fs.destroy_qgroup(V, sub.id)
+    fs.destroy_qgroup(V, sub.id)
+    assert sub.id not in (fs.qgroups(V) or {})
+    with pytest.raises(BtrfsCommandError, match="No such file"):
+        fs.destroy_qgroup(V, sub.id)
 
 
 def test_lazy_free_keeps_the_bytes_used_until_sync(fs: FakeBtrfs) -> None:

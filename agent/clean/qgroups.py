@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent.clean.executor import Executor
 from agent.errors import AgentError
@@ -23,30 +23,33 @@ log = logging.getLogger("nas_janitor.agent.qgroups")
 SWEEP_ACTOR = "agent"
 
 
+def _in_background(work: Callable[[], None]) -> None:
+    threading.Thread(target=work, name="qgroups", daemon=True).start()
+
+
 class QgroupSweeper:
-    def __init__(self, executor: Executor, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        audit: AuditLog,
+        *,
+        spawn: Callable[[Callable[[], None]], None] = _in_background,
+    ) -> None:
         self.executor = executor
         self.audit = audit
+        self._spawn = spawn
         self._lock = threading.Lock()  # one sweep at a time
-        self._threads: list[threading.Thread] = []
 
     def after_delete(
         self, *, fs_uuid: str, mount: str, quota_enabled: bool, deleted_ids: Sequence[int]
-    ) -> threading.Thread | None:
-        """Destroy the qgroups of ``deleted_ids`` in the background when this kernel
-        keeps them and quotas are on. Returns the thread (None when nothing to do)."""
+    ) -> bool:
+        """Destroy the qgroups of ``deleted_ids`` in the background (``spawn``) when this
+        kernel keeps them and quotas are on. True when a sweep was started."""
         if not deleted_ids or not quota_enabled or self.executor.btrfs.kernel_drops_qgroups():
-            return None
+            return False
         ids = tuple(sorted(set(deleted_ids)))
-        thread = threading.Thread(
-            target=self._sweep,
-            args=(fs_uuid, mount, ids),
-            name=f"qgroups-{fs_uuid[:8]}",
-            daemon=True,
-        )
-        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-        thread.start()
-        return thread
+        self._spawn(lambda: self._sweep(fs_uuid, mount, ids))
+        return True
 
     def _sweep(self, fs_uuid: str, mount: str, ids: tuple[int, ...]) -> None:
         with self._lock:

@@ -49,7 +49,7 @@ def test_every_read_answer_loads(agent: AgentUnderTest) -> None:
     assert c.healthz().status == "ok"
     assert c.readyz() == Readiness(ready=True)
     host = c.host()
-    assert host.kernel.release == "6.1.0-28-amd64" and host.kernel.rmdir_deletes_subvolumes
+    assert host.kernel.release == "6.12.48-amd64" and host.kernel.rmdir_deletes_subvolumes
     assert host.docker.storage_driver == "btrfs" and host.docker.data_root == sc.data_root
     (fs,) = c.filesystems()
     assert fs.uuid == sc.fs_uuid and "/volume1" in fs.mountpoints
