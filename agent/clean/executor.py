@@ -25,14 +25,13 @@ the bytes reclaimed. The caller holds the filesystem's mutation lock (``fs_lock`
 
 from __future__ import annotations
 
-import posixpath
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.domain.plans import Deleted
-from agent.domain.safety import DeleteSet, check_guard, check_no_container_uses
+from agent.domain.safety import DeleteSet, check_guard
 from agent.domain.snapshot import MountIndex, Snapshot, UseIndex
 from agent.errors import AgentError, BtrfsCommandError
 from agent.host.backend import Btrfs, Docker
@@ -189,10 +188,12 @@ class Executor:
                     run.fail(path, f"could not set read-only again: {exc.detail}")
 
     def _guard_now(self, snap: Snapshot, run: _Run, step: str) -> bool:
-        """The guarded paths against the mount tables as they are now; a failure ends
-        the run before ``step``."""
+        """The guarded paths against the mount tables and the containers as they are
+        now; a failure ends the run before ``step``."""
         try:
-            check_guard(snap, run.ds.guard, self._read_mounts())
+            check_guard(
+                snap, run.ds.guard, self._read_mounts(), UseIndex(self.docker.containers())
+            )
         except AgentError as exc:
             run.fail(step, f"stopped before it: {exc.code}: {exc.detail}")
             return False
@@ -211,11 +212,7 @@ class Executor:
             return
         if not self._guard_now(snap, run, "docker volume rm"):
             return
-        folder = posixpath.dirname(vol.record.mountpoint)
         try:
-            check_no_container_uses(
-                UseIndex(self.docker.containers()), folder, wide=snap.wide_paths()
-            )
             self.docker.remove_volume(vol.name)
         except AgentError as exc:
             run.fail(f"volume {vol.name}", f"docker volume rm: {exc.code}: {exc.detail}")

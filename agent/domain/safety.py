@@ -135,13 +135,16 @@ def check_no_container_uses(uses: UseIndex, path: str, *, wide: Sequence[str]) -
 
 
 def check_guard(
-    snap: Snapshot, guard: Sequence[tuple[str, str, str | None]], mounts: MountIndex
+    snap: Snapshot,
+    guard: Sequence[tuple[str, str, str | None]],
+    mounts: MountIndex,
+    uses: UseIndex | None = None,
 ) -> None:
-    """Every guarded path holds no mount and no container use, against ``mounts`` (a
-    table read right now) and the snapshot's container uses."""
+    """Every guarded path holds no mount and no container use, against ``mounts`` and
+    ``uses`` (read right now; the snapshot's uses by default)."""
     for path, dev, in_fs in guard:
         check_no_mounts(mounts, path, dev=dev, in_fs=in_fs)
-        check_no_container_uses(snap.uses, path, wide=snap.wide_paths())
+        check_no_container_uses(uses or snap.uses, path, wide=snap.wide_paths())
 
 
 def _guard_entry(snap: Snapshot, fs_uuid: str, path: str) -> tuple[str, str, str | None]:

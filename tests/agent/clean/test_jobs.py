@@ -283,3 +283,73 @@ def test_a_referenced_layer_folder_is_reported_and_never_touched(agent: AgentUnd
     p = plan(agent, kinds=["layer-folder"], finding_ids=[found[0]["id"]])
     assert p["actions"] == []
     assert sc.btrfs.exists(f"{layer}/bin")
+
+
+def test_a_mount_made_right_before_docker_rm_is_never_crossed(agent: AgentUnderTest) -> None:
+    sc = agent.sc
+    p = plan(agent, kinds=["dind-volume"])
+    real = sc.btrfs.remove_tree
+
+    def empty_then_mount(path: str, *, keep_top: bool = False) -> Any:
+        out = real(path, keep_top=keep_top)
+        sc.btrfs.add_mount(f"{sc.dind_mountpoint}/late", host_only=True)
+        return out
+
+    sc.btrfs.remove_tree = empty_then_mount  # type: ignore[method-assign]
+    removes = sc.docker.calls.count("remove_volume")
+    (result,) = run(agent, p["id"])["results"]
+    assert result["outcome"] == "failed" and "docker volume rm" in result["detail"]
+    assert sc.docker.calls.count("remove_volume") == removes
+    assert sc.btrfs.emptied_mounts == []
+
+
+def test_a_container_mounting_into_the_volume_during_the_delete_keeps_its_files(
+    agent: AgentUnderTest,
+) -> None:
+    sc = agent.sc
+    p = plan(agent, kinds=["dind-volume"])
+    kept = f"{sc.dind_mountpoint}/shared/work.txt"
+    sc.btrfs.write_file(kept)
+    real = sc.btrfs.delete
+
+    def delete_then_bind(paths: Any) -> Any:
+        out = real(paths)
+        sc.docker.add_container("late-user", binds=[(f"{sc.dind_mountpoint}/shared", "/w")])
+        return out
+
+    sc.btrfs.delete = delete_then_bind  # type: ignore[method-assign]
+    (result,) = run(agent, p["id"])["results"]
+    assert result["outcome"] == "failed" and "late-user" in result["detail"]
+    assert {d["path"] for d in result["deleted"]} == set(sc.dind_nested)
+    assert kept in {f"/volume1/{f}" for f in sc.btrfs.filesystem_at(kept).files}
+
+
+def test_an_error_after_something_was_deleted_keeps_the_record(agent: AgentUnderTest) -> None:
+    from agent.errors import BtrfsUnavailable
+
+    sc = agent.sc
+    p = plan(agent, kinds=["dind-volume"])
+
+    def broken(path: str, *, keep_top: bool = False) -> Any:
+        raise BtrfsUnavailable("the disk went away")
+
+    sc.btrfs.remove_tree = broken  # type: ignore[method-assign]
+    job = run(agent, p["id"])
+    (result,) = job["results"]
+    assert result["outcome"] == "failed" and "the disk went away" in result["detail"]
+    assert {d["path"] for d in result["deleted"]} == set(sc.dind_nested)
+    assert job["state"] == "partial"
+
+
+def test_an_orphan_changed_within_the_floor_is_skipped_at_apply(tmp_path: Path) -> None:
+    """The generation check sees a write; the age check at apply stands behind it for a
+    name made without one (here: only the change time moves)."""
+    sc = make_leak_scenario(age=timedelta(hours=2))
+    agent = build(tmp_path / "state", sc)
+    p = plan(agent, kinds=["orphan-layer"])
+    sub = sc.btrfs.subvolume(sc.orphan_layer)
+    assert sub is not None
+    sub.changed_at = sc.now - timedelta(minutes=1)
+    (result,) = run(agent, p["id"])["results"]
+    assert result["outcome"] == "skipped" and result["detail"].startswith("too_young:")
+    assert sc.btrfs.exists(sc.orphan_layer)
