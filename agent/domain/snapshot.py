@@ -27,7 +27,7 @@ from agent.host.records import (
     FsUsage,
     LayerRefs,
     MountEntry,
-    Qgroup,
+    QgroupReport,
     SubvolumeRecord,
     VolumeRecord,
 )
@@ -202,8 +202,7 @@ class _FsScan:
     """One filesystem's btrfs commands, running side by side."""
 
     records: Future[list[SubvolumeRecord]]
-    readonly: Future[set[int]]
-    qgroups: Future[dict[int, Qgroup] | None]
+    qgroups: Future[QgroupReport | None]
     usage: Future[FsUsage]
     default: Future[int]
 
@@ -211,7 +210,6 @@ class _FsScan:
     def start(cls, btrfs: Btrfs, mount: str) -> _FsScan:
         return cls(
             records=_POOL.submit(btrfs.list_subvolumes, mount),
-            readonly=_POOL.submit(btrfs.readonly_ids, mount),
             qgroups=_POOL.submit(btrfs.qgroups, mount),
             usage=_POOL.submit(btrfs.usage, mount),
             default=_POOL.submit(btrfs.default_subvolume, mount),
@@ -302,7 +300,6 @@ def take_snapshot(
         for m in mounts:
             mounted_roots.add((uuid, m.root.rstrip("/") or "/"))
         records: list[SubvolumeRecord] = scan.records.result()
-        ro = scan.readonly.result()
         qg = scan.qgroups.result()
         filesystems[uuid] = FsView(
             uuid=uuid,
@@ -317,7 +314,9 @@ def take_snapshot(
         subs: dict[int, SubvolView] = {}
         prefixes = _mount_prefixes(mounts)
         for rec in sorted(records, key=lambda r: r.id):
-            local = _map_path(rec.path, prefixes)
+            # A path the kernel could not give for sure maps nowhere: nothing is done
+            # to such a subvolume by path.
+            local = _map_path(rec.path, prefixes) if rec.path is not None else None
             host = pathmap.to_host(local) if local is not None else None
             kind, ref = "other", None
             if host is not None:
@@ -340,7 +339,7 @@ def take_snapshot(
                 parent_id=rec.parent_id,
                 path=host,
                 local_path=local,
-                read_only=rec.id in ro,
+                read_only=rec.read_only,
                 generation=rec.generation,
                 uuid=rec.uuid,
                 parent_uuid=rec.parent_uuid,
