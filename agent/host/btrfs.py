@@ -3,13 +3,14 @@
 Listings are read from the kernel with ioctls, not from the text of btrfs-progs: a
 name holding a newline, a tab, ``<FS_TREE>`` or bytes that are not UTF-8 cannot forge or
 break a line that is never printed. Every ioctl used exists on Linux 4.4 (what NAS
-vendors ship) and needs CAP_SYS_ADMIN, as ``btrfs subvolume list`` does:
+vendors ship), or falls back to one that does; the tree searches and INO_LOOKUP need
+CAP_SYS_ADMIN, as ``btrfs subvolume list`` does:
 
-    BTRFS_IOC_TREE_SEARCH_V2 (Linux 3.15+; falls back to BTRFS_IOC_TREE_SEARCH)
-        list_subvolumes (root tree), qgroups (quota tree), created_at on < 4.18
-    BTRFS_IOC_INO_LOOKUP     the path of a directory holding subvolumes
-    BTRFS_IOC_GET_SUBVOL_INFO (4.18+, any user; falls back to the tree search)
-        created_at
+    BTRFS_IOC_TREE_SEARCH_V2  (3.15+) list_subvolumes (root tree), qgroups (quota
+                              tree); on ENOTTY/EINVAL, BTRFS_IOC_TREE_SEARCH (v1)
+    BTRFS_IOC_INO_LOOKUP      the path of a folder holding subvolumes; a tree's id
+    BTRFS_IOC_GET_SUBVOL_INFO (4.18+, any user) created_at; before 4.18,
+                              INO_LOOKUP + BTRFS_IOC_TREE_SEARCH on the root item
 
 The decoding is pure, in ``agent.host.btrfs_tree`` (every struct offset is documented
 there). What still runs btrfs-progs 4.4.1 ... 6.x, with commands and flags that all exist
