@@ -87,6 +87,7 @@ bench: deps venv
 	$(PY) -m bench.b2_reclaim --json $(BENCH_RESULTS)/b2.json
 	$(PY) -m bench.b3_fleet --json $(BENCH_RESULTS)/b3.json
 	$(PY) -m bench.b4_footprint --json $(BENCH_RESULTS)/b4.json
+	$(PY) -m bench.b5_enumeration --json $(BENCH_RESULTS)/b5.json
 	$(PY) -m bench.report $(BENCH_RESULTS) BENCHMARKS.md
 
 .PHONY: robustness

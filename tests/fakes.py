@@ -5,11 +5,16 @@ They keep state and behave like the real tools as the lab showed them (see
 
 - ``FakeBtrfs`` holds one or more filesystems, each with its subvolumes (ids from 256,
   parent ids, generations, uuids, read-only flags), quotas on or off, a default subvolume,
-  and the usage they add up to. ``delete`` has btrfs' real rules: a batch is one process
-  that goes on past a bad path; a subvolume that still holds subvolumes fails with
-  "Directory not empty", one inside a read-only subvolume with "Read-only file system",
-  a missing path with "No such file or directory"; a read-only leaf deletes fine.
-  Every method that would run a ``btrfs`` process appends to ``calls``.
+  and the usage they add up to; qgroups outlive their subvolume on kernels before 6.11
+  (``stale_qgroups``), as Synology's 4.4 leaves them. ``delete`` has btrfs' real rules:
+  a batch is one process that goes on past a bad path; a subvolume that still holds
+  subvolumes fails with "Directory not empty", one inside a read-only subvolume with
+  "Read-only file system", a missing path with "No such file or directory"; a read-only
+  leaf deletes fine.
+  Every method that would run a ``btrfs`` process appends to ``calls``, and so do the
+  listings, which the real tool reads with ioctls (ops ``"tree search"`` and
+  ``"tree search quota"``): those do not need the binary, so ``missing`` does not stop
+  them.
 - ``FakeDocker`` holds images, containers (running or stopped) and volumes. Linked to a
   ``FakeBtrfs`` (``FakeDocker(btrfs=fs)``), images and containers get their layer
   subvolumes under ``<data_root>/btrfs/subvolumes/`` and ``remove_volume`` does what
@@ -17,9 +22,9 @@ They keep state and behave like the real tools as the lab showed them (see
   can and fails, leaving the volume listed and half-deleted, while a subvolume remains.
 
 Paths: what the ``Btrfs`` methods take and return are local paths (``/volume1/docker``);
-``SubvolumeRecord.path`` is relative to the filesystem's top level, as btrfs prints it
-(``docker``). A filesystem added with ``add_filesystem(mount="/volume1")`` is mounted
-there at its top level, so local path = mount + "/" + path.
+``SubvolumeRecord.path`` is relative to the filesystem's top level (``docker``). A
+filesystem added with ``add_filesystem(mount="/volume1")`` is mounted there at its top
+level, so local path = mount + "/" + path.
 
 A typical test::
 
@@ -35,7 +40,9 @@ or the whole lab at once: ``s = make_leak_scenario()``, then ``s.btrfs``, ``s.do
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import posixpath
 import re
 import threading
@@ -53,6 +60,7 @@ from agent.errors import (
     NotFound,
     ToolFailed,
 )
+from agent.host.btrfs import BtrfsIoctlError
 from agent.host.dockerd import ANONYMOUS_LABEL, is_anonymous
 from agent.host.files import TreeRemoval
 from agent.host.records import (
@@ -66,6 +74,7 @@ from agent.host.records import (
     LayerRefs,
     MountEntry,
     Qgroup,
+    QgroupReport,
     SubvolumeRecord,
     VolumeRecord,
 )
@@ -140,7 +149,11 @@ class FakeSubvolume:
     exclusive_bytes: int
     referenced_bytes: int
     holds_files: bool = True  # rm -rf of a read-only subvolume fails on its files
-    changed_at: datetime | None = None  # the last name made or removed in it (ctime)
+    # The root item's ctime / ctransid: moved when a name is made or removed in it.
+    changed_at: datetime | None = None
+    ctransid: int = 0
+    # False: the kernel cannot give its path (ENAMETOOLONG...): listed with path None.
+    path_known: bool = True
 
     def record(self) -> SubvolumeRecord:
         return SubvolumeRecord(
@@ -152,9 +165,15 @@ class FakeSubvolume:
             read_only=self.read_only,
             created_at=self.created_at,
             changed_at=self.changed_at or self.created_at,
-            ctransid=self.generation,
-            path=self.path,
+            ctransid=self.ctransid or self.cgen,
+            path=self.path if self.path_known else None,
         )
+
+    def changed(self, gen: int, when: datetime) -> None:
+        """A name was made or removed in it: its generation, ctime and ctransid move."""
+        self.generation = gen
+        self.changed_at = when
+        self.ctransid = gen
 
 
 @dataclass
@@ -168,6 +187,7 @@ class FakeFilesystem:
     size_bytes: int
     base_used_bytes: int  # metadata and whatever is not in a subvolume the fake tracks
     quota_enabled: bool
+    quota_inconsistent: bool = False  # the quota status says: rescan needed
     default_id: int = TOP_LEVEL
     generation: int = 7
     next_id: int = FIRST_ID
@@ -399,15 +419,19 @@ class FakeBtrfs:
             )
             fs.subvolumes[sid] = sub
             fs.by_path[rel] = sid
-            holder.generation = gen
+            holder.changed(gen, self.now)
             fs.times[posixpath.dirname(rel)] = sub.created_at
             return sub
 
     def make_dirs(self, path: str) -> None:
-        """A plain folder (and its parents) at local ``path``."""
+        """A plain folder (and its parents) at local ``path``: new names in the
+        subvolume holding it, whose generation, ctime and ctransid move."""
         with self._lock:
             fs, rel = self._resolve(path)
+            if fs.exists(rel):
+                return
             self._make_dirs(fs, rel)
+            fs.containing(rel).changed(fs.commit(), self.now)
 
     def touch(
         self, path: str, *, add_bytes: int = 0, committed: bool = True, new_name: bool = False
@@ -424,7 +448,7 @@ class FakeBtrfs:
             else:
                 fs.uncommitted.add(sub.id)
             if new_name:
-                sub.changed_at = self.now
+                sub.changed(sub.generation, self.now)
                 fs.times[rel if fs.exists(rel) else posixpath.dirname(rel)] = self.now
             sub.holds_files = True
             sub.exclusive_bytes += add_bytes
@@ -439,7 +463,25 @@ class FakeBtrfs:
 
     def enable_quota(self, mount: str, enabled: bool = True) -> None:
         with self._lock:
-            self._resolve(mount)[0].quota_enabled = enabled
+            fs = self._resolve(mount)[0]
+            fs.quota_enabled = enabled
+            if not enabled:
+                fs.stale_qgroups.clear()  # disabling quotas deletes the quota tree
+
+    def set_quota_inconsistent(self, mount: str, value: bool = True) -> None:
+        """The quota status's INCONSISTENT flag (set by the kernel when the numbers are
+        out of date, e.g. after a qgroup assign without rescan)."""
+        with self._lock:
+            self._resolve(mount)[0].quota_inconsistent = value
+
+    def hide_path(self, path: str) -> None:
+        """The subvolume at local ``path`` is listed with ``path=None``, as when its
+        path is longer than BTRFS_IOC_INO_LOOKUP can return."""
+        with self._lock:
+            sub = self.subvolume(path)
+            if sub is None or sub.id == TOP_LEVEL:
+                raise ValueError(f"{path} is not a subvolume")
+            sub.path_known = False
 
     def fail_next(self, op: str, error: Exception) -> None:
         """The next process ``op`` (e.g. ``"subvolume list"``) raises ``error``."""
@@ -595,28 +637,23 @@ class FakeBtrfs:
 
     def list_subvolumes(self, mount: str) -> list[SubvolumeRecord]:
         with self._lock:
-            fs = self._fs_for("subvolume list", mount)
+            fs = self._fs_for("tree search", mount, ioctl=True)
             return [
                 s.record()
                 for s in sorted(fs.subvolumes.values(), key=lambda s: s.id)
                 if s.id != TOP_LEVEL
             ]
 
-    def readonly_ids(self, mount: str) -> set[int]:
+    def qgroups(self, mount: str) -> QgroupReport | None:
         with self._lock:
-            fs = self._fs_for("subvolume list -r", mount)
-            return {s.id for s in fs.subvolumes.values() if s.read_only and s.id != TOP_LEVEL}
-
-    def qgroups(self, mount: str) -> dict[int, Qgroup] | None:
-        with self._lock:
-            fs = self._fs_for("qgroup show", mount)
+            fs = self._fs_for("tree search quota", mount, ioctl=True)
             if not fs.quota_enabled:
                 return None
             live = {
                 s.id: Qgroup(id=s.id, referenced=s.referenced_bytes, exclusive=s.exclusive_bytes)
                 for s in fs.subvolumes.values()
             }
-            return {**fs.stale_qgroups, **live}
+            return QgroupReport({**fs.stale_qgroups, **live}, inconsistent=fs.quota_inconsistent)
 
     def default_subvolume(self, mount: str) -> int:
         with self._lock:
@@ -776,28 +813,38 @@ class FakeBtrfs:
         if self.lazy_free:
             fs.pending_free_bytes += sub.exclusive_bytes
         if fs.quota_enabled and not self.kernel_drops_qgroups():
-            fs.stale_qgroups[sub.id] = Qgroup(id=sub.id, referenced=16 * KiB, exclusive=16 * KiB)
+            # The cleaner frees the extents; the qgroup stays, counting nothing.
+            fs.stale_qgroups[sub.id] = Qgroup(sub.id, 0, 0)
         fs.files = {f for f in fs.files if not _under(f, sub.path)}
         holder = fs.subvolumes.get(sub.parent_id)
         gen = fs.commit()
         if holder is not None:
-            holder.generation = gen
+            holder.changed(gen, self.now)
 
-    def _process(self, op: str, args: tuple[str, ...] = ()) -> None:
-        """Bookkeeping for one btrfs process: the ``missing`` switch, the log, injected
-        failures."""
-        if self.missing:
+    def _process(self, op: str, args: tuple[str, ...] = (), *, ioctl: bool = False) -> None:
+        """Bookkeeping for one btrfs process (or ioctl, which needs no binary: the
+        ``missing`` switch spares it): the log, injected failures."""
+        if self.missing and not ioctl:
             raise BtrfsUnavailable("btrfs: command not found")
         self.calls.append(Call(op, args))
         queued = self._failures.get(op)
         if queued:
             raise queued.pop(0)
 
-    def _fs_for(self, op: str, path: str, *, cmd: tuple[str, ...] | None = None) -> FakeFilesystem:
-        self._process(op, (path,))
+    def _fs_for(
+        self, op: str, path: str, *, cmd: tuple[str, ...] | None = None, ioctl: bool = False
+    ) -> FakeFilesystem:
+        self._process(op, (path,), ioctl=ioctl)
         try:
             return self._resolve(path)[0]
         except ValueError:
+            if ioctl:  # what agent.host.btrfs raises when the kernel says ENOTTY
+                raise BtrfsIoctlError(
+                    "BTRFS_IOC_TREE_SEARCH_V2",
+                    path,
+                    OSError(errno.ENOTTY, os.strerror(errno.ENOTTY)),
+                    f"not a btrfs filesystem: {path} (BTRFS_IOC_TREE_SEARCH_V2: ENOTTY)",
+                ) from None
             raise BtrfsCommandError(
                 cmd or ("btrfs", *op.split(), path),
                 1,

@@ -84,7 +84,7 @@ def test_fakes_type_check_as_the_protocols() -> None:
 # --------------------------------------------------------------------------- btrfs listing
 
 
-def test_ids_parents_and_paths_as_btrfs_prints_them(fs: FakeBtrfs) -> None:
+def test_ids_parents_and_paths_as_the_kernel_gives_them(fs: FakeBtrfs) -> None:
     fs.create_subvolume(f"{V}/docker/btrfs/subvolumes/layer")
     fs.create_subvolume(f"{V}/docker/volumes/v/_data/btrfs/subvolumes/inner")
     fs.create_subvolume(f"{V}/docker/volumes/v/_data/btrfs/subvolumes/inner/nested")
@@ -99,7 +99,32 @@ def test_ids_parents_and_paths_as_btrfs_prints_them(fs: FakeBtrfs) -> None:
     assert listed["docker/volumes/v/_data/btrfs/subvolumes/inner"].parent_id == 256
     assert listed["docker/volumes/v/_data/btrfs/subvolumes/inner/nested"].parent_id == 258
     assert len({r.uuid for r in listed.values()}) == 4
-    assert fs.calls_to("subvolume list") == [(V,)]
+    assert all(r.created_at == fs.now and not r.read_only for r in records)
+    assert fs.calls_to("tree search") == [(V,)]  # an ioctl, not a process
+
+
+def test_a_new_name_moves_the_ctime_and_ctransid_of_the_subvolume_holding_it(
+    fs: FakeBtrfs,
+) -> None:
+    docker = fs.subvolume(f"{V}/docker")
+    assert docker is not None
+    before = next(r for r in fs.list_subvolumes(V) if r.id == docker.id)
+    fs.now += timedelta(hours=1)
+    fs.make_dirs(f"{V}/docker/new-folder")
+    after = next(r for r in fs.list_subvolumes(V) if r.id == docker.id)
+    assert before.changed_at is not None and after.changed_at == before.changed_at + timedelta(
+        hours=1
+    )
+    assert before.ctransid is not None and after.ctransid is not None
+    assert after.ctransid > before.ctransid and after.generation == after.ctransid
+    assert after.created_at == before.created_at
+
+
+def test_a_path_the_kernel_cannot_give_is_listed_as_none(fs: FakeBtrfs) -> None:
+    deep = fs.create_subvolume(f"{V}/docker/deep")
+    fs.hide_path(f"{V}/docker/deep")
+    [rec] = [r for r in fs.list_subvolumes(V) if r.id == deep.id]
+    assert rec.path is None and rec.parent_id == 256
 
 
 def test_a_new_child_moves_the_generation_of_the_subvolume_holding_it(fs: FakeBtrfs) -> None:
@@ -118,11 +143,15 @@ def test_snapshots_carry_their_source_uuid(fs: FakeBtrfs) -> None:
     assert snap.parent_uuid == base.uuid and base.parent_uuid is None
 
 
-def test_read_only_ids_qgroups_and_default(fs: FakeBtrfs) -> None:
+def test_read_only_flags_qgroups_and_default(fs: FakeBtrfs) -> None:
     ro = fs.create_subvolume(f"{V}/docker/ro", read_only=True, exclusive_bytes=8 * MiB)
-    assert fs.readonly_ids(V) == {ro.id}
+    assert {r.id for r in fs.list_subvolumes(V) if r.read_only} == {ro.id}
     groups = fs.qgroups(V)
     assert groups is not None and groups[ro.id].exclusive == 8 * MiB and TOP_LEVEL in groups
+    assert not groups.inconsistent and not groups.rescanning
+    fs.set_quota_inconsistent(V)
+    groups = fs.qgroups(V)
+    assert groups is not None and groups.inconsistent
     fs.enable_quota(V, False)
     assert fs.qgroups(V) is None
     assert fs.default_subvolume(V) == TOP_LEVEL
@@ -193,7 +222,7 @@ def test_delete_frees_exclusive_bytes_and_forgets_the_subvolume(fs: FakeBtrfs) -
     assert after.size_bytes == before.size_bytes
     # Linux 6.11 and later (the fake's default) drop a deleted subvolume's qgroup
     assert sub.id not in (fs.qgroups(V) or {})
-    assert sub.id not in fs.readonly_ids(V)
+    assert sub.id not in {r.id for r in fs.list_subvolumes(V)}
     assert not fs.exists(f"{V}/docker/big/etc")
 
 
@@ -210,6 +239,24 @@ def test_kernels_before_6_11_keep_a_deleted_subvolumes_qgroup() -> None:
     assert sub.id not in (fs.qgroups(V) or {})
     with pytest.raises(BtrfsCommandError, match="No such file"):
         fs.destroy_qgroup(V, sub.id)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stale"), [("4.4.302+", True), ("6.1.0-28-amd64", True), ("6.11.0", False)]
+)
+def test_qgroups_of_dropped_subvolumes_stay_before_linux_6_11(kernel: str, stale: bool) -> None:
+    fs = FakeBtrfs(kernel=kernel)
+    fs.add_filesystem(mount=V)
+    sub = fs.create_subvolume(f"{V}/gone", exclusive_bytes=4 * MiB)
+    assert fs.delete([f"{V}/gone"])[0].ok
+    groups = fs.qgroups(V)
+    assert groups is not None
+    assert (sub.id in groups) is stale
+    if stale:
+        assert (groups[sub.id].referenced, groups[sub.id].exclusive) == (0, 0)
+    fs.enable_quota(V, False)
+    fs.enable_quota(V)
+    assert sub.id not in (fs.qgroups(V) or {})  # a new quota tree starts empty
 
 
 def test_lazy_free_keeps_the_bytes_used_until_sync(fs: FakeBtrfs) -> None:
@@ -241,15 +288,17 @@ def test_a_missing_tool_is_unavailable_and_runs_nothing(fs: FakeBtrfs) -> None:
     fs.missing = True
     for call in (
         fs.version,
-        lambda: fs.list_subvolumes(V),
         lambda: fs.delete([f"{V}/docker"]),
-        lambda: fs.qgroups(V),
+        lambda: fs.usage(V),
         lambda: fs.set_readonly(f"{V}/docker", True),
     ):
         with pytest.raises(BtrfsUnavailable):
             call()
     assert fs.calls == []
     assert fs.mounts()  # /proc/self/mountinfo needs no tool
+    # the listings are ioctls: no binary needed
+    assert [r.path for r in fs.list_subvolumes(V)] == ["docker"]
+    assert fs.qgroups(V) is not None
 
 
 def test_a_path_on_no_btrfs_is_a_command_error(fs: FakeBtrfs) -> None:
@@ -498,8 +547,9 @@ def test_scenario_dind_volume_holds_nested_subvolumes_as_the_lab_does() -> None:
     s = make_leak_scenario()
     fs = s.btrfs
     assert fs.calls == []  # building is not counted
-    by_path = {f"{s.mount}/{r.path}": r for r in fs.list_subvolumes(s.mount)}
-    ro = fs.readonly_ids(s.mount)
+    records = fs.list_subvolumes(s.mount)
+    by_path = {f"{s.mount}/{r.path}": r for r in records}
+    ro = {r.id for r in records if r.read_only}
 
     assert fs.subvolume_paths(s.dind_mountpoint) == list(s.dind_nested)
     inner_layers = [p for p in s.dind_nested if p.startswith(f"{s.dind_mountpoint}/btrfs/")]
@@ -581,10 +631,10 @@ def _real_tree(mount: Path, under: str) -> tuple[dict[str, str | None], set[str]
 
 def _fake_tree(fs: FakeBtrfs, mount: Path, under: str) -> tuple[dict[str, str | None], set[str]]:
     records = fs.list_subvolumes(str(mount))
-    paths = {r.id: r.path for r in records}
-    mine = {r.id: r for r in records if r.path.startswith(under + "/")}
-    tree = {r.path: paths[r.parent_id] if r.parent_id in mine else None for r in mine.values()}
-    ro = {paths[i] for i in fs.readonly_ids(str(mount)) if i in mine}
+    paths = {r.id: r.path or "" for r in records}
+    mine = {r.id: r for r in records if (r.path or "").startswith(under + "/")}
+    tree = {paths[i]: paths[r.parent_id] if r.parent_id in mine else None for i, r in mine.items()}
+    ro = {paths[i] for i, r in mine.items() if r.read_only}
     return tree, ro
 
 

@@ -191,9 +191,7 @@ class Executor:
         """The guarded paths against the mount tables and the containers as they are
         now; a failure ends the run before ``step``."""
         try:
-            check_guard(
-                snap, run.ds.guard, self._read_mounts(), UseIndex(self.docker.containers())
-            )
+            check_guard(snap, run.ds.guard, self._read_mounts(), UseIndex(self.docker.containers()))
         except AgentError as exc:
             run.fail(step, f"stopped before it: {exc.code}: {exc.detail}")
             return False

@@ -31,7 +31,7 @@ from agent.host.records import (
     FsUsage,
     LayerRefs,
     MountEntry,
-    Qgroup,
+    QgroupReport,
     SubvolumeRecord,
     VolumeRecord,
 )
@@ -356,7 +356,7 @@ class _FsScan:
     """One filesystem's btrfs commands, running side by side."""
 
     records: Future[list[SubvolumeRecord]]
-    qgroups: Future[Mapping[int, Qgroup] | None]
+    qgroups: Future[QgroupReport | None]
     usage: Future[FsUsage]
     default: Future[int]
 

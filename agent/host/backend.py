@@ -2,8 +2,9 @@
 ``agent.dockerd.DockerClient`` implement them for real; the tests' fakes keep state.
 
 All paths are local paths (as this process sees them). Errors: methods raise
-``BtrfsUnavailable`` / ``DockerUnavailable`` when the tool or daemon cannot be reached,
-``BtrfsCommandError`` when a btrfs command ran and failed, ``NotFound`` for a missing
+``BtrfsUnavailable`` / ``DockerUnavailable`` when the tool or daemon cannot be reached
+(or the btrfs ioctls are not permitted), ``BtrfsCommandError`` when a btrfs command or
+ioctl ran and failed, ``NotFound`` for a missing
 Docker object.
 """
 
@@ -23,7 +24,7 @@ from agent.host.records import (
     FsUsage,
     LayerRefs,
     MountEntry,
-    Qgroup,
+    QgroupReport,
     SubvolumeRecord,
     VolumeRecord,
 )
@@ -51,14 +52,15 @@ class Btrfs(Protocol):
     def usage(self, mount: str) -> FsUsage: ...
 
     def list_subvolumes(self, mount: str) -> list[SubvolumeRecord]:
-        """All subvolumes of the filesystem mounted at ``mount``: one process."""
+        """Every subvolume of the filesystem mounted at ``mount`` (the whole filesystem,
+        whatever is mounted there) but the top level, by id, read-only flags included:
+        identified by the kernel's ids, paths built from name bytes (None when not
+        known for sure). No process: a few tree-search ioctls."""
 
-    def readonly_ids(self, mount: str) -> set[int]:
-        """Ids of read-only subvolumes: one process (``subvolume list -r``)."""
-
-    def qgroups(self, mount: str) -> dict[int, Qgroup] | None:
-        """Level-0 qgroup sizes by subvolume id, or None when quotas are off.
-        Never enables quotas."""
+    def qgroups(self, mount: str) -> QgroupReport | None:
+        """Level-0 qgroup sizes by subvolume id, stale ones (subvolume gone) included,
+        with the quota status (``inconsistent``: do not trust the numbers); None when
+        quotas are off. Never enables quotas."""
 
     def default_subvolume(self, mount: str) -> int: ...
 

@@ -1,25 +1,40 @@
-"""The real ``agent.backend.Btrfs``: btrfs-progs commands, ``/proc`` and ``/sys``.
+"""The real ``agent.backend.Btrfs``: btrfs ioctls, btrfs-progs commands, ``/proc``, ``/sys``.
 
-Works with btrfs-progs 4.4.1 (what NAS vendors ship, on Linux 4.4) up to 6.x. Every
-command and flag used here exists in 4.4.1:
+Listings are read from the kernel with ioctls, not from the text of btrfs-progs: a
+name holding a newline, a tab, ``<FS_TREE>`` or bytes that are not UTF-8 cannot forge or
+break a line that is never printed. Every ioctl used exists on Linux 4.4 (what NAS
+vendors ship), or falls back to one that does; the tree searches and INO_LOOKUP need
+CAP_SYS_ADMIN, as ``btrfs subvolume list`` does:
 
-    subvolume list -a -p -u -q MOUNT     subvolume list -r MOUNT
-    qgroup show --raw MOUNT              filesystem show MOUNT
+    BTRFS_IOC_TREE_SEARCH_V2  (3.15+) list_subvolumes (root tree), qgroups (quota
+                              tree); on ENOTTY/EINVAL, BTRFS_IOC_TREE_SEARCH (v1)
+    BTRFS_IOC_INO_LOOKUP      the path of a folder holding subvolumes; a tree's id
+    BTRFS_IOC_GET_SUBVOL_INFO (4.18+, any user) created_at; before 4.18,
+                              INO_LOOKUP + BTRFS_IOC_TREE_SEARCH on the root item
+
+The decoding is pure, in ``agent.host.btrfs_tree`` (every struct offset is documented
+there). What still runs btrfs-progs 4.4.1 ... 6.x, with commands and flags that all exist
+in 4.4.1:
+
+    filesystem show MOUNT (when sysfs cannot name the filesystem)
     filesystem usage -b MOUNT            subvolume get-default MOUNT
     subvolume delete PATH...             property set -t s PATH ro true|false
     filesystem sync MOUNT                subvolume sync MOUNT
 
-Nothing here enables quotas, deletes with rmdir, or relies on a newer-only flag.
+Nothing here enables quotas, deletes with rmdir, or relies on a newer-only flag or
+ioctl without a fallback.
 
 ``BtrfsTool._run`` is the only place a process is started: an argument list (never a
 shell), ``LC_ALL=C`` so messages are the English ones the parsers know, stdin closed, and
 a timeout. A missing binary raises ``BtrfsUnavailable``; a command that ran and failed
 raises ``BtrfsCommandError`` with the command, exit code, stdout and stderr; output that
-cannot be parsed raises ``agent.btrfs_parse.BtrfsParseError``. Each listing is one
-process for the whole filesystem, never one per subvolume.
+cannot be parsed raises ``agent.host.btrfs_parse.BtrfsParseError``. An ioctl that fails
+raises ``BtrfsIoctlError`` (a ``BtrfsCommandError`` naming the ioctl), or
+``BtrfsUnavailable`` when the process lacks the privilege. Each listing is a handful of
+ioctls for the whole filesystem, never a process.
 
-Every path and mount point given to a command must be absolute, so that no argument can
-be taken for an option.
+Every path and mount point given must be absolute, so that no argument can be taken for
+an option.
 """
 
 from __future__ import annotations
@@ -33,9 +48,10 @@ import stat
 import struct
 import subprocess
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable, HostMountsUnavailable
+from agent.host import btrfs_tree as tree
 from agent.host import files
 from agent.host.btrfs_parse import (
     DeleteMessage,
@@ -46,12 +62,8 @@ from agent.host.btrfs_parse import (
     parse_filesystem_usage,
     parse_get_default,
     parse_mountinfo,
-    parse_qgroup_show,
-    parse_readonly_list,
     parse_subvolume_delete,
-    parse_subvolume_list,
     parse_version,
-    quotas_disabled,
 )
 from agent.host.files import TreeRemoval
 from agent.host.records import (
@@ -60,11 +72,11 @@ from agent.host.records import (
     FolderEntry,
     FsUsage,
     MountEntry,
-    Qgroup,
+    QgroupReport,
     SubvolumeRecord,
 )
 
-__all__ = ["BtrfsTimeout", "BtrfsTool"]
+__all__ = ["BtrfsIoctlError", "BtrfsTimeout", "BtrfsTool"]
 
 # Where btrfs-progs lives when the agent's PATH lacks the sbin directories.
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin")
@@ -87,6 +99,16 @@ class BtrfsTimeout(BtrfsCommandError):
         super().__init__(cmd, -signal.SIGKILL, stdout, f"{note}\n{stderr}")
 
 
+class BtrfsIoctlError(BtrfsCommandError):
+    """A btrfs ioctl failed. ``cmd`` is ``("ioctl", <its name>, <path>)``, ``returncode``
+    the errno, ``stderr`` what btrfs-progs would say."""
+
+    def __init__(self, ioctl: str, path: str, err: OSError, message: str | None = None) -> None:
+        self.errno = err.errno
+        text = message or f"{ioctl} on {path}: {err.strerror or err}"
+        super().__init__(("ioctl", ioctl, path), err.errno or -1, "", f"ERROR: {text}\n")
+
+
 class BtrfsTool:
     """``agent.backend.Btrfs`` on the real system.
 
@@ -94,6 +116,8 @@ class BtrfsTool:
     ``timeout`` bounds every command but ``sync``, which waits for the kernel's cleaner
     and gets ``sync_timeout``. ``max_args_bytes`` bounds the argument bytes of one
     ``btrfs subvolume delete`` process (long batches are split to stay under ARG_MAX).
+    ``search_buffer_bytes`` is the result buffer of one BTRFS_IOC_TREE_SEARCH_V2 (the
+    items of 10,000 subvolumes take about 6 MB, so about 25 searches at 256 KiB).
     """
 
     def __init__(
@@ -105,9 +129,17 @@ class BtrfsTool:
         timeout: float = 120.0,
         sync_timeout: float = 3600.0,
         max_args_bytes: int = 128 * 1024,
+        search_buffer_bytes: int = 256 * 1024,
     ) -> None:
         if timeout <= 0 or sync_timeout <= 0 or max_args_bytes <= 0:
             raise ValueError("timeouts and max_args_bytes must be positive")
+        if not _SEARCH_MIN_BUFFER <= search_buffer_bytes <= _SEARCH_MAX_BUFFER:
+            raise ValueError(
+                f"search_buffer_bytes must be within {_SEARCH_MIN_BUFFER}..{_SEARCH_MAX_BUFFER}"
+            )
+        self._search_buffer_bytes = search_buffer_bytes
+        # False once BTRFS_IOC_TREE_SEARCH_V2 was refused (ENOTTY/EINVAL) where v1 worked.
+        self._search_v2 = True
         self._binary = binary
         self._proc_root = proc_root
         self._sys_root = sys_root
@@ -255,26 +287,70 @@ class BtrfsTool:
         return parse_filesystem_usage(out)
 
     def list_subvolumes(self, mount: str) -> list[SubvolumeRecord]:
-        # -a: without it, btrfs-progs prints the paths of subvolumes below the subvolume
-        # mounted at ``mount`` relative to that subvolume ("b" for "a/b" when "a" is
-        # mounted there). With it every path is the full one from the top level, some
-        # prefixed "<FS_TREE>/", which the parser drops.
-        out = self._output(["subvolume", "list", "-a", "-p", "-u", "-q", _arg(mount)])
-        ro = self.readonly_ids(mount)
-        return [r._replace(read_only=r.id in ro) for r in parse_subvolume_list(out)]
+        """Every subvolume of the filesystem mounted at ``mount`` but the top level, by
+        id: ROOT_ITEM and ROOT_BACKREF items of the root tree (tree search), and one
+        BTRFS_IOC_INO_LOOKUP per directory holding subvolumes (not per subvolume).
 
-    def readonly_ids(self, mount: str) -> set[int]:
-        out = self._output(["subvolume", "list", "-r", _arg(mount)])
-        return parse_readonly_list(out)
+        The root tree is the whole filesystem's, whatever subvolume is mounted at
+        ``mount``: paths are relative to the top level. A subvolume being dropped (no
+        backref any more) is not listed. See ``agent.host.btrfs_tree.RootTree``.
+        """
+        with _Fs(mount) as fs:
+            listing = tree.RootTree()
+            self._walk(
+                fs,
+                tree.ROOT_TREE_OBJECTID,
+                (tree.FIRST_FREE_OBJECTID, tree.ROOT_ITEM_KEY, 0),
+                (tree.BTRFS_LAST_FREE_OBJECTID, tree.ROOT_BACKREF_KEY, _U64_MAX),
+                listing.page,
+            )
+            return listing.records(fs.ino_lookup)
 
-    def qgroups(self, mount: str) -> dict[int, Qgroup] | None:
-        args = ["qgroup", "show", "--raw", _arg(mount)]
-        code, out, err = self._run(args, check=False)
-        if code != 0:
-            if quotas_disabled(err):
-                return None
-            raise BtrfsCommandError([self._executable(), *args], code, out, err)
-        return parse_qgroup_show(out)
+    def qgroups(self, mount: str) -> QgroupReport | None:
+        """Every level-0 qgroup by subvolume id (stale ones included) and the quota
+        status, from the quota tree; None when quotas are off (no quota tree: ENOENT).
+        Never enables quotas."""
+        with _Fs(mount) as fs:
+            quota = tree.QuotaTree()
+            try:
+                self._walk(
+                    fs,
+                    tree.QUOTA_TREE_OBJECTID,
+                    (0, tree.QGROUP_STATUS_KEY, 0),
+                    (0, tree.QGROUP_INFO_KEY, (1 << tree.QGROUP_LEVEL_SHIFT) - 1),
+                    quota.page,
+                )
+            except BtrfsIoctlError as e:
+                if e.errno == errno.ENOENT:
+                    return None
+                raise
+            return quota.report()
+
+    def _walk(
+        self, fs: _Fs, tree_id: int, start: tree.Key, end: tree.Key, page: tree.PageFn
+    ) -> None:
+        """A tree search over ``start``..``end``: BTRFS_IOC_TREE_SEARCH_V2 with a large
+        buffer, or v1 (3992 bytes of results a call) where the kernel refuses v2
+        (ENOTTY or EINVAL on the first call; v2 is in every kernel since 3.15)."""
+        if self._search_v2:
+            search = _SearchV2(fs, self._search_buffer_bytes)
+            try:
+                tree.walk(search, tree_id, start, end, page, nr_items=_U32_MAX)
+                return
+            except BtrfsIoctlError as e:
+                if search.calls != 1 or e.errno not in (errno.ENOTTY, errno.EINVAL):
+                    raise
+                v2_error = e
+            # v2 unknown to this kernel, or this is not btrfs at all: v1 tells which.
+            try:
+                tree.walk(_SearchV1(fs), tree_id, start, end, page, nr_items=_U32_MAX)
+            except BtrfsIoctlError as e:
+                if e.errno == errno.ENOTTY:
+                    raise v2_error from None
+                raise
+            self._search_v2 = False
+            return
+        tree.walk(_SearchV1(fs), tree_id, start, end, page, nr_items=_U32_MAX)
 
     def default_subvolume(self, mount: str) -> int:
         out = self._output(["subvolume", "get-default", _arg(mount)])
@@ -501,9 +577,11 @@ def _facts_before(path: str) -> PathFacts:
     return PathFacts(path, real, existed=True, was_subvolume=is_subvolume, gone=False)
 
 
-# ---------------------------------------------------------------------- subvolume otime
+# ---------------------------------------------------------------------- ioctls
 #
-# ioctl numbers: Linux's generic _IOC encoding (x86, arm, arm64: what NAS boxes run).
+# ioctl numbers: Linux's generic _IOC encoding (x86, arm, arm64: what NAS boxes run):
+# dir << 30 | size << 16 | type << 8 | nr, with type BTRFS_IOCTL_MAGIC 0x94 and the sizes
+# of the structs of include/uapi/linux/btrfs.h (4.4 and every later kernel).
 _IOC_WRITE, _IOC_READ = 1, 2
 _BTRFS_IOCTL_MAGIC = 0x94
 
@@ -512,30 +590,129 @@ def _ioc(direction: int, nr: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (_BTRFS_IOCTL_MAGIC << 8) | nr
 
 
+_U64_MAX = 2**64 - 1
+_U32_MAX = 2**32 - 1
+
+# struct btrfs_ioctl_search_args: the 104-byte key, then 3992 bytes of results.
+_SEARCH_ARGS_SIZE = 4096
+# struct btrfs_ioctl_search_args_v2: the key, u64 buf_size (at 104), the results (at 112).
+_SEARCH_V2_HEAD = 112
+# struct btrfs_ioctl_ino_lookup_args: u64 treeid, u64 objectid, char name[4080].
+_INO_LOOKUP_SIZE = 4096
 # struct btrfs_ioctl_get_subvol_info_args (504 bytes): otime {u64 sec; u32 nsec} at 392
 _SUBVOL_INFO_SIZE = 504
 _SUBVOL_INFO_OTIME = 392
-BTRFS_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)
-BTRFS_IOC_SYNC = _ioc(0, 8, 0)  # _IO(BTRFS_IOCTL_MAGIC, 8)
+BTRFS_IOC_SYNC = _ioc(0, 8, 0)  # _IO(BTRFS_IOCTL_MAGIC, 8): commit the transaction
 
-# struct btrfs_ioctl_search_args (4096 bytes): a 104-byte key, then the result buffer
-# struct btrfs_ioctl_ino_lookup_args (4096 bytes): u64 treeid, u64 objectid, name
-_SEARCH_ARGS_SIZE = 4096
-_SEARCH_KEY = struct.Struct("=7Q4I4Q")  # 104 bytes
-_SEARCH_HEADER = struct.Struct("=3Q2I")  # transid, objectid, offset, type, len: 32 bytes
-BTRFS_IOC_TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_ARGS_SIZE)
-BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, _SEARCH_ARGS_SIZE)
-_ROOT_TREE_OBJECTID = 1
-_ROOT_ITEM_KEY = 132
-# struct btrfs_root_item (on-disk, little-endian, packed): otime at 339
-_ROOT_ITEM_OTIME = 339
-_U64_MAX = 2**64 - 1
+BTRFS_IOC_TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_ARGS_SIZE)  # 0xD0009411
+BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_V2_HEAD)  # 0xC0709411
+BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, _INO_LOOKUP_SIZE)  # 0xD0009412
+BTRFS_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)  # 0x81F8943C
+
+# The kernel caps a v2 result buffer at 16 MiB (btrfs_ioctl_tree_search_v2).
+_SEARCH_MIN_BUFFER = 4096
+_SEARCH_MAX_BUFFER = 16 << 20
 
 
-def _timestamp(sec: int, nsec: int) -> datetime | None:
-    if sec == 0:
-        return None
-    return datetime.fromtimestamp(sec, UTC).replace(microsecond=min(nsec // 1000, 999_999))
+class _Fs:
+    """An open directory of a btrfs filesystem, for ioctls. INO_LOOKUP answers are the
+    caller's to cache (``RootTree`` asks once per directory)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = _arg(path)
+        self.fd = -1
+
+    def __enter__(self) -> _Fs:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BtrfsIoctlError("open", self.path, e) from e
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def ioctl(self, name: str, request: int, args: bytearray) -> None:
+        try:
+            fcntl.ioctl(self.fd, request, args, True)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise BtrfsUnavailable(
+                    f"{name} on {self.path}: {e.strerror} (btrfs's tree search needs"
+                    " CAP_SYS_ADMIN, as btrfs subvolume list does)"
+                ) from e
+            if e.errno == errno.ENOTTY:
+                raise BtrfsIoctlError(
+                    name, self.path, e, f"not a btrfs filesystem: {self.path} ({name}: ENOTTY)"
+                ) from e
+            raise BtrfsIoctlError(name, self.path, e) from e
+
+    def ino_lookup(self, tree_id: int, dirid: int) -> bytes | None:
+        """The path of directory ``dirid`` inside tree ``tree_id`` ("a/b/"), or None when
+        the kernel cannot give it (ENAMETOOLONG past 4079 bytes, a tree being dropped)."""
+        args = bytearray(_INO_LOOKUP_SIZE)
+        struct.pack_into("=2Q", args, 0, tree_id, dirid)
+        try:
+            self.ioctl("BTRFS_IOC_INO_LOOKUP", BTRFS_IOC_INO_LOOKUP, args)
+        except BtrfsIoctlError:
+            return None
+        return tree.decode_ino_lookup(memoryview(args)[16:])
+
+
+class _SearchV1:
+    """BTRFS_IOC_TREE_SEARCH: every kernel with btrfs; 3992 bytes of results a call."""
+
+    __slots__ = ("args", "fs")
+
+    def __init__(self, fs: _Fs) -> None:
+        self.fs = fs
+        self.args = bytearray(_SEARCH_ARGS_SIZE)
+
+    def __call__(self, key: bytes) -> tuple[memoryview, int]:
+        args = self.args
+        args[: len(key)] = key
+        self.fs.ioctl("BTRFS_IOC_TREE_SEARCH", BTRFS_IOC_TREE_SEARCH, args)
+        (found,) = struct.unpack_from("=I", args, 64)
+        return memoryview(args)[tree.SEARCH_KEY.size :], found
+
+
+class _SearchV2:
+    """BTRFS_IOC_TREE_SEARCH_V2 (Linux 3.15+): up to ``size`` bytes of results a call.
+    An item larger than the buffer (EOVERFLOW, the kernel says how much it needs) grows
+    it, up to the kernel's 16 MiB cap."""
+
+    __slots__ = ("args", "calls", "fs", "size")
+
+    def __init__(self, fs: _Fs, size: int) -> None:
+        self.fs = fs
+        self.size = size
+        self.args = bytearray(_SEARCH_V2_HEAD + size)
+        self.calls = 0
+
+    def __call__(self, key: bytes) -> tuple[memoryview, int]:
+        self.calls += 1
+        while True:
+            args = self.args
+            args[: len(key)] = key
+            struct.pack_into("=Q", args, tree.SEARCH_KEY.size, self.size)
+            try:
+                self.fs.ioctl("BTRFS_IOC_TREE_SEARCH_V2", BTRFS_IOC_TREE_SEARCH_V2, args)
+            except BtrfsIoctlError as e:
+                (needed,) = struct.unpack_from("=Q", args, tree.SEARCH_KEY.size)
+                if e.errno != errno.EOVERFLOW or not self.size < needed <= _SEARCH_MAX_BUFFER:
+                    raise
+                self.size = needed
+                self.args = bytearray(_SEARCH_V2_HEAD + needed)
+                continue
+            (found,) = struct.unpack_from("=I", args, 64)
+            return memoryview(args)[_SEARCH_V2_HEAD:], found
+
+
+# ---------------------------------------------------------------------- subvolume otime
 
 
 def otime_via_subvol_info(fd: int) -> datetime | None:
@@ -543,46 +720,31 @@ def otime_via_subvol_info(fd: int) -> datetime | None:
     buf = bytearray(_SUBVOL_INFO_SIZE)
     fcntl.ioctl(fd, BTRFS_IOC_GET_SUBVOL_INFO, buf, True)
     sec, nsec = struct.unpack_from("=QI", buf, _SUBVOL_INFO_OTIME)
-    return _timestamp(sec, nsec)
+    return tree.timestamp(sec, nsec)
 
 
 def otime_via_tree_search(fd: int) -> datetime | None:
     """Creation time of the subvolume open at ``fd`` from its root item (any kernel with
-    btrfs; needs CAP_SYS_ADMIN). What btrfs-progs itself does on old kernels."""
-    lookup = bytearray(_SEARCH_ARGS_SIZE)
+    btrfs; needs CAP_SYS_ADMIN). What btrfs-progs itself does on old kernels: the tree
+    id from BTRFS_IOC_INO_LOOKUP (treeid 0: the fd's own), then the ROOT_ITEM."""
+    lookup = bytearray(_INO_LOOKUP_SIZE)
     struct.pack_into("=2Q", lookup, 0, 0, SUBVOLUME_ROOT_INO)
     fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, lookup, True)
     (tree_id,) = struct.unpack_from("=Q", lookup, 0)
 
     args = bytearray(_SEARCH_ARGS_SIZE)
-    _SEARCH_KEY.pack_into(
-        args,
-        0,
-        _ROOT_TREE_OBJECTID,  # tree_id
-        tree_id,  # min_objectid
-        tree_id,  # max_objectid
-        0,  # min_offset
-        _U64_MAX,  # max_offset
-        0,  # min_transid
-        _U64_MAX,  # max_transid
-        _ROOT_ITEM_KEY,  # min_type
-        _ROOT_ITEM_KEY,  # max_type
-        16,  # nr_items
-        0,
-        0,
-        0,
-        0,
-        0,
+    key = tree.pack_search_key(
+        tree.ROOT_TREE_OBJECTID,
+        (tree_id, tree.ROOT_ITEM_KEY, 0),
+        (tree_id, tree.ROOT_ITEM_KEY, _U64_MAX),
+        16,
     )
+    args[: len(key)] = key
     fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH, args, True)
-    nr_items = struct.unpack_from("=I", args, 64)[0]
-    pos = _SEARCH_KEY.size
-    found: datetime | None = None
-    for _ in range(nr_items):
-        _, objectid, _, item_type, length = _SEARCH_HEADER.unpack_from(args, pos)
-        data = pos + _SEARCH_HEADER.size
-        if objectid == tree_id and item_type == _ROOT_ITEM_KEY and length >= _ROOT_ITEM_OTIME + 12:
-            sec, nsec = struct.unpack_from("<QI", args, data + _ROOT_ITEM_OTIME)
-            found = _timestamp(sec, nsec)
-        pos = data + length
-    return found
+    (found,) = struct.unpack_from("=I", args, 64)
+    otime: datetime | None = None
+    for item in tree.iter_items(memoryview(args)[tree.SEARCH_KEY.size :], found):
+        if item.objectid == tree_id and item.type == tree.ROOT_ITEM_KEY:
+            info = tree.decode_root_item(item.data)
+            otime = tree.timestamp(*info.otime) if info.otime else None
+    return otime

@@ -8,8 +8,9 @@ Output that does not have the expected shape raises :class:`BtrfsParseError`, na
 command and the offending line, never a half-parsed result.
 
 Lines are split on ``"\\n"`` only (not ``str.splitlines``), because a path may hold any
-other control character. A path holding a newline cannot be told apart from the next
-line of ``btrfs subvolume list`` and is reported as unparseable; Docker never makes one.
+other control character. Subvolumes and qgroups are not listed from text at all (a name
+holding a newline forges a line of ``btrfs subvolume list``): ``agent.host.btrfs`` reads
+them from the kernel with ioctls, decoded by ``agent.host.btrfs_tree``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from agent.host.records import (
     FilesystemIdent,
     FsUsage,
     MountEntry,
-    Qgroup,
-    SubvolumeRecord,
 )
 
 __all__ = [
@@ -39,12 +38,8 @@ __all__ = [
     "parse_filesystem_usage",
     "parse_get_default",
     "parse_mountinfo",
-    "parse_qgroup_show",
-    "parse_readonly_list",
     "parse_subvolume_delete",
-    "parse_subvolume_list",
     "parse_version",
-    "quotas_disabled",
     "unescape_mountinfo",
 ]
 
@@ -88,161 +83,9 @@ def parse_version(stdout: str) -> str:
     return m.group(1)
 
 
-# --------------------------------------------------------------------------- subvolume list
-
-# One line of ``btrfs subvolume list``, fields in the order btrfs-progs prints them
-# (print_subvolume_column in both generations). v6 pads ``parent_uuid -`` and
-# ``received_uuid -`` to the width of a UUID, hence `` +`` between keys. The path is the
-# last field; everything after ``path `` is the path, spaces included.
-_LIST_RE = re.compile(
-    r"ID (?P<id>\d+) gen (?P<gen>\d+)"
-    r"(?: cgen (?P<cgen>\d+))?"
-    r"(?: parent (?P<parent>\d+))?"
-    r" top level (?P<top>\d+)"
-    r"(?: otime (?P<otime>\S+ \S+))?"
-    r"(?: +parent_uuid +(?P<puuid>\S+))?"
-    r"(?: +received_uuid +(?P<ruuid>\S+))?"
-    r"(?: +uuid +(?P<uuid>\S+))?"
-    r" +path (?P<path>.*)"
-)
-
-_PUQ_RE = re.compile(
-    r"ID (\d+) gen (\d+) parent (\d+) top level (\d+) +parent_uuid +(\S+) +uuid +(\S+) path (.+)"
-)
+# --------------------------------------------------------------------------- filesystem
 
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def _uuid_or_none(value: str, what: str, line: str) -> str | None:
-    if value == "-":
-        return None
-    if not _UUID_RE.fullmatch(value):
-        raise BtrfsParseError(what, f"bad uuid {value!r}", line)
-    return value
-
-
-def _list_path(raw: str) -> str:
-    # With -a, every path is the full one from the top level, and btrfs-progs prefixes
-    # with <FS_TREE>/ those not directly below the listed subvolume. Without -a the paths
-    # below the listed subvolume are relative to it: agent.btrfs always passes -a.
-    return raw.removeprefix("<FS_TREE>/")
-
-
-def _list_matches(stdout: str, what: str) -> list[tuple[str, re.Match[str]]]:
-    out = []
-    for line in stdout.split("\n"):
-        if not line.strip():
-            continue
-        m = _LIST_RE.fullmatch(line)
-        if not m or not m.group("path"):
-            raise BtrfsParseError(what, "unexpected line", line)
-        out.append((line, m))
-    return out
-
-
-def parse_subvolume_list(stdout: str) -> list[SubvolumeRecord]:
-    """``btrfs subvolume list -a -p -u -q <mount>``: every subvolume but the top level (5).
-
-    Paths are relative to the filesystem's top level (``<FS_TREE>/`` dropped).
-    Empty output (a filesystem with no subvolumes) is an empty list.
-    """
-    what = "btrfs subvolume list -a -p -u -q"
-    records = []
-    fast = _PUQ_RE.fullmatch
-    for line in stdout.split("\n"):
-        # The exact shape both versions print for -p -u -q (one regex without optional
-        # groups: 10,000 lines parse several times faster); anything else goes the
-        # general way below, which checks it.
-        f = fast(line)
-        if f is None:
-            if not line.strip():
-                continue
-            m = _LIST_RE.fullmatch(line)
-            if not m or not m.group("path"):
-                raise BtrfsParseError(what, "unexpected line", line)
-            if m.group("parent") is None or m.group("uuid") is None or m.group("puuid") is None:
-                raise BtrfsParseError(what, "line lacks parent, uuid or parent_uuid", line)
-            sid, gen, parent, _top, puuid, uuid, path = (
-                m.group("id"), m.group("gen"), m.group("parent"), m.group("top"),
-                m.group("puuid"), m.group("uuid"), m.group("path"),
-            )  # fmt: skip
-        else:
-            sid, gen, parent, _top, puuid, uuid, path = f.groups()
-        records.append(
-            SubvolumeRecord(
-                id=int(sid),
-                parent_id=int(parent),
-                generation=int(gen),
-                uuid=_uuid_or_none(uuid, what, line),
-                parent_uuid=_uuid_or_none(puuid, what, line),
-                read_only=False,
-                created_at=None,
-                changed_at=None,
-                ctransid=None,
-                path=_list_path(path),
-            )
-        )
-    return records
-
-
-def parse_readonly_list(stdout: str) -> set[int]:
-    """``btrfs subvolume list -r <mount>``: the ids of the read-only subvolumes."""
-    return {int(m.group("id")) for _, m in _list_matches(stdout, "btrfs subvolume list -r")}
-
-
-# --------------------------------------------------------------------------- qgroups
-
-_QGROUP_OFF_RE = re.compile(
-    r"quotas not enabled"
-    r"|can't perform the search - No such file or directory"
-    r"|can't list qgroups: No such file or directory",
-    re.IGNORECASE,
-)
-
-
-def quotas_disabled(stderr: str) -> bool:
-    """True when ``btrfs qgroup show`` failed because quotas are off.
-
-    v4: ``can't perform the search - No such file or directory`` / ``can't list qgroups:
-    No such file or directory``; v6: ``can't list qgroups: quotas not enabled``.
-    """
-    return bool(_QGROUP_OFF_RE.search(stderr))
-
-
-_QGROUP_ROW_RE = re.compile(r"(?P<level>\d+)/(?P<id>\d+) +(?P<rfer>\d+) +(?P<excl>\d+)(?: .*)?")
-
-
-def parse_qgroup_show(stdout: str) -> dict[int, Qgroup]:
-    """``btrfs qgroup show --raw <mount>`` with quotas on: level-0 qgroups by subvolume id.
-
-    v4 header ``qgroupid rfer excl``, v6 ``Qgroupid Referenced Exclusive Path``; any
-    further columns (a path, limits, ``<stale>`` for a deleted subvolume) are ignored.
-    Higher-level qgroups (``1/100``) are skipped.
-    """
-    what = "btrfs qgroup show --raw"
-    lines = _lines(stdout)
-    if not lines:
-        return {}
-    if not lines[0].split()[0].lower() == "qgroupid":
-        raise BtrfsParseError(what, "missing qgroupid header", lines[0])
-    body = lines[1:]
-    if body and set(body[0].replace(" ", "")) <= {"-"}:
-        body = body[1:]
-    result: dict[int, Qgroup] = {}
-    for line in body:
-        m = _QGROUP_ROW_RE.fullmatch(line.strip())
-        if not m:
-            raise BtrfsParseError(what, "unexpected line (sizes not in bytes?)", line)
-        if m.group("level") != "0":
-            continue
-        qid = int(m.group("id"))
-        result[qid] = Qgroup(
-            id=qid, referenced=int(m.group("rfer")), exclusive=int(m.group("excl"))
-        )
-    return result
-
-
-# --------------------------------------------------------------------------- filesystem
 
 _FS_LABEL_RE = re.compile(r"Label: (?:'(?P<label>.*)'|(?P<none>none)) +uuid: (?P<uuid>\S+)")
 _FS_DEVICE_RE = re.compile(r"\s*devid +\d+ size \S+ used \S+ path (?P<path>.+)")

@@ -1,8 +1,9 @@
 """Plain values that the btrfs and Docker wrappers return and the domain consumes.
 
-Every value is a frozen dataclass: the wrappers (``agent.btrfs``, ``agent.dockerd``)
-build them from tool output or the Docker API, the fakes in the tests build them by
-hand, and nothing else needs to know where they came from.
+Every value is immutable (frozen dataclasses; ``SubvolumeRecord`` is a named tuple, built
+by the ten thousand): the wrappers (``agent.host.btrfs``, ``agent.host.dockerd``) build
+them from the kernel's answers, tool output or the Docker API, the fakes in the tests
+build them by hand, and nothing else needs to know where they came from.
 
 Paths in these records are *local* paths, as this process sees them. When the agent
 runs in a container with the host mounted under a prefix, ``agent.paths`` maps them
@@ -11,40 +12,100 @@ to and from host paths; everything the API shows is a host path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
 
 class SubvolumeRecord(NamedTuple):
-    """One subvolume, as the kernel's root tree describes it.
+    """One subvolume, as the kernel's root tree describes it (``agent.host.btrfs_tree``).
 
     A named tuple: immutable, and small and quick to build by the ten thousand.
+    ``generation``, ``ctransid`` and the times are those of the last committed
+    transaction (the root tree's copy of the subvolume's root item).
     """
 
     id: int
-    parent_id: int  # the subvolume whose tree holds this one
+    parent_id: int  # the subvolume whose tree holds this one (its ROOT_BACKREF's offset)
     generation: int
     uuid: str | None  # None on a filesystem made before Linux 3.6
     parent_uuid: str | None  # the snapshot source, not the containing subvolume
     read_only: bool
     created_at: datetime | None  # otime, aware UTC; None before Linux 3.6
     # ctime: moved whenever a name is created, renamed or removed anywhere in the
-    # subvolume, aware UTC
+    # subvolume (the kernel's btrfs_update_root_times), aware UTC. A snapshot starts
+    # with its source's, so it can be older than created_at.
     changed_at: datetime | None
     ctransid: int | None  # the transaction of that change
-    # Relative to the filesystem's top level (subvolume 5), decoded with os.fsdecode;
-    # None when the path cannot be known for sure: never act on such a subvolume by path.
+    # Relative to the filesystem's top level (subvolume 5), built from the kernel's name
+    # bytes and decoded with os.fsdecode: os.fsencode(path) gives the exact bytes back.
+    # None when the path cannot be known for sure (longer than BTRFS_IOC_INO_LOOKUP
+    # returns, or a lookup failed): never act on such a subvolume by path.
     path: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Qgroup:
-    """Sizes of one level-0 qgroup (``btrfs qgroup show --raw``)."""
+    """Sizes of one level-0 qgroup (the quota tree's QGROUP_INFO item)."""
 
-    id: int
+    id: int  # the subvolume id (qgroup 0/id); its subvolume may no longer exist
     referenced: int
     exclusive: int
+
+
+class QgroupReport(Mapping[int, Qgroup]):
+    """Every level-0 qgroup of a filesystem by subvolume id, with the quota status.
+
+    Includes qgroups whose subvolume is gone: kernels before 6.11 (Synology's 4.4
+    among them) leave them behind when a subvolume is dropped. ``inconsistent``
+    (BTRFS_QGROUP_STATUS_FLAG_INCONSISTENT, or no status item at all): the kernel says
+    the numbers are out of date until a rescan; do not trust them. ``rescanning``: a
+    rescan is running (the numbers are moving).
+    """
+
+    __slots__ = ("_groups", "_inconsistent", "_rescanning")
+
+    def __init__(
+        self, groups: Mapping[int, Qgroup], *, inconsistent: bool = False, rescanning: bool = False
+    ) -> None:
+        self._groups = dict(groups)
+        self._inconsistent = inconsistent
+        self._rescanning = rescanning
+
+    @property
+    def inconsistent(self) -> bool:
+        return self._inconsistent
+
+    @property
+    def rescanning(self) -> bool:
+        return self._rescanning
+
+    def __getitem__(self, key: int) -> Qgroup:
+        return self._groups[key]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, QgroupReport):
+            return (self._groups, self._inconsistent, self._rescanning) == (
+                other._groups,
+                other._inconsistent,
+                other._rescanning,
+            )
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"QgroupReport({self._groups!r}, inconsistent={self.inconsistent},"
+            f" rescanning={self.rescanning})"
+        )
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ TINY = {
     "b2_reclaim": ["--files", "2000", "--runs", "1"],
     "b3_fleet": ["--agents", "5", "--runs", "1", "--orphans", "1"],
     "b4_footprint": ["--subvolumes", "200", "--volumes", "20", "--runs", "1", "--load-runs", "1"],
+    "b5_enumeration": ["--subvolumes", "200", "--volumes", "20", "--runs", "1"],
 }
 
 
@@ -48,5 +49,5 @@ def test_benchmark_runs_tiny(script: str, lab_host: None, tmp_path: Path) -> Non
 
 def test_benchmarks_md_has_a_section_per_benchmark() -> None:
     doc = (REPO / "BENCHMARKS.md").read_text()
-    for name in ("b1", "b2", "b3", "b4"):
+    for name in ("b1", "b2", "b3", "b4", "b5"):
         assert f"<!-- bench:{name} -->" in doc and f"<!-- /bench:{name} -->" in doc

@@ -1,11 +1,12 @@
-"""``agent.btrfs.BtrfsTool``.
+"""``agent.host.btrfs.BtrfsTool``.
 
 The first part runs it against a stand-in ``btrfs`` (a shell script replaying captured
 output) to check the command lines, the runner and the error paths. The ``lab`` part
 runs it on a real loop-backed btrfs (fixture ``loop_btrfs`` in conftest.py) and checks
 every answer against the filesystem itself, once with the distro's btrfs-progs and once
 with btrfs-progs 4.4.1 (fixture ``btrfs_binary`` in tests/conftest.py); the tests' own
-set-up and checks run the distro's ``btrfs``.
+set-up and checks run the distro's ``btrfs``. The listings (ioctls, no process) are
+checked in test_btrfs_listing.py.
 """
 
 from __future__ import annotations
@@ -84,27 +85,8 @@ def fake(tmp_path: Path) -> FakeBtrfs:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_listing_commands_and_answers(fake: FakeBtrfs, version: str) -> None:
+def test_commands_and_answers(fake: FakeBtrfs, version: str) -> None:
     tool = BtrfsTool(binary=fake.path)
-    fake.replay(version, "subvolume-list-puq.txt")
-    records = tool.list_subvolumes("/volume1")
-    assert fake.argv == ["subvolume", "list", "-a", "-p", "-u", "-q", "/volume1"]
-    assert len(records) == 15
-    assert records[0].path == "docker"
-
-    fake.replay(version, "subvolume-list-r-readonly.txt")
-    assert tool.readonly_ids("/volume1") == {261}
-    assert fake.argv == ["subvolume", "list", "-r", "/volume1"]
-
-    fake.replay(version, "qgroup-show-raw.txt")
-    groups = tool.qgroups("/volume1")
-    assert fake.argv == ["qgroup", "show", "--raw", "/volume1"]
-    assert groups is not None
-    assert groups[278] == Qgroup(278, 4210688, 4210688)
-
-    fake.replay(version, "qgroup-show-quota-off.txt")
-    assert tool.qgroups("/volume1") is None
-
     fake.replay(version, "filesystem-show.txt")
     assert tool.filesystem("/volume1") == FilesystemIdent(
         "fb415bf3-dfe2-46e7-965f-840f6fe01817", None, ("/dev/loop1",)
@@ -122,15 +104,6 @@ def test_listing_commands_and_answers(fake: FakeBtrfs, version: str) -> None:
     fake.replay(version, "version.txt")
     assert tool.version() == version.removeprefix("v")
     assert fake.argv == ["--version"]
-
-
-@pytest.mark.parametrize("version", VERSIONS)
-def test_qgroup_failure_other_than_quota_off_raises(fake: FakeBtrfs, version: str) -> None:
-    fake.replay(version, "subvolume-list-not-btrfs.txt")
-    with pytest.raises(BtrfsCommandError) as exc:
-        BtrfsTool(binary=fake.path).qgroups("/tmp")
-    assert exc.value.returncode == 1
-    assert "not a btrfs filesystem: /tmp" in exc.value.stderr
 
 
 def test_changing_commands(fake: FakeBtrfs) -> None:
@@ -174,16 +147,16 @@ def test_failure_carries_command_code_and_output(fake: FakeBtrfs) -> None:
 
 
 def test_unparseable_output_is_a_clear_error(fake: FakeBtrfs) -> None:
-    fake.script("this is not a subvolume list\n")
-    with pytest.raises(ValueError, match="btrfs subvolume list -a -p -u -q: unexpected line"):
-        BtrfsTool(binary=fake.path).list_subvolumes("/volume1")
+    fake.script("this is not what get-default prints\n")
+    with pytest.raises(ValueError, match="btrfs subvolume get-default: unexpected line"):
+        BtrfsTool(binary=fake.path).default_subvolume("/volume1")
 
 
 def test_timeout_kills_and_reports(fake: FakeBtrfs) -> None:
     fake.script(body="echo started; exec sleep 30")
     started = time.monotonic()
     with pytest.raises(BtrfsTimeout) as exc:
-        BtrfsTool(binary=fake.path, timeout=0.5).list_subvolumes("/volume1")
+        BtrfsTool(binary=fake.path, timeout=0.5).usage("/volume1")
     assert time.monotonic() - started < 10
     assert exc.value.returncode == -9
     assert exc.value.stderr.startswith("timed out after 0.5s")
@@ -196,7 +169,7 @@ def test_missing_binary_is_unavailable(binary: str) -> None:
     with pytest.raises(BtrfsUnavailable):
         tool.version()
     with pytest.raises(BtrfsUnavailable):
-        tool.list_subvolumes("/volume1")
+        tool.usage("/volume1")
 
 
 def test_binary_that_cannot_be_executed_is_unavailable(tmp_path: Path) -> None:
@@ -218,6 +191,8 @@ def test_paths_must_be_absolute_and_distinct() -> None:
         tool.delete(["/x/a", "/x/b", "/x/a/"])
     with pytest.raises(ValueError, match="absolute"):
         tool.list_subvolumes("-r")
+    with pytest.raises(ValueError, match="absolute"):
+        tool.qgroups("relative")
     with pytest.raises(ValueError, match="NUL"):
         tool.sync("/x\0y")
 
@@ -431,9 +406,17 @@ def test_list_nested_subvolumes(loop_btrfs: LoopBtrfs, tool: BtrfsTool) -> None:
         shown = show(paths[name])
         assert rec.id == ids[name] == int(shown["Subvolume ID"])
         assert rec.parent_id == expected_parent[name] == int(shown["Parent ID"])
-        assert rec.top_level == expected_parent[name]
         assert rec.generation == int(shown["Generation"])
         assert rec.uuid == shown["UUID"]
+        assert rec.read_only is (name == "snap-ro")
+        assert rec.created_at is not None and rec.created_at.tzinfo == UTC
+        assert rec.created_at == BtrfsTool().created_at(paths[name])  # the same otime
+        created = datetime.strptime(shown["Creation time"], "%Y-%m-%d %H:%M:%S %z")
+        assert rec.created_at.replace(microsecond=0) == created
+        assert rec.changed_at is not None
+        if name not in ("snap", "snap-ro"):  # a snapshot starts with its source's ctime
+            assert rec.changed_at >= rec.created_at
+        assert rec.ctransid is not None and rec.ctransid <= rec.generation
     assert records["a"].parent_uuid is None
     assert records["snap"].parent_uuid == records["a"].uuid
     assert records["snap-ro"].parent_uuid == records["a"].uuid
@@ -450,20 +433,24 @@ def test_list_from_a_subvolume_mount_gives_top_level_paths(
     assert tool.list_subvolumes(at) == from_top
 
 
+def readonly_ids(tool: BtrfsTool, mount: str) -> set[int]:
+    return {r.id for r in tool.list_subvolumes(mount) if r.read_only}
+
+
 @lab
-def test_readonly_ids_and_set_readonly(loop_btrfs: LoopBtrfs, tool: BtrfsTool) -> None:
+def test_read_only_flags_and_set_readonly(loop_btrfs: LoopBtrfs, tool: BtrfsTool) -> None:
     paths = make_tree(loop_btrfs.mount)
-    assert tool.readonly_ids(loop_btrfs.mount) == {rootid(paths["snap-ro"])}
+    assert readonly_ids(tool, loop_btrfs.mount) == {rootid(paths["snap-ro"])}
 
     tool.set_readonly(paths["a/b"], True)
-    assert tool.readonly_ids(loop_btrfs.mount) == {rootid(paths["snap-ro"]), rootid(paths["a/b"])}
+    assert readonly_ids(tool, loop_btrfs.mount) == {rootid(paths["snap-ro"]), rootid(paths["a/b"])}
     assert sh("btrfs", "property", "get", paths["a/b"], "ro").strip() == "ro=true"
     with pytest.raises(OSError) as exc:
         Path(paths["a/b"], "file").write_text("x")
     assert exc.value.errno == errno.EROFS
 
     tool.set_readonly(paths["a/b"], False)
-    assert tool.readonly_ids(loop_btrfs.mount) == {rootid(paths["snap-ro"])}
+    assert readonly_ids(tool, loop_btrfs.mount) == {rootid(paths["snap-ro"])}
     Path(paths["a/b"], "file").write_text("x")
 
 
@@ -488,6 +475,7 @@ def test_qgroups_none_when_off_and_real_sizes_when_on(
     assert groups[empty_id] == Qgroup(empty_id, nodesize, nodesize)
     assert 3 << 20 <= groups[data_id].exclusive < 4 << 20
     assert groups[data_id].referenced == groups[data_id].exclusive
+    assert not groups.inconsistent
 
 
 @lab
@@ -684,8 +672,8 @@ def test_created_at_none_when_not_a_subvolume(loop_btrfs: LoopBtrfs, tool: Btrfs
 @lab
 def test_failed_command_carries_its_output(tmp_path: Path, tool: BtrfsTool) -> None:
     with pytest.raises(BtrfsCommandError) as exc:
-        tool.list_subvolumes(str(tmp_path))
-    assert exc.value.cmd[1:] == ("subvolume", "list", "-a", "-p", "-u", "-q", str(tmp_path))
+        tool.usage(str(tmp_path))
+    assert exc.value.cmd[1:] == ("filesystem", "usage", "-b", str(tmp_path))
     assert exc.value.returncode == 1
     assert "not a btrfs filesystem" in exc.value.stderr
 
@@ -696,7 +684,6 @@ def test_missing_binary_deletes_nothing(loop_btrfs: LoopBtrfs) -> None:
     tool = BtrfsTool(binary="/nonexistent/btrfs")
     calls: list[Callable[[], object]] = [
         lambda: tool.delete([s]),
-        lambda: tool.list_subvolumes(loop_btrfs.mount),
         lambda: tool.usage(loop_btrfs.mount),
         lambda: tool.set_readonly(s, True),
     ]
@@ -705,6 +692,9 @@ def test_missing_binary_deletes_nothing(loop_btrfs: LoopBtrfs) -> None:
             call()
     assert os.path.isdir(s)
     assert os.stat(s).st_ino == 256  # still a subvolume
+    # the listings are ioctls: no binary needed
+    assert [r.path for r in tool.list_subvolumes(loop_btrfs.mount)] == ["kept"]
+    assert tool.qgroups(loop_btrfs.mount) is None
 
 
 def test_delete_stops_when_btrfs_disappears_after_a_chunk(fake: FakeBtrfs, tmp_path: Path) -> None:
