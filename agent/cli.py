@@ -141,6 +141,7 @@ def check_config(config_path: str | None) -> None:
         "docker_host": config.docker_host,
         "host_prefix": config.host_prefix,
         "plan_ttl_seconds": config.plan_ttl_seconds,
+        "orphan_min_age_seconds": config.orphan_min_age_seconds,
     }
     click.echo(json.dumps(shown, indent=2))
 

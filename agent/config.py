@@ -11,6 +11,7 @@
     plan_ttl_seconds: 3600
     gunicorn: {workers: 1, threads: 4, timeout: 120}
     btrfs_binary: btrfs            # a name looked up on PATH (and sbin), or a path
+    orphan_min_age_seconds: 3600   # an orphan layer is cleaned only after this long unchanged
 
 The file is ``$NAS_JANITOR_CONFIG`` (default ``/etc/nas-janitor/agent.yaml``); each
 ``NAS_JANITOR_<KEY>`` variable below overrides one key. A bad config raises
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from shared.policy import ORPHAN_MIN_AGE_FLOOR_SECONDS
 
 DEFAULT_PATH = "/etc/nas-janitor/agent.yaml"
 SCOPES = frozenset({"read", "clean"})
@@ -45,6 +48,7 @@ ENV_KEYS = {
     "NAS_JANITOR_TOKENS_FILE": "tokens_file",
     "NAS_JANITOR_PLAN_TTL_SECONDS": "plan_ttl_seconds",
     "NAS_JANITOR_BTRFS_BINARY": "btrfs_binary",
+    "NAS_JANITOR_ORPHAN_MIN_AGE_SECONDS": "orphan_min_age_seconds",
 }
 
 
@@ -91,6 +95,9 @@ class AgentConfig:
     plan_ttl_seconds: int = 3600
     gunicorn: GunicornConfig = field(default_factory=GunicornConfig)
     btrfs_binary: str = "btrfs"
+    # The floor under an orphan layer's age that no request can lower: Docker creates a
+    # layer's subvolume before it records it (ORPHAN_MIN_AGE_FLOOR_SECONDS by default).
+    orphan_min_age_seconds: int = ORPHAN_MIN_AGE_FLOOR_SECONDS
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -215,6 +222,7 @@ def load_config(
         "plan_ttl_seconds",
         "gunicorn",
         "btrfs_binary",
+        "orphan_min_age_seconds",
     }
     for key in sorted(set(raw) - known):
         problems.append(f"{key}: unknown setting")
@@ -315,6 +323,17 @@ def load_config(
     elif "/" in btrfs_binary and not btrfs_binary.startswith("/"):
         problems.append("btrfs_binary: a command name or an absolute path")
 
+    orphan_floor: Any = raw.get("orphan_min_age_seconds", ORPHAN_MIN_AGE_FLOOR_SECONDS)
+    try:
+        if isinstance(orphan_floor, bool):
+            raise ValueError
+        orphan_floor = int(orphan_floor)
+        if not 0 <= orphan_floor <= 7 * 86400:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append("orphan_min_age_seconds: a whole number from 0 to 604800")
+        orphan_floor = ORPHAN_MIN_AGE_FLOOR_SECONDS
+
     if problems:
         raise ConfigError(problems)
     assert state_dir is not None
@@ -329,4 +348,5 @@ def load_config(
         plan_ttl_seconds=ttl,
         gunicorn=gun,
         btrfs_binary=btrfs_binary,
+        orphan_min_age_seconds=orphan_floor,
     )

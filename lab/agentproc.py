@@ -125,6 +125,9 @@ def write_config(
         "state_dir": str(state_dir),
         "docker_host": docker_host,
         "gunicorn": {"threads": 4, "timeout": 120},
+        # The lab's orphan layers are seconds old and nothing pulls images meanwhile: no
+        # floor here. An agent on a NAS keeps the default (an hour unchanged).
+        "orphan_min_age_seconds": 0,
     }
     if roots:
         cfg["roots"] = roots

@@ -268,7 +268,13 @@ class Jobs:
                 )
                 self._on_action(action.op, "failed", None)
                 return ActionResult(action.seq, "failed", f"{exc.code}: {exc.detail}")
-            checked = recheck(snap, plan, action, resuming=audited == "started")
+            checked = recheck(
+                snap,
+                plan,
+                action,
+                resuming=audited == "started",
+                orphan_floor=self.inventory.config.orphan_min_age_seconds,
+            )
             if isinstance(checked, Skipped):
                 outcome, why = "skipped", str(checked)
                 if audited in ("started", "deleted") and checked.code == "gone":
@@ -340,7 +346,12 @@ class Jobs:
 
 
 def recheck(
-    snap: Snapshot, plan: Plan, action: Action, *, resuming: bool = False
+    snap: Snapshot,
+    plan: Plan,
+    action: Action,
+    *,
+    resuming: bool = False,
+    orphan_floor: int = ORPHAN_MIN_AGE_FLOOR_SECONDS,
 ) -> DeleteSet | Skipped:
     """The action's delete set if its target is as planned, else why not.
 
@@ -366,7 +377,7 @@ def recheck(
     except (Refused, ValidationFailed) as exc:
         return Skipped(exc.code, exc.detail)
     if action.kind in ("orphan-layer", "orphan-layer-folder"):
-        young = _still_young(snap, action)
+        young = _still_young(snap, action, orphan_floor)
         if young is not None:
             return young
     planned = dict(action.generations)
@@ -391,9 +402,9 @@ def recheck(
     return ds
 
 
-def _still_young(snap: Snapshot, action: Action) -> Skipped | None:
-    """An orphan that changed within ``ORPHAN_MIN_AGE_FLOOR_SECONDS`` (Docker writing it),
-    or whose last change cannot be told."""
+def _still_young(snap: Snapshot, action: Action, floor: int) -> Skipped | None:
+    """An orphan that changed within ``floor`` seconds (Docker writing it), or whose last
+    change cannot be told."""
     if action.kind == "orphan-layer":
         sv = snap.subvolume(str(action.filesystem_uuid), int(action.target.id or 0))
         times = [t for t in ((sv.created_at, sv.changed_at) if sv else ()) if t is not None]
@@ -403,10 +414,8 @@ def _still_young(snap: Snapshot, action: Action) -> Skipped | None:
     if not times:
         return Skipped("too_young", "when it last changed cannot be told")
     age = int((snap.taken_at - max(times)).total_seconds())
-    if age < ORPHAN_MIN_AGE_FLOOR_SECONDS:
+    if age < floor:
         return Skipped(
-            "too_young",
-            f"changed {age} s ago, less than {ORPHAN_MIN_AGE_FLOOR_SECONDS} s: Docker may be "
-            "writing it",
+            "too_young", f"changed {age} s ago, less than {floor} s: Docker may be writing it"
         )
     return None

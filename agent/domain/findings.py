@@ -141,12 +141,21 @@ def compute_findings(
     min_age_seconds: int = DEFAULT_MIN_AGE_SECONDS,
     protect_labels: Sequence[str] = DEFAULT_PROTECT_LABELS,
     kinds: Sequence[str] = FINDING_KINDS,
+    orphan_floor_seconds: int = ORPHAN_MIN_AGE_FLOOR_SECONDS,
 ) -> list[Finding]:
     """Every finding of the asked kinds. ``created_at`` gives creation times of the
     orphan candidates where the snapshot lacks them (the caller asks the btrfs side
-    for just those)."""
+    for just those). ``orphan_floor_seconds``: the least age of a cleanable orphan,
+    whatever ``min_age_seconds`` says (the agent's configuration sets it)."""
     out: list[Finding] = []
-    ctx = _Ctx(snap, now, min_age_seconds, tuple(protect_labels), rmdir_deletes_subvolumes)
+    ctx = _Ctx(
+        snap,
+        now,
+        min_age_seconds,
+        tuple(protect_labels),
+        rmdir_deletes_subvolumes,
+        orphan_floor_seconds,
+    )
     for vol in sorted(snap.volumes.values(), key=lambda v: v.name):
         if vol.in_use_by:
             continue
@@ -179,6 +188,7 @@ class _Ctx:
     min_age: int
     protect_labels: tuple[str, ...]
     rmdir_ok: bool
+    orphan_floor: int
 
 
 def _volume_finding(ctx: _Ctx, vol: VolumeView, kind: str) -> Finding:
@@ -291,7 +301,7 @@ def _orphan_finding(ctx: _Ctx, sv: SubvolView, created_fallback: datetime | None
         blocked.append(_blocked(exc))
     if len(subtree) > 1:
         evidence.append(f"{len(subtree) - 1} subvolume(s) nested inside it go with it")
-    min_age = max(ctx.min_age, ORPHAN_MIN_AGE_FLOOR_SECONDS)
+    min_age = max(ctx.min_age, ctx.orphan_floor)
     if age is None:
         blocked.append(
             "too_young: its age is unknown, and a layer Docker is still writing looks orphaned"
@@ -338,9 +348,7 @@ def _folder_finding(ctx: _Ctx, folder: LayerFolder, kind: str) -> Finding:
             blocked.append(_blocked(exc))
     if folder.changed_at:
         evidence.append(f"last changed {folder.changed_at.isoformat()}")
-    blocked.extend(
-        _too_young(age, max(ctx.min_age, ORPHAN_MIN_AGE_FLOOR_SECONDS), "since its last change")
-    )
+    blocked.extend(_too_young(age, max(ctx.min_age, ctx.orphan_floor), "since its last change"))
     return Finding(
         id=finding_id(kind, f"folder\0{folder.path}"),
         kind=kind,

@@ -256,6 +256,7 @@ class Inventory:
             min_age_seconds=min_age_seconds,
             protect_labels=protect_labels,
             kinds=kinds,
+            orphan_floor_seconds=self.config.orphan_min_age_seconds,
         )
 
     def findings(

@@ -30,7 +30,14 @@ from tests.agentproc import AgentProcess, start_agent
 
 
 def make_app(lab: Lab, state_dir: Path, btrfs_binary: str = "btrfs") -> Flask:
-    cfg = agent_config(state_dir, docker_host=lab.docker_host, btrfs_binary=btrfs_binary)
+    # the lab's orphans are seconds old: no age floor (tests/agent/test_safety_lab.py
+    # checks the default one)
+    cfg = agent_config(
+        state_dir,
+        docker_host=lab.docker_host,
+        btrfs_binary=btrfs_binary,
+        orphan_min_age_seconds=0,
+    )
     app = create_app(cfg, backend=real_backends(cfg))
     app.testing = True
     return app
