@@ -404,13 +404,20 @@ class AgentClient:
         if limited:
             assert self._limit_end is not None
             deadline = self._limit_end
+        job: Job | None = None
         while True:
-            job = self.get_job(job_id)
-            if on_progress is not None:
-                on_progress(job)
-            if job.finished:
-                return job
-            remaining = deadline - self._clock()
+            try:
+                job = self.get_job(job_id)
+            except DeadlineExceeded:
+                if job is None:
+                    raise
+                remaining = 0.0  # no time left for another look: the last one stands
+            else:
+                if on_progress is not None:
+                    on_progress(job)
+                if job.finished:
+                    return job
+                remaining = deadline - self._clock()
             if remaining <= 0:
                 state = (
                     f"job {job_id} still {job.state} "
