@@ -170,7 +170,7 @@ def report_more(session: Session, audits: dict[str, AuditStatus | str]) -> None:
         if not isinstance(audit, str) and audit.more:
             session.err.print(
                 f"{name}: audit: {audit.new} entries pulled (limits.audit_entries), more "
-                f"are left: the next run or audit goes on from entry {audit.last_seq}",
+                f"are left: the next run or audit goes on after entry {audit.last_seq}",
                 markup=False,
                 highlight=False,
             )

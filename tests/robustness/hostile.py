@@ -109,13 +109,14 @@ class HostileServer:
     """A server on 127.0.0.1 that answers every request with ``behaviour``."""
 
     behaviour: Behaviour
+    port: int = 0  # 0: any free one
     requests: list[Request] = field(default_factory=list)
     sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> HostileServer:
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", self.port), Handler)
         self._httpd.owner = self
         self.port = int(self._httpd.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"
@@ -358,3 +359,44 @@ def janitorctl(
         seconds=time.monotonic() - start,
         max_rss_kib=int(usage.ru_maxrss),
     )
+
+
+# -- by hand: `python -m tests.robustness.hostile KIND` serves until interrupted ---------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve one hostile agent on 127.0.0.1 (to try janitorctl against it by hand):
+
+        python -m tests.robustness.hostile trickle --interval 3   # a byte every 3 s
+        python -m tests.robustness.hostile big --size 500000000   # 500 MB, no length
+        python -m tests.robustness.hostile chunks                  # chunks for ever
+        python -m tests.robustness.hostile audit                   # an endless audit log
+
+    It prints its URL (``--port`` to choose it), then serves until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.robustness.hostile")
+    parser.add_argument("kind", choices=["trickle", "big", "chunks", "audit"])
+    parser.add_argument("--interval", type=float, default=3.0)
+    parser.add_argument("--size", type=int, default=500_000_000)
+    parser.add_argument("--with-length", action="store_true")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    behaviour: Behaviour = {
+        "trickle": lambda: trickle(args.interval),
+        "big": lambda: big(args.size, with_length=args.with_length),
+        "chunks": endless_chunks,
+        "audit": EndlessAudit,
+    }[args.kind]()
+    with HostileServer(behaviour, port=args.port) as server:
+        print(server.url, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -217,7 +217,7 @@ def test_an_endless_audit_is_pulled_in_parts_run_after_run(tmp_path: Path) -> No
     for result in (first, second):
         assert result.code == 0, (result.code, result.stdout[-1000:], result.stderr[-2000:])
         assert "Traceback" not in result.stderr
-        assert "more are left: the next run or audit goes on from entry" in result.stderr
+        assert "more are left: the next run or audit goes on after entry" in result.stderr
     (one,) = json.loads(first.stdout)
     (two,) = json.loads(second.stdout)
     assert (one["status"], one["new"], one["last_seq"], one["more"]) == (
