@@ -7,15 +7,17 @@ in the project's spec).
 
 Every answer is validated with the contract's schemas (``shared.schemas``) and returned
 as a frozen model (``shared.models``). Every failure is a ``controller.errors``
-exception, converted once in ``_send``; nothing outside this module sees httpx.
+exception, converted once in ``_send``; nothing above this module sees httpx (below it,
+``controller.transport`` holds the sockets' deadlines).
 
 Bounds: each request (connect, TLS, sending, the whole answer) ends by its deadline,
 ``timeout`` seconds after it starts (``controller.transport`` cuts every socket
 operation to the time left; an agent that sends a byte every few seconds cannot hold a
 request longer). ``time_limit(seconds)`` bounds everything done with the client in a
 block as well (``DeadlineExceeded``). Answers are read as a stream and refused past
-``max_answer_bytes`` (``AnswerTooLarge``), before they are parsed, so a 500 MB answer
-costs no more memory than the cap; compressed answers are not asked for and refused.
+``max_answer_bytes`` (``AnswerTooLarge``), before they are parsed, so what an answer
+costs in memory is bounded by the cap (about twice it, while the body is copied), not by
+the answer; compressed answers are not asked for, and refused.
 
 Retries: only requests that are safe to repeat are retried (every GET, and applying a
 plan, which carries an ``Idempotency-Key`` so the agent never runs it twice), on a
