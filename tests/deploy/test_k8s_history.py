@@ -28,7 +28,11 @@ import yaml
 from controller.cli import main
 from controller.store import Store
 from shared import auditchain
-from tests.agent.apphelpers import BOTH, AgentUnderTest, build
+
+try:  # the agent's tests moved into rooms (tests/agent/http/) on main meanwhile
+    from tests.agent.http.apphelpers import BOTH, AgentUnderTest, build
+except ImportError:
+    from tests.agent.apphelpers import BOTH, AgentUnderTest, build  # type: ignore[no-redef]
 from tests.deploy.test_k8s_manifests import (
     cronjob_container,
     secret_volume_as_kubelet_makes_it,
