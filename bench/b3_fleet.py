@@ -83,6 +83,7 @@ def capture(work: Path, orphans: int) -> tuple[Path, Path, Path, Path, int]:
         finally:
             stop(agent.proc)
     (work / "token").write_text(agent.token + "\n")
+    (work / "token").chmod(0o600)  # janitorctl refuses a token file others may read
     pki = agent.pki
     return captures, pki.server_cert, pki.server_key, pki.ca_pem, count
 

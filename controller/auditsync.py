@@ -3,7 +3,10 @@
 ``pull`` runs in a worker (network only): it asks the agent to verify its own chain,
 then fetches the entries from just before the last one the store kept (so that entry
 is seen again and compared), or from the start with ``full=True`` (every kept entry is
-compared). ``reconcile`` runs in the CLI's thread (store only) and decides:
+compared), at most ``max_entries`` of them: an agent with a long history (or one that
+never stops sending entries) is pulled over several commands, each going on from where
+the last one stopped (``AuditStatus.more``). ``reconcile`` runs in the CLI's thread
+(store only) and decides:
 
 - *rewritten*: a kept entry came back with another hash, a kept entry is gone, or the
   agent now has fewer entries than the store kept. Nothing more is stored for that agent
@@ -26,12 +29,15 @@ from controller.store import Store
 from shared import auditchain
 from shared.models import AuditEntry, AuditVerify, dump
 
+DEFAULT_MAX_ENTRIES = 10_000
+
 
 @dataclass(frozen=True)
 class AuditPull:
     verify: AuditVerify
     after_seq: int  # the entries are those after this seq
     entries: tuple[AuditEntry, ...]
+    more: bool = False  # stopped at max_entries: the agent has entries after these
 
 
 @dataclass(frozen=True)
@@ -43,18 +49,31 @@ class AuditStatus:
     agent_count: int
     agent_ok: bool  # what the agent said of its own chain
     problems: tuple[str, ...] = ()
+    more: bool = False  # entries are left for the next pull
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
 
-def pull(client: AgentClient, *, last_seq: int, full: bool = False) -> AuditPull:
-    """Fetch what ``reconcile`` needs (no store access: safe in a worker thread)."""
+def pull(
+    client: AgentClient,
+    *,
+    last_seq: int,
+    full: bool = False,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> AuditPull:
+    """Fetch what ``reconcile`` needs (no store access: safe in a worker thread): at
+    most ``max_entries`` entries after the last one kept (and that one again), or from
+    the start with ``full``; one more is asked for, to know whether there are more."""
+    if max_entries < 1:
+        raise ValueError("max_entries must be >= 1")
     verify = client.audit_verify()
     after_seq = 0 if full else max(last_seq - 1, 0)
-    entries = tuple(client.audit(after_seq=after_seq))
-    return AuditPull(verify=verify, after_seq=after_seq, entries=entries)
+    take = max_entries + (last_seq - after_seq if not full else 0)
+    entries = client.audit(after_seq=after_seq, max_entries=take + 1)
+    more = len(entries) > take
+    return AuditPull(verify=verify, after_seq=after_seq, entries=tuple(entries[:take]), more=more)
 
 
 def reconcile(store: Store, agent: str, pulled: AuditPull) -> AuditStatus:
@@ -74,7 +93,11 @@ def reconcile(store: Store, agent: str, pulled: AuditPull) -> AuditStatus:
             "before: history went backwards"
         )
     seen = {e.seq: e.hash for e in pulled.entries}
-    for seq in range(pulled.after_seq + 1, state.last_seq + 1):
+    # Entries kept before must all come back, up to where this pull stopped.
+    compared_to = state.last_seq
+    if pulled.more and pulled.entries:
+        compared_to = min(compared_to, pulled.entries[-1].seq)
+    for seq in range(pulled.after_seq + 1, compared_to + 1):
         if seq not in seen:
             if rewritten_at is None:
                 rewritten_at = seq
@@ -135,4 +158,5 @@ def reconcile(store: Store, agent: str, pulled: AuditPull) -> AuditStatus:
         agent_count=verify.count,
         agent_ok=verify.ok,
         problems=tuple(problems),
+        more=pulled.more and status == "ok",
     )

@@ -8,14 +8,19 @@
     janitorctl --fleet fleet.yaml audit        # pull and check every audit log
     janitorctl report                          # found / reclaimed / refused over time
 
-Exit codes: 0 all went well; 1 an agent or an action failed (the others still ran);
-2 bad config or usage (nothing was done).
+The global options (``--fleet``, ``--store``, ``--agent``, ``--label``, ``--json``,
+``-v``) go before or after the command: ``janitorctl run --fleet fleet.yaml`` too.
+
+Exit codes: 0 all went well; 1 an agent or an action failed (the others still ran), or
+the controller itself failed (reported in one line, never a traceback); 2 bad config or
+usage (nothing was done).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,19 +29,23 @@ from pathlib import Path
 import click
 
 from controller import __version__
+from controller.commands import configure_logging
 from controller.commands.agents import agents
 from controller.commands.audit import audit
 from controller.commands.findings import findings
 from controller.commands.plans import apply, plan
 from controller.commands.report import report
 from controller.commands.run import run
-from controller.errors import ConfigError
+from controller.errors import ConfigError, message_for
 from controller.fleet import FLEET_ENV
 from controller.session import Session, TransportFactory
 
 STORE_ENV = "NAS_JANITOR_STORE"
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("controller")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,20 +82,17 @@ def cli(
     json_output: bool,
     verbose: int,
 ) -> None:
-    """Find and safely remove the btrfs subvolumes Docker leaks, on a fleet of NAS boxes."""
-    logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if verbose < 2:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    """Find and safely remove the btrfs subvolumes Docker leaks, on a fleet of NAS boxes.
+
+    The options above go after the command too (janitorctl run --fleet F)."""
     session: Session = ctx.ensure_object(Session)
     session.fleet_path = fleet_path
     session.store_path = store_path
     session.agent_names = agent_names
     session.labels = labels
     session.json = session.json or json_output
+    session.verbose = verbose
+    configure_logging(verbose)
     ctx.call_on_close(session.close)
 
 
@@ -126,4 +132,15 @@ def main(
     except ConfigError as exc:
         click.echo(f"janitorctl: bad config: {exc}", err=True)
         return EXIT_CONFIG
+    except KeyboardInterrupt:
+        click.echo("janitorctl: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except sqlite3.Error as exc:
+        log.debug("store failure", exc_info=True)
+        click.echo(f"janitorctl: the store failed: {type(exc).__name__}: {exc}", err=True)
+        return EXIT_FAILED
+    except Exception as exc:  # a bug, or no memory left: one line, never a traceback
+        log.debug("internal error", exc_info=True)
+        click.echo(f"janitorctl: {message_for(exc)}", err=True)
+        return EXIT_FAILED
     return int(result or 0) if isinstance(result, int) else EXIT_OK

@@ -7,7 +7,17 @@ in the project's spec).
 
 Every answer is validated with the contract's schemas (``shared.schemas``) and returned
 as a frozen model (``shared.models``). Every failure is a ``controller.errors``
-exception, converted once in ``_send``; nothing outside this module sees httpx.
+exception, converted once in ``_send``; nothing above this module sees httpx (below it,
+``controller.transport`` holds the sockets' deadlines).
+
+Bounds: each request (connect, TLS, sending, the whole answer) ends by its deadline,
+``timeout`` seconds after it starts (``controller.transport`` cuts every socket
+operation to the time left; an agent that sends a byte every few seconds cannot hold a
+request longer). ``time_limit(seconds)`` bounds everything done with the client in a
+block as well (``DeadlineExceeded``). Answers are read as a stream and refused past
+``max_answer_bytes`` (``AnswerTooLarge``), before they are parsed, so what an answer
+costs in memory is bounded by the cap (about twice it, while the body is copied), not by
+the answer; compressed answers are not asked for, and refused.
 
 Retries: only requests that are safe to repeat are retried (every GET, and applying a
 plan, which carries an ``Idempotency-Key`` so the agent never runs it twice), on a
@@ -15,18 +25,21 @@ connect error, a timeout or a 503, ``retries`` times with a doubling backoff. DE
 ``POST /v1/plans`` are sent once: the caller decides what to do after a failure.
 
 Proxies from the environment (``HTTPS_PROXY``...) are ignored unless ``trust_env=True``:
-agents live on the local network and speak mutual TLS, which a proxy would break.
+agents live on the local network and speak mutual TLS, which a proxy would break. (With
+``trust_env=True`` httpx's own transports are used, and deadlines are checked only
+between the reads of an answer.)
 """
 
 from __future__ import annotations
 
 import functools
+import json as jsonlib
 import os
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -37,12 +50,15 @@ from controller import __version__
 from controller.errors import (
     AgentHTTPError,
     AgentUnreachable,
+    AnswerTooLarge,
     ConfigError,
+    DeadlineExceeded,
     JobTimeout,
     ProtocolError,
     Unavailable,
     http_error_class,
 )
+from controller.transport import DeadlineBackend, deadline_transport
 from shared import models
 from shared.models import (
     ApplyResponse,
@@ -61,6 +77,7 @@ from shared.models import (
     Volume,
 )
 from shared.schemas import DEFAULT_LIMIT, MAX_LIMIT
+from shared.secretfile import SecretFileRefused, open_secret
 
 T = TypeVar("T")
 
@@ -69,6 +86,8 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 2
 DEFAULT_BACKOFF = 0.5
 MAX_BACKOFF = 5.0
+DEFAULT_MAX_ANSWER_BYTES = 16 << 20
+MAX_TOKEN_FILE_BYTES = 64 << 10
 USER_AGENT = f"nas-janitor-controller/{__version__}"
 
 
@@ -81,14 +100,44 @@ class Readiness:
     detail: str | None = None
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer, read within its deadline and size cap."""
+
+    status_code: int
+    reason_phrase: str
+    headers: Mapping[str, str]
+    content: bytes
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        """The body as JSON. ``ValueError`` when it is not JSON, or nests too deeply
+        to parse (a ``RecursionError`` in the parser)."""
+        try:
+            return jsonlib.loads(self.content)
+        except RecursionError as exc:
+            raise ValueError("JSON nested too deeply") from exc
+
+
 def token_from_file(path: str | os.PathLike[str]) -> str:
-    """A bearer token kept in a file (first line, surrounding whitespace dropped)."""
+    """A bearer token kept in a file (first line, surrounding whitespace dropped). The
+    file is refused when others may change it or anyone may read it
+    (``shared.secretfile``: group-readable is fine)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read token file: {exc.strerror or exc}", where=str(path)
-        ) from exc
+        with open_secret(path) as f:
+            text = f.read(MAX_TOKEN_FILE_BYTES)
+    except SecretFileRefused as exc:
+        raise ConfigError(f"token file refused: {exc.strerror}", where=str(path)) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else None
+        raise ConfigError(f"cannot read token file: {why or exc}", where=str(path)) from exc
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
     if not token:
         raise ConfigError("token file is empty", where=str(path))
@@ -135,7 +184,8 @@ def _tls_context(ca: str | None, client_cert: str | None, client_key: str | None
 class AgentClient:
     """One agent. Options are keyword-only; ``transport`` replaces the network (tests
     pass ``httpx.MockTransport`` or ``httpx.WSGITransport(app=create_app(...))``);
-    ``sleep`` and ``clock`` are the waits and the time of retries and ``wait_job``."""
+    ``sleep`` and ``clock`` are the waits and the time of retries, deadlines and
+    ``wait_job``. A client is used by one thread at a time."""
 
     def __init__(
         self,
@@ -151,6 +201,7 @@ class AgentClient:
         retries: int = DEFAULT_RETRIES,
         backoff: float = DEFAULT_BACKOFF,
         page_size: int = DEFAULT_LIMIT,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
         trust_env: bool = False,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -160,23 +211,36 @@ class AgentClient:
             raise ValueError("retries must be >= 0")
         if not 1 <= page_size <= MAX_LIMIT:
             raise ValueError(f"page_size must be within 1..{MAX_LIMIT}")
+        if timeout <= 0 or max_answer_bytes < 1:
+            raise ValueError("timeout and max_answer_bytes must be > 0")
         self.base_url = base_url.rstrip("/")
         self.name = name or self.base_url
+        self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.page_size = page_size
+        self.max_answer_bytes = max_answer_bytes
         self._sleep = sleep
         self._clock = clock
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        self._limit: float | None = None  # seconds of the time_limit block, if any
+        self._limit_end: float | None = None
+        self._backend = DeadlineBackend(clock=clock)
+        headers = {
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+        }
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         verify: ssl.SSLContext | bool = True
         if transport is None and self.base_url.startswith("https:"):
             verify = tls_context(ca=ca, client_cert=client_cert, client_key=client_key)
+        if transport is None and not trust_env:
+            transport = deadline_transport(self._backend, verify=verify)
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
             verify=verify,
             trust_env=trust_env,
             transport=transport,
@@ -193,6 +257,23 @@ class AgentClient:
 
     def __repr__(self) -> str:
         return f"AgentClient({self.base_url!r}, name={self.name!r})"
+
+    @contextmanager
+    def time_limit(self, seconds: float | None) -> Iterator[None]:
+        """Everything done with this client inside the block (requests, retries and
+        their pauses, waiting for a job) ends within ``seconds`` from now; past that,
+        ``DeadlineExceeded``. ``None``: no limit but each request's own."""
+        if seconds is not None and seconds <= 0:
+            raise ValueError("seconds must be > 0")
+        before = self._limit, self._limit_end
+        if seconds is not None:
+            end = self._clock() + seconds
+            if self._limit_end is None or end < self._limit_end:
+                self._limit, self._limit_end = seconds, end
+        try:
+            yield
+        finally:
+            self._limit, self._limit_end = before
 
     # -- unauthenticated ------------------------------------------------------------
 
@@ -240,12 +321,23 @@ class AgentClient:
     def get_job(self, job_id: str) -> Job:
         return self._get(Job, f"/v1/jobs/{_seg(job_id)}")
 
-    def audit(self, *, after_seq: int = 0) -> list[AuditEntry]:
-        """Every audit entry after ``after_seq``, in order (all pages)."""
+    def audit(self, *, after_seq: int = 0, max_entries: int | None = None) -> list[AuditEntry]:
+        """The audit entries after ``after_seq``, in order (all pages), at most
+        ``max_entries`` of them. A page too large to take (``AnswerTooLarge``: entries
+        with huge details) is asked for again with half as many entries, down to one."""
         entries: list[AuditEntry] = []
-        while True:
-            params = {"after_seq": after_seq, "limit": self.page_size}
-            page = self._page(AuditEntry, "/v1/audit", params)
+        limit = self.page_size
+        while max_entries is None or len(entries) < max_entries:
+            if max_entries is not None:
+                limit = min(limit, max_entries - len(entries))
+            params = {"after_seq": after_seq, "limit": limit}
+            try:
+                page = self._page(AuditEntry, "/v1/audit", params)
+            except AnswerTooLarge:
+                if limit == 1:
+                    raise
+                limit = max(limit // 2, 1)
+                continue
             for entry in page.items:
                 if entry.seq <= after_seq:
                     raise ProtocolError(
@@ -253,8 +345,9 @@ class AgentClient:
                     )
                 after_seq = entry.seq
             entries.extend(page.items)
-            if not page.items or (page.next_cursor is None and len(page.items) < self.page_size):
-                return entries
+            if not page.items or (page.next_cursor is None and len(page.items) < limit):
+                break
+        return entries
 
     def audit_verify(self) -> AuditVerify:
         return self._get(AuditVerify, "/v1/audit/verify")
@@ -306,22 +399,37 @@ class AgentClient:
         on_progress: Callable[[Job], None] | None = None,
     ) -> Job:
         """Poll a job until it finishes; ``on_progress`` sees every state polled.
-        Raises ``JobTimeout`` (carrying the last state) when ``timeout`` runs out."""
+        Raises ``JobTimeout`` (carrying the last state) when ``timeout`` runs out, or
+        ``DeadlineExceeded`` (the same) when the ``time_limit`` runs out first."""
         deadline = self._clock() + timeout
+        limited = self._limit_end is not None and self._limit_end < deadline
+        if limited:
+            assert self._limit_end is not None
+            deadline = self._limit_end
+        job: Job | None = None
         while True:
-            job = self.get_job(job_id)
-            if on_progress is not None:
-                on_progress(job)
-            if job.finished:
-                return job
-            remaining = deadline - self._clock()
+            try:
+                job = self.get_job(job_id)
+            except DeadlineExceeded:
+                if job is None:
+                    raise
+                remaining = 0.0  # no time left for another look: the last one stands
+            else:
+                if on_progress is not None:
+                    on_progress(job)
+                if job.finished:
+                    return job
+                remaining = deadline - self._clock()
             if remaining <= 0:
-                raise JobTimeout(
-                    self.name,
-                    f"job {job_id} still {job.state} after {timeout:g}s "
-                    f"({job.progress.done}/{job.progress.total} done)",
-                    job=job,
+                state = (
+                    f"job {job_id} still {job.state} "
+                    f"({job.progress.done}/{job.progress.total} done)"
                 )
+                if limited:
+                    raise DeadlineExceeded(
+                        self.name, f"{state}: {self._limit_words()} ran out", job=job
+                    )
+                raise JobTimeout(self.name, f"{state} after {timeout:g}s", job=job)
             self._sleep(min(poll, remaining))
 
     # -- plumbing -------------------------------------------------------------------------
@@ -377,19 +485,27 @@ class AgentClient:
         json: Any = None,
         headers: Mapping[str, str] | None = None,
         retry: bool = False,
-    ) -> httpx.Response:
-        """The one place that touches httpx: send, retry when allowed, and turn every
-        failure into a ``ControllerError``. Returns only a 2xx answer."""
+    ) -> Answer:
+        """The one place that touches httpx: send, read the whole answer within the
+        deadline and the size cap, retry when allowed, and turn every failure into a
+        ``ControllerError``. Returns only a 2xx answer."""
         attempts = 1 + (self.retries if retry else 0)
         for attempt in range(1, attempts + 1):
+            deadline, limited = self._deadline(method, path)
             cause: Exception | None = None
             try:
-                response = self._http.request(
-                    method, path, params=params, json=json, headers=headers
+                answer = self._exchange(
+                    method, path, deadline, params=params, json=json, headers=headers
                 )
             except httpx.TimeoutException as exc:
+                if limited:
+                    raise DeadlineExceeded(
+                        self.name, f"{method} {path}: {self._limit_words()} ran out"
+                    ) from exc
                 error: Exception = AgentUnreachable(
-                    self.name, f"{method} {path}: timed out ({type(exc).__name__})"
+                    self.name,
+                    f"{method} {path}: no whole answer within {self.timeout:g}s "
+                    f"({type(exc).__name__})",
                 )
                 cause = exc
             except httpx.TransportError as exc:
@@ -398,16 +514,94 @@ class AgentClient:
             except httpx.HTTPError as exc:
                 raise ProtocolError(self.name, f"{method} {path}: {exc}") from exc
             else:
-                if response.is_success:
-                    return response
-                error = self._http_error(method, path, response)
-                if response.status_code != 503:
+                if answer.is_success:
+                    return answer
+                error = self._http_error(method, path, answer)
+                if answer.status_code != 503:
                     raise error
             if attempt < attempts:
-                self._sleep(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF))
+                self._pause(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF), method, path)
         raise error from cause
 
-    def _http_error(self, method: str, path: str, response: httpx.Response) -> AgentHTTPError:
+    def _deadline(self, method: str, path: str) -> tuple[float, bool]:
+        """When the next request must be done by, and whether the ``time_limit`` (not
+        the request's own timeout) sets it. ``DeadlineExceeded`` when no time is left."""
+        now = self._clock()
+        end = now + self.timeout
+        if self._limit_end is None or end <= self._limit_end:
+            return end, False
+        if self._limit_end <= now:
+            raise DeadlineExceeded(self.name, f"{method} {path}: {self._limit_words()} ran out")
+        return self._limit_end, True
+
+    def _pause(self, seconds: float, method: str, path: str) -> None:
+        """The pause before a retry, which never outlasts the ``time_limit``."""
+        if self._limit_end is not None:
+            left = self._limit_end - self._clock()
+            if left <= seconds:
+                raise DeadlineExceeded(
+                    self.name, f"{method} {path}: {self._limit_words()} ran out before a retry"
+                )
+        self._sleep(seconds)
+
+    def _limit_words(self) -> str:
+        return f"the {self._limit:g}s allowed for this agent (timeouts.agent)"
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        deadline: float,
+        *,
+        params: Mapping[str, Any] | None,
+        json: Any,
+        headers: Mapping[str, str] | None,
+    ) -> Answer:
+        """One request and its whole answer, by ``deadline``: every socket operation is
+        cut to the time left (``DeadlineBackend``), and the time is checked again after
+        each part of the body. httpx's exceptions go through."""
+        request = self._http.build_request(method, path, params=params, json=json, headers=headers)
+        with self._backend.until(deadline):
+            response = self._http.send(request, stream=True)
+            try:
+                body = self._read_body(method, path, response, deadline)
+            finally:
+                response.close()
+        return Answer(
+            status_code=response.status_code,
+            reason_phrase=response.reason_phrase,
+            headers=dict(response.headers),
+            content=body,
+        )
+
+    def _read_body(
+        self, method: str, path: str, response: httpx.Response, deadline: float
+    ) -> bytes:
+        cap = self.max_answer_bytes
+        length = response.headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > cap:
+            raise AnswerTooLarge(
+                self.name, f"{method} {path}: answer of {length} bytes, over the {cap} taken"
+            )
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ProtocolError(
+                self.name, f"{method} {path}: answer encoded as {encoding!r}, asked for identity"
+            )
+        body = bytearray()
+        # An in-process transport (tests) may hand over an answer already in memory.
+        chunks = [response.content] if response.is_stream_consumed else response.iter_raw()
+        for chunk in chunks:
+            if len(body) + len(chunk) > cap:
+                raise AnswerTooLarge(
+                    self.name, f"{method} {path}: answer longer than the {cap} bytes taken"
+                )
+            body += chunk
+            if self._clock() >= deadline:
+                raise httpx.ReadTimeout("deadline passed", request=response.request)
+        return bytes(body)
+
+    def _http_error(self, method: str, path: str, response: Answer) -> AgentHTTPError:
         status = response.status_code
         try:
             problem: Problem | None = models.load(Problem, response.json())
@@ -433,8 +627,8 @@ class AgentClient:
         return ProtocolError(self.name, f"{method} {path}: answer breaks the contract: {what}")
 
 
-def _excerpt(response: httpx.Response) -> str:
-    text = " ".join(response.text.split())
+def _excerpt(response: Answer) -> str:
+    text = " ".join(response.content[:4096].decode("utf-8", errors="replace").split())
     return (text[:200] + "...") if len(text) > 200 else (text or response.reason_phrase)
 
 

@@ -14,7 +14,9 @@ is a ``ControllerError``; callers that drive a fleet catch that one class per ag
     │   ├── ValidationFailed         422 (per-field messages in ``errors``)
     │   └── Unavailable              503 (docker_unavailable, btrfs_unavailable, ...)
     ├── ProtocolError                the answer did not match the contract's schema
-    └── JobTimeout                   a job did not finish within the wait's timeout
+    │   └── AnswerTooLarge           the answer is bigger than the controller takes
+    ├── JobTimeout                   a job did not finish within the wait's timeout
+    └── DeadlineExceeded             the agent's whole time (``timeouts.agent``) ran out
 
 ``controller.client`` converts httpx's exceptions and error answers into these once,
 at its boundary (``raise AgentUnreachable(...) from exc``); nothing above it sees httpx.
@@ -41,12 +43,14 @@ class ConfigError(ControllerError):
 
 
 class AgentError(ControllerError):
-    """An error talking to one agent. ``agent`` is its base URL (or fleet name)."""
+    """An error talking to one agent. ``agent`` is its base URL (or fleet name). What
+    the agent sent is shown as is, but for control characters (a hostile agent's
+    terminal escapes), which are written as ``\\x1b``."""
 
     def __init__(self, agent: str, message: str) -> None:
         self.agent = agent
-        self.message = message
-        super().__init__(f"{agent}: {message}")
+        self.message = printable(message)
+        super().__init__(f"{agent}: {self.message}")
 
 
 class AgentUnreachable(AgentError):
@@ -57,8 +61,22 @@ class ProtocolError(AgentError):
     """The agent answered, but not as the contract says (bad JSON, schema mismatch)."""
 
 
+class AnswerTooLarge(ProtocolError):
+    """An answer bigger than the controller takes (``limits.answer_bytes``); it was not
+    read past that size."""
+
+
 class JobTimeout(AgentError):
     """A job was still running when the wait gave up. ``job`` is its last state."""
+
+    def __init__(self, agent: str, message: str, *, job: Any = None) -> None:
+        super().__init__(agent, message)
+        self.job = job
+
+
+class DeadlineExceeded(AgentError):
+    """The time allowed for everything a command does with one agent ran out. ``job``
+    is the last state of the job being waited for, if any."""
 
     def __init__(self, agent: str, message: str, *, job: Any = None) -> None:
         super().__init__(agent, message)
@@ -135,6 +153,13 @@ def http_error_class(status: int, code: str) -> type[AgentHTTPError]:
     return _BY_STATUS.get(status, AgentHTTPError)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable written as an escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def message_for(exc: BaseException) -> str:
     """An error as a user reads it next to the agent's name: an agent error without its
     agent prefix, any other error named as internal (a bug, not the agent's fault)."""
@@ -142,4 +167,4 @@ def message_for(exc: BaseException) -> str:
         return exc.message
     if isinstance(exc, ControllerError):
         return str(exc)
-    return f"internal error: {type(exc).__name__}: {exc}"
+    return printable(f"internal error: {type(exc).__name__}: {exc}")

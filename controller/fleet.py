@@ -5,9 +5,14 @@
     retries: 2                  # retries of safe requests (GETs, apply) (default 2)
     timeouts:                   # seconds
       connect: 5                # TCP + TLS connect (default 5)
-      request: 30               # one request (default 30)
+      request: 30               # one request, its whole answer included (default 30)
       job: 3600                 # waiting for one agent's job to finish (default 3600)
+      agent: 4500               # all a command does with one agent (default job + 900)
       poll: 2                   # between two looks at a running job (default 2)
+      notify: 10                # one notification, whole (default 10)
+    limits:
+      answer_bytes: 16777216    # the largest answer read from an agent (default 16 MiB)
+      audit_entries: 10000      # audit entries pulled per agent per command (default 10000)
     store: controller.db        # SQLite file (default: see default_store_path)
     policy:                     # the body of POST /v1/plans; defaults are the API's
       kinds: [dind-volume, orphan-layer]
@@ -21,11 +26,17 @@
         client_cert: ctl.pem    # https only: mutual TLS
         client_key: ctl.key     # when the key is not in client_cert
         labels: {site: home}    # free-form; select agents with --label site=home
+    notify:                     # after `run`: the summary to each of these
+      - url: https://ntfy.sh/my-nas-janitor
+        format: ntfy            # json (default) or ntfy
+        on: failure             # always (default) or failure
 
 Relative paths (token_file, ca, client_cert, client_key, store) are relative to the
 fleet file's folder. Every error names the bad field's path (``agents[1].url``) and
 is a ``ConfigError`` (the CLI's exit code 2). Tokens and TLS files are read when the
-clients are made (``Fleet.client``), before any agent is called.
+clients are made (``Fleet.client``), before any agent is called; token files and client
+keys are refused when others may change them or anyone may read them
+(``shared.secretfile``).
 """
 
 from __future__ import annotations
@@ -41,15 +52,24 @@ import httpx
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from controller.client import AgentClient, token_from_env, token_from_file
+from controller.client import (
+    DEFAULT_MAX_ANSWER_BYTES,
+    AgentClient,
+    token_from_env,
+    token_from_file,
+)
 from controller.errors import ConfigError
 from shared.models import Policy
+from shared.secretfile import SecretFileRefused, check_secret_file
 
 # libyaml's safe loader when PyYAML was built with it: several times faster on big fleets
 _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 ENV_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 FLEET_ENV = "NAS_JANITOR_FLEET"
+AGENT_TIME_OVER_JOB = 900.0  # timeouts.agent's default: the job's time plus this
+NOTIFY_FORMATS = ("json", "ntfy")
+NOTIFY_ON = ("always", "failure")
 
 
 @dataclass(frozen=True)
@@ -57,7 +77,32 @@ class Timeouts:
     connect: float = 5.0
     request: float = 30.0
     job: float = 3600.0
+    agent: float = 3600.0 + AGENT_TIME_OVER_JOB
     poll: float = 2.0
+    notify: float = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    audit_entries: int = 10_000
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    """Where ``run`` sends its summary, in which format, and when."""
+
+    url: str
+    format: str = "json"
+    on: str = "always"
+
+    @property
+    def shown(self) -> str:
+        """The URL without its path and query, which often carry a secret (a webhook's
+        key, an ntfy topic): what reports show."""
+        url = httpx.URL(self.url)
+        port = f":{url.port}" if url.port else ""
+        return f"{url.scheme}://{url.host}{port}/…"
 
 
 @dataclass(frozen=True)
@@ -89,6 +134,8 @@ class Fleet:
     concurrency: int = 4
     retries: int = 2
     timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    notify: tuple[NotifyTarget, ...] = ()
     store: Path | None = None
     source: Path | None = None
 
@@ -119,6 +166,16 @@ class Fleet:
         sleep: Callable[[float], None] = time.sleep,
     ) -> AgentClient:
         """A client for one agent, with its token and TLS files read now."""
+        key = agent.client_key or agent.client_cert  # without client_key, the cert holds it
+        if key is not None:
+            try:
+                check_secret_file(key)
+            except SecretFileRefused as exc:
+                raise ConfigError(
+                    f"client key refused: {exc.strerror}", where=f"agent {agent.name}: {key}"
+                ) from exc
+            except OSError:
+                pass  # not readable: loading the TLS files says so
         return AgentClient(
             agent.url,
             name=agent.name,
@@ -129,6 +186,7 @@ class Fleet:
             timeout=self.timeouts.request,
             connect_timeout=self.timeouts.connect,
             retries=self.retries,
+            max_answer_bytes=self.limits.answer_bytes,
             transport=transport,
             sleep=sleep,
         )
@@ -162,7 +220,45 @@ class _TimeoutsSchema(_Strict):
     connect = fields.Float(load_default=Timeouts.connect, validate=_positive("connect"))
     request = fields.Float(load_default=Timeouts.request, validate=_positive("request"))
     job = fields.Float(load_default=Timeouts.job, validate=_positive("job"))
+    agent = fields.Float(validate=_positive("agent"))  # default: job + AGENT_TIME_OVER_JOB
     poll = fields.Float(load_default=Timeouts.poll, validate=_positive("poll"))
+    notify = fields.Float(load_default=Timeouts.notify, validate=_positive("notify"))
+
+
+class _LimitsSchema(_Strict):
+    answer_bytes = fields.Integer(
+        load_default=Limits.answer_bytes,
+        strict=True,
+        validate=validate.Range(min=4096, max=1 << 30, error="from 4096 to 1 GiB"),
+    )
+    audit_entries = fields.Integer(
+        load_default=Limits.audit_entries,
+        strict=True,
+        validate=validate.Range(min=1, max=10_000_000),
+    )
+
+
+def _http_url(value: str) -> str | None:
+    """What is wrong with an agent's or a webhook's URL (None: nothing)."""
+    try:
+        parsed = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        return f"not a URL: {exc}"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return "must be http://host[:port] or https://host[:port]"
+    return None
+
+
+class _NotifySchema(_Strict):
+    url = fields.String(required=True)
+    format = fields.String(load_default="json", validate=validate.OneOf(NOTIFY_FORMATS))
+    on = fields.String(load_default="always", validate=validate.OneOf(NOTIFY_ON))
+
+    @validates_schema
+    def _check(self, data: dict[str, Any], **_: Any) -> None:
+        problem = _http_url(data.get("url", "http://x"))
+        if problem:
+            raise ValidationError({"url": [problem]})
 
 
 class _AgentSchema(_Strict):
@@ -184,15 +280,13 @@ class _AgentSchema(_Strict):
         url = data.get("url")
         https = False
         if url is not None:
-            try:
-                parsed = httpx.URL(url)
-            except httpx.InvalidURL as exc:
-                errors["url"] = f"not a URL: {exc}"
+            problem = _http_url(url)
+            if problem:
+                errors["url"] = problem
             else:
+                parsed = httpx.URL(url)
                 https = parsed.scheme == "https"
-                if parsed.scheme not in ("http", "https") or not parsed.host:
-                    errors["url"] = "must be http://host[:port] or https://host[:port]"
-                elif parsed.query or parsed.fragment:
+                if parsed.query or parsed.fragment:
                     errors["url"] = "must not carry a query or fragment"
         if ("token_file" in data) == ("token_env" in data):
             errors["token_file"] = "give exactly one of token_file and token_env"  # noqa: S105
@@ -217,6 +311,8 @@ class _FleetSchema(_Strict):
     )
     retries = fields.Integer(load_default=2, strict=True, validate=validate.Range(min=0, max=10))
     timeouts = fields.Nested(_TimeoutsSchema, load_default=lambda: _TimeoutsSchema().load({}))
+    limits = fields.Nested(_LimitsSchema, load_default=lambda: _LimitsSchema().load({}))
+    notify = fields.List(fields.Nested(_NotifySchema), load_default=list)
     store = fields.String(validate=validate.Length(min=1))
 
     @validates_schema
@@ -253,6 +349,9 @@ def parse_fleet(data: Any, *, base: Path, source: Path | None = None) -> Fleet:
     if not isinstance(data, Mapping):
         raise ConfigError("must be a mapping with at least an 'agents' list", where=where)
     errors: dict[str, Any] = {}
+    data = {**data, "notify": _yaml11_on(data.get("notify"))}
+    if data["notify"] is None:
+        del data["notify"]
     try:
         loaded = _FleetSchema().load(data)
     except ValidationError as exc:
@@ -280,15 +379,32 @@ def parse_fleet(data: Any, *, base: Path, source: Path | None = None) -> Fleet:
         )
         for a in loaded["agents"]
     )
+    times = dict(loaded["timeouts"])
+    times.setdefault("agent", times["job"] + AGENT_TIME_OVER_JOB)
     return Fleet(
         agents=agents,
         policy=policy,
         concurrency=loaded["concurrency"],
         retries=loaded["retries"],
-        timeouts=Timeouts(**loaded["timeouts"]),
+        timeouts=Timeouts(**times),
+        limits=Limits(**loaded["limits"]),
+        notify=tuple(NotifyTarget(**n) for n in loaded["notify"]),
         store=rel(loaded.get("store")),
         source=source,
     )
+
+
+def _yaml11_on(entries: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads an unquoted ``on:`` key as the boolean true: in the
+    ``notify`` entries, that key is ``on``."""
+    if not isinstance(entries, list):
+        return entries
+    return [
+        {("on" if k is True else k): v for k, v in e.items()}
+        if isinstance(e, Mapping) and True in e and "on" not in e
+        else e
+        for e in entries
+    ]
 
 
 def _describe(messages: Any, prefix: str = "") -> str:

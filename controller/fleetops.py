@@ -44,8 +44,9 @@ def for_each(
     clock: Callable[[], float] = time.monotonic,
 ) -> list[Outcome[K, T]]:
     """``fn(item)`` for every item, at most ``concurrency`` at a time. Never raises for
-    one item's failure: a ``ControllerError`` is an expected outcome, anything else is
-    logged with its traceback (a bug, but still only that item's)."""
+    one item's failure: a ``ControllerError`` is an expected outcome; anything else (a
+    bug, or a ``MemoryError``) is still only that item's, reported as an internal error
+    (its traceback is logged at debug level only: ``-vv``)."""
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
 
@@ -56,7 +57,7 @@ def for_each(
         except ControllerError as exc:
             return Outcome(item, None, exc, clock() - start)
         except Exception as exc:
-            log.exception("unexpected error for %r", item)
+            log.debug("unexpected error for %r", item, exc_info=True)
             return Outcome(item, None, exc, clock() - start)
         return Outcome(item, value, None, clock() - start)
 

@@ -32,10 +32,12 @@ class Session:
     agent_names: Sequence[str] = ()
     labels: Sequence[str] = ()
     json: bool = False
+    verbose: int = 0
     out: Console = field(default_factory=make_console)
     err: Console = field(default_factory=lambda: make_console(stderr=True))
     environ: Mapping[str, str] | None = None
     transport_factory: TransportFactory | None = None
+    notify_transport: httpx.BaseTransport | None = None  # tests: webhooks in-process
     sleep: Callable[[float], None] = time.sleep
     _fleet: Fleet | None = None
     _store: Store | None = None
@@ -87,4 +89,12 @@ class Session:
     def each(
         self, clients: Sequence[AgentClient], fn: Callable[[AgentClient], T]
     ) -> list[Outcome[AgentClient, T]]:
-        return for_each(clients, fn, concurrency=self.fleet.concurrency)
+        """``fn(client)`` for every client, ``concurrency`` at a time, each within the
+        fleet's ``timeouts.agent`` (counted from when its turn comes)."""
+        limit = self.fleet.timeouts.agent
+
+        def within(client: AgentClient) -> T:
+            with client.time_limit(limit):
+                return fn(client)
+
+        return for_each(clients, within, concurrency=self.fleet.concurrency)

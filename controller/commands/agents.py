@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import click
 
 from controller.client import AgentClient, Readiness
-from controller.commands import json_option
+from controller.commands import global_options
 from controller.errors import AgentUnreachable
 from controller.output import print_json, table, yes_no
 from controller.session import Session
@@ -26,7 +26,7 @@ def _look(client: AgentClient) -> AgentInfo:
 
 
 @click.command()
-@json_option
+@global_options
 @click.pass_obj
 def agents(session: Session) -> int:
     """Reachability, versions, kernel and storage driver of every agent.

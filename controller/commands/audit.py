@@ -9,8 +9,8 @@ from dataclasses import asdict
 import click
 
 from controller.auditsync import AuditStatus
-from controller.commands import json_option
-from controller.commands.run import pull_audits
+from controller.commands import global_options
+from controller.commands.run import pull_audits, report_more
 from controller.errors import ConfigError
 from controller.output import agent_error, print_json, table, yes_no
 from controller.session import Session
@@ -31,7 +31,7 @@ from controller.session import Session
     help="Start this agent's history over (e.g. it was reinstalled); the entries kept "
     "so far stay in the store as evidence (repeatable).",
 )
-@json_option
+@global_options
 @click.pass_obj
 def audit(session: Session, full: bool, accept: tuple[str, ...]) -> int:
     """Pull and check every agent's audit log.
@@ -49,6 +49,7 @@ def audit(session: Session, full: bool, accept: tuple[str, ...]) -> int:
     with session.clients() as clients:
         results = pull_audits(session, clients, full=full)
     failed = any(isinstance(r, str) or not r.ok for r in results.values())
+    report_more(session, results)
     if session.json:
         print_json(
             session.out,
@@ -83,7 +84,7 @@ def _row(r: AuditStatus) -> tuple[object, ...]:
     return (
         r.agent,
         r.status.upper() if not r.ok else r.status,
-        r.new,
+        f"{r.new} (more left)" if r.more else r.new,
         r.last_seq,
         r.agent_count,
         yes_no(r.agent_ok),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from controller.commands import json_option
+from controller.commands import global_options
 from controller.output import agent_error, human_age, human_bytes, print_json, table
 from controller.session import Session
 from shared.models import dump
@@ -19,7 +19,7 @@ from shared.policy import FINDING_KINDS
     type=click.Choice(FINDING_KINDS),
     help="Only findings of this kind (repeatable).",
 )
-@json_option
+@global_options
 @click.pass_obj
 def findings(session: Session, kinds: tuple[str, ...]) -> int:
     """One table of the findings of the whole fleet.

@@ -12,7 +12,7 @@ import sys
 import click
 
 from controller.cleanup import apply_recorded
-from controller.commands import json_option
+from controller.commands import global_options
 from controller.commands.run import as_run, effective_policy, policy_options, show_summary
 from controller.errors import ConfigError
 from controller.output import JobProgress, agent_error, human_bytes, print_json, table
@@ -22,7 +22,7 @@ from shared.models import dump
 
 @click.command()
 @policy_options
-@json_option
+@global_options
 @click.pass_obj
 def plan(session: Session, kinds: tuple[str, ...], min_age: int | None) -> int:
     """Ask every agent for a plan; show it and keep it for `janitorctl apply`.
@@ -107,7 +107,7 @@ def _parse_plan_options(values: tuple[str, ...]) -> dict[str, str]:
     help="Apply this plan on this agent (repeatable; default: the plans `plan` kept).",
 )
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@json_option
+@global_options
 @click.pass_obj
 def apply(session: Session, plan_ids: tuple[str, ...], yes: bool) -> int:
     """Apply the plans `janitorctl plan` made, with progress while the jobs run.

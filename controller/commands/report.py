@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
-from controller.commands import json_option
+from controller.commands import global_options
 from controller.output import bytes_exact, print_json, table
 from controller.session import Session
 
@@ -24,7 +24,7 @@ from controller.session import Session
     show_default=True,
     help="One row per agent per day, or per run.",
 )
-@json_option
+@global_options
 @click.pass_obj
 def report(session: Session, days: int, by: str) -> int:
     """Found, planned, deleted, refused, failed and reclaimed, per agent over time.

@@ -406,3 +406,86 @@ def test_store_option_wins_over_the_fleet_file(make_fleet: MakeFleet, tmp_path: 
     other = tmp_path / "elsewhere" / "other.db"
     assert fleet.cli("--store", str(other), "run", "--dry-run") == 0
     assert other.exists() and not (fleet.path.parent / "controller.db").exists()
+
+
+# -- global options after the command, as kubectl takes them --------------------------------
+
+
+def cli_after(fleet: Fleet, *argv: str) -> int:
+    """janitorctl with ``argv`` exactly (no --fleet put first)."""
+    return main(
+        list(argv),
+        environ={"NJ_TOKEN": "tok-all"},
+        transport_factory=fleet.transport,
+        sleep=fleet.sleeps.append,
+    )
+
+
+@pytest.mark.parametrize("command", ["agents", "findings", "plan", "run", "audit"])
+def test_fleet_and_json_after_the_command(
+    make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    fleet = make_fleet("nas1", "nas2")
+    assert cli_after(fleet, command, "--fleet", str(fleet.path), "--json") == 0
+    after = out_json(capsys)
+    assert fleet.fakes["nas1"].requests and fleet.fakes["nas2"].requests
+    assert cli_after(fleet, "--fleet", str(fleet.path), "--json", command) == 0
+    before = out_json(capsys)
+    assert type(after) is type(before)
+    if isinstance(after, list):
+        assert [a["agent"] for a in after] == [a["agent"] for a in before] == ["nas1", "nas2"]
+
+
+def test_agent_label_store_and_verbose_after_the_command(
+    make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fleet = make_fleet("nas1", "nas2", "nas3")
+    fleet.data["agents"][1]["labels"] = {"site": "attic"}
+    fleet.data["agents"][2]["labels"] = {"site": "attic"}
+    fleet.write()
+    store = tmp_path / "after" / "ctl.db"
+    code = cli_after(
+        fleet, "run", "--dry-run", "--fleet", str(fleet.path), "--store", str(store),
+        "--label", "site=attic", "--agent", "nas2", "-v", "--json",
+    )  # fmt: skip
+    assert code == 0
+    assert [a["agent"] for a in out_json(capsys)["agents"]] == ["nas2"]
+    assert store.exists() and not (fleet.path.parent / "controller.db").exists()
+    assert not fleet.fakes["nas1"].requests and not fleet.fakes["nas3"].requests
+    # before and after add up: --agent nas1 before the command, --agent nas3 after
+    assert cli_after(
+        fleet, "--fleet", str(fleet.path), "--agent", "nas1", "findings", "--agent", "nas3",
+        "--json",
+    ) == 0  # fmt: skip
+    assert [a["agent"] for a in out_json(capsys)] == ["nas1", "nas3"]
+
+
+def test_the_fleet_after_the_command_wins(
+    make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fleet = make_fleet("nas1")
+    missing = tmp_path / "missing.yaml"
+    assert cli_after(fleet, "--fleet", str(missing), "agents", "--fleet", str(fleet.path)) == 0
+    assert cli_after(fleet, "--fleet", str(fleet.path), "agents", "--fleet", str(missing)) == 2
+    assert "cannot read fleet file" in capsys.readouterr().err
+
+
+def test_report_takes_the_store_after_the_command(
+    make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = make_fleet("nas1")
+    assert fleet.cli("run") == 0
+    capsys.readouterr()
+    store = str(fleet.path.parent / "controller.db")
+    assert main(["report", "--store", store, "--json"], environ={}) == 0
+    assert [r["agent"] for r in out_json(capsys)["rows"]] == ["nas1"]
+
+
+def test_help_of_a_command_lists_the_global_options(
+    make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--help"], environ={}) == 0
+    out = capsys.readouterr().out
+    for option in ("--fleet", "--store", "--agent", "--label", "--json", "--verbose"):
+        assert option in out
+    assert "also before the command" in out

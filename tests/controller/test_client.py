@@ -172,7 +172,7 @@ def test_connection_refused_on_a_real_closed_port(closed_port: int) -> None:
 def test_a_silent_server_times_out(silent_server: int) -> None:
     c = AgentClient(f"http://127.0.0.1:{silent_server}", token="t", timeout=0.2, retries=0)
     start = time.monotonic()
-    with pytest.raises(errors.AgentUnreachable, match="timed out"):
+    with pytest.raises(errors.AgentUnreachable, match=r"no whole answer within 0\.2s"):
         c.host()
     assert time.monotonic() - start < 5
     assert isinstance(
@@ -288,6 +288,52 @@ def test_wait_job_gives_up_at_its_timeout_with_the_last_state(fake: FakeAgent) -
     assert "0/2" in str(info.value)
 
 
+def test_the_time_limit_cuts_a_job_wait_short(fake: FakeAgent) -> None:
+    now = [0.0]
+    c = client_for(fake, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    plan = c.create_plan(Policy(min_age_seconds=0))
+    job_id = c.apply_plan(plan.id).job_id
+    fake.jobs_stuck = True
+    with c.time_limit(5), pytest.raises(errors.DeadlineExceeded) as info:
+        c.wait_job(job_id, poll=2, timeout=3600)
+    assert now[0] == 5
+    assert info.value.job.state == "queued"
+    assert "the 5s allowed for this agent (timeouts.agent) ran out" in str(info.value)
+    # past the limit, no request is even sent; outside the block, no limit
+    with c.time_limit(1):
+        now[0] += 1
+        sent = len(fake.requests)
+        with pytest.raises(errors.DeadlineExceeded, match="GET /v1/host"):
+            c.host()
+        assert len(fake.requests) == sent
+    assert c.host().hostname == "nas1"
+
+
+def test_the_time_limit_leaves_no_room_for_a_retry_pause(fake: FakeAgent) -> None:
+    now = [0.0]
+    c = client_for(
+        fake, retries=5, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
+    fake.fail_next(status=503, times=100)
+    with c.time_limit(1.2), pytest.raises(errors.DeadlineExceeded, match="before a retry"):
+        c.host()
+    assert now[0] == 0.5  # one pause of 0.5 s; the next (1 s) would pass the limit
+
+
+def test_an_answer_over_the_cap_is_refused_and_audit_pages_shrink(fake: FakeAgent) -> None:
+    for i in range(12):
+        fake.log("delete_volume", f"v{i}", "dry_run", {"pad": "x" * 3000})
+    c = client_for(fake, page_size=8, max_answer_bytes=10_000)
+    entries = c.audit()
+    assert [e.seq for e in entries] == list(range(1, 13))
+    limits = [r.url.params["limit"] for r in fake.requests if r.url.path == "/v1/audit"]
+    assert limits[:3] == ["8", "4", "2"]  # 8 and 4 entries were over 10,000 bytes
+    assert c.audit(after_seq=0, max_entries=5)[-1].seq == 5
+    fake.log("delete_volume", "huge", "dry_run", {"pad": "x" * 20_000})
+    with pytest.raises(errors.AnswerTooLarge, match="over the 10000 taken"):
+        c.audit(after_seq=12)
+
+
 def test_path_segments_are_quoted(fake: FakeAgent) -> None:
     with pytest.raises(errors.NotFound):
         client_for(fake).volume("../host")
@@ -297,6 +343,7 @@ def test_path_segments_are_quoted(fake: FakeAgent) -> None:
 def test_tokens_from_file_and_env(tmp_path: Path) -> None:
     f = tmp_path / "t"
     f.write_text("  secret-token \n", encoding="utf-8")
+    f.chmod(0o600)
     assert token_from_file(f) == "secret-token"
     f.write_text("\n", encoding="utf-8")
     with pytest.raises(errors.ConfigError, match="empty"):

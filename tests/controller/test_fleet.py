@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from controller.errors import ConfigError
-from controller.fleet import AgentSpec, Timeouts, default_store_path, load_fleet, parse_fleet
+from controller.fleet import (
+    AgentSpec,
+    Limits,
+    NotifyTarget,
+    Timeouts,
+    default_store_path,
+    load_fleet,
+    parse_fleet,
+)
 from shared.models import Policy
 
 EXAMPLE = """\
@@ -49,7 +57,10 @@ def test_the_documented_example_loads(tmp_path: Path) -> None:
     path.write_text(EXAMPLE, encoding="utf-8")
     fleet = load_fleet(path)
     assert fleet.concurrency == 8 and fleet.retries == 3
-    assert fleet.timeouts == Timeouts(connect=2, request=15, job=600, poll=1)
+    # timeouts.agent defaults to the job's time and 15 minutes more
+    assert fleet.timeouts == Timeouts(connect=2, request=15, job=600, agent=1500, poll=1)
+    assert fleet.limits == Limits()
+    assert fleet.notify == ()
     assert fleet.store == tmp_path / "state/controller.db"
     assert fleet.policy == Policy(
         kinds=("dind-volume",), min_age_seconds=3600, protect_labels=("keep",)
@@ -75,7 +86,57 @@ def test_the_module_docstring_example_loads(tmp_path: Path) -> None:
     text = mod.__doc__.split("\n\n")[1]
     path = tmp_path / "fleet.yaml"
     path.write_text("\n".join(line[4:] for line in text.splitlines()), encoding="utf-8")
-    assert [a.name for a in load_fleet(path).agents] == ["nas1"]
+    fleet = load_fleet(path)
+    assert [a.name for a in fleet.agents] == ["nas1"]
+    assert fleet.timeouts.agent == 4500 and fleet.timeouts.notify == 10
+    assert fleet.limits == Limits(answer_bytes=16 << 20, audit_entries=10_000)
+    assert fleet.notify == (NotifyTarget("https://ntfy.sh/my-nas-janitor", "ntfy", "failure"),)
+
+
+def test_notify_entries_limits_and_the_agent_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        """\
+timeouts: {job: 60, agent: 90, notify: 3}
+limits: {answer_bytes: 65536, audit_entries: 50}
+notify:
+  - url: http://127.0.0.1:9/hook
+  - {url: "https://ntfy.example/nj", format: ntfy, on: failure}
+  - {url: "https://hooks.example/x?key=s3cret", "on": always, format: json}
+agents: [{name: a, url: "http://a:1", token_env: T}]
+""",
+        encoding="utf-8",
+    )
+    fleet = load_fleet(path)
+    assert fleet.timeouts.agent == 90 and fleet.timeouts.notify == 3
+    assert fleet.limits == Limits(answer_bytes=65536, audit_entries=50)
+    assert fleet.notify == (
+        NotifyTarget("http://127.0.0.1:9/hook", "json", "always"),
+        NotifyTarget("https://ntfy.example/nj", "ntfy", "failure"),
+        NotifyTarget("https://hooks.example/x?key=s3cret", "json", "always"),
+    )
+    # what reports show of a webhook: never its path or query (a key, a topic)
+    assert fleet.notify[2].shown == "https://hooks.example/…"
+    assert fleet.notify[0].shown == "http://127.0.0.1:9/…"
+    client = fleet.client(fleet.agents[0], environ={"T": "t"})
+    assert client.max_answer_bytes == 65536 and client.timeout == 30
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"notify": [{"url": "ftp://x"}]}, "notify[0].url: must be http://host"),
+        ({"notify": [{"url": "http://x", "format": "xml"}]}, "notify[0].format: Must be one of"),
+        ({"notify": [{"url": "http://x", True: "sometimes"}]}, "notify[0].on: Must be one of"),
+        ({"notify": [{"format": "json"}]}, "notify[0].url: Missing data"),
+        ({"notify": {"url": "http://x"}}, "notify: Not a valid list"),
+        ({"limits": {"answer_bytes": 10}}, "limits.answer_bytes: from 4096 to 1 GiB"),
+        ({"limits": {"audit_entries": 0}}, "limits.audit_entries"),
+        ({"timeouts": {"agent": 0}}, "timeouts.agent: agent must be > 0"),
+    ],
+)
+def test_bad_notify_limits_and_timeouts_are_named(data: dict[str, Any], expected: str) -> None:
+    assert expected in problems({"agents": [agent()], **data})
 
 
 def test_defaults() -> None:
@@ -143,6 +204,7 @@ def test_file_problems(tmp_path: Path) -> None:
 
 def test_tokens_are_read_when_a_client_is_made(tmp_path: Path) -> None:
     (tmp_path / "tok").write_text("s3cret\n", encoding="utf-8")
+    (tmp_path / "tok").chmod(0o640)
     fleet = parse_fleet(
         {
             "agents": [

@@ -56,6 +56,9 @@ def test_run_over_three_agents_one_down(
         for name, agent in (("nas1", nas1), ("nas2", nas2)):
             (tmp_path / f"{name}.token").write_text(agent.token)
         (tmp_path / "nas3.token").write_text("nj_nobody-listens")
+        # secrets readable by their owner only: janitorctl refuses them otherwise
+        for secret in [*tmp_path.glob("*.token"), pki.client_key]:
+            secret.chmod(0o600)
         fleet: dict[str, Any] = {
             "store": "controller.db",
             "concurrency": 3,

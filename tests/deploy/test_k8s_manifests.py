@@ -1,12 +1,19 @@
 """deploy/k8s: every manifest is valid against the Kubernetes schemas (bundled with
 kubernetes-validate, offline), the kustomization names them all, the CronJob has the
 settings a nightly cleaner needs, and its command line is one the real ``janitorctl``
-accepts, with a fleet file that the real fleet loader loads."""
+accepts, with a fleet file that the real fleet loader loads. The store is on a
+PersistentVolumeClaim (k3s's local-path; the storage-class overlay patches it), and the
+tokens Secret is mounted so that uid 10001 can read it and janitorctl's rule for secret
+files holds. (Runs sharing that store: test_k8s_history.py.)"""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -17,8 +24,10 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from controller import cli as controller_cli
+from controller.client import token_from_file
+from controller.errors import ConfigError
 from controller.fleet import load_fleet
-from tests.deploy.conftest import K8S_DIR, REPO
+from tests.deploy.conftest import K8S_DIR, REPO, missing_prerequisite
 
 # The oldest Kubernetes the manifests claim (CronJob.spec.timeZone is GA in 1.27), and
 # the newest whose schemas kubernetes-validate carries.
@@ -69,7 +78,9 @@ def project_version() -> str:
 
 def test_there_are_manifests() -> None:
     kinds = {d["kind"] for d in all_objects()}
-    assert {"Namespace", "ServiceAccount", "ConfigMap", "Secret", "CronJob"} <= kinds
+    assert {
+        "Namespace", "ServiceAccount", "ConfigMap", "Secret", "PersistentVolumeClaim", "CronJob",
+    } <= kinds  # fmt: skip
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -257,7 +268,151 @@ def test_fleet_file_from_the_configmap_loads_and_its_files_are_mounted(tmp_path:
             ca = in_pod(agent.ca)
             assert mounts[ca.parent] is fleet_volume
             assert ca.name in configmap["data"]
-    # The run history goes to a writable volume, not the read-only root file system.
+    # The run history goes to the claim, kept from run to run (not the read-only root
+    # file system, nor an emptyDir that each run starts without).
     assert fleet.store is not None
     store = PurePosixPath(fleet.store.as_posix())
-    assert store.parent in mounts and not mounts[store.parent].get("configMap")
+    claim = the_object("PersistentVolumeClaim")["metadata"]["name"]
+    assert mounts[store.parent] == {"name": "state", "persistentVolumeClaim": {"claimName": claim}}
+
+
+# -- the store on a PersistentVolumeClaim --------------------------------------------------------
+
+OVERLAY_DIR = REPO / "deploy" / "k8s-overlays" / "storage-class"
+
+
+def test_the_store_is_a_claim_on_k3s_local_path_storage() -> None:
+    pvc = the_object("PersistentVolumeClaim")
+    spec = pvc["spec"]
+    assert spec["storageClassName"] == "local-path"  # k3s's own provisioner
+    assert spec["accessModes"] == ["ReadWriteOnce"]  # one run at a time: Forbid
+    assert the_object("CronJob")["spec"]["concurrencyPolicy"] == "Forbid"
+    assert spec["resources"]["requests"]["storage"]
+    pod = the_object("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in claims] == [pvc["metadata"]["name"]]
+    assert not any("emptyDir" in v for v in pod["volumes"] if v["name"] == "state")
+
+
+def deep_merge(base: Any, patch: Any) -> Any:
+    """A strategic merge patch as kustomize applies one without lists: maps merged key
+    by key, anything else replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: deep_merge(base.get(k), v) for k, v in patch.items()}}
+    return patch
+
+
+def test_the_storage_class_overlay_patches_the_claim_of_the_base() -> None:
+    """deploy/k8s-overlays/storage-class (the README's example): its base is deploy/k8s,
+    its patch names the base's claim, and the patched claim is a valid one with the
+    other class and everything else as it was."""
+    overlay = yaml.safe_load((OVERLAY_DIR / "kustomization.yaml").read_text())
+    assert [(OVERLAY_DIR / r).resolve() for r in overlay["resources"]] == [K8S_DIR.resolve()]
+    (entry,) = overlay["patches"]
+    patch = yaml.safe_load((OVERLAY_DIR / entry["path"]).read_text())
+    pvc = the_object("PersistentVolumeClaim")
+    for key in ("apiVersion", "kind"):
+        assert patch[key] == pvc[key]
+    for key in ("name", "namespace"):
+        assert patch["metadata"][key] == pvc["metadata"][key]
+    patched = deep_merge(pvc, patch)
+    assert patched["spec"]["storageClassName"] == "longhorn" != pvc["spec"]["storageClassName"]
+    assert {k: v for k, v in patched["spec"].items() if k != "storageClassName"} == {
+        k: v for k, v in pvc["spec"].items() if k != "storageClassName"
+    }
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(patched, version, strict=True)
+
+
+# -- the tokens Secret, mounted so that janitorctl takes it -------------------------------------
+
+RO_MASK = 0o440  # what the kubelet adds to a read-only volume's files with fsGroup
+
+
+def secret_volume_as_kubelet_makes_it(
+    folder: Path, keys: dict[str, str], *, default_mode: int, fs_group: int | None
+) -> None:
+    """A Secret's volume the way the kubelet writes it (the atomic writer's
+    ``..data`` symlink to a timestamped folder, a symlink per key), then, with an
+    fsGroup, its ownership change: group ``fsGroup``, and the read-only mask (0440)
+    added to every file's mode (``changeFilePermission`` in pkg/volume/volume_linux.go)."""
+    data = folder / "..2026_11_28_03_30_00.000000001"
+    data.mkdir(parents=True)
+    for key, value in keys.items():
+        (data / key).write_text(value)
+        (data / key).chmod(default_mode)
+        (folder / key).symlink_to(f"..data/{key}")
+    (folder / "..data").symlink_to(data.name)
+    if fs_group is not None:
+        for path in (folder, data, *(data / k for k in keys)):
+            os.chown(path, 0, fs_group)
+            mode = path.stat().st_mode & 0o7777
+            extra = 0o2000 | 0o110 | RO_MASK if path.is_dir() else RO_MASK
+            path.chmod(mode | extra)
+
+
+def read_as(uid: int, gid: int, path: Path, groups: tuple[int, ...] = ()) -> str:
+    """``token_from_file(path)`` in a child process running as ``uid:gid`` with the
+    supplementary ``groups`` (a pod's fsGroup is one)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to uid:gid, read, report, exit
+        os.close(read)
+        try:
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            result = "ok:" + token_from_file(path)
+        except BaseException as exc:
+            result = f"error:{exc}"
+        os.write(write, result.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A folder every user can pass through (pytest's own are root's only)."""
+    folder = Path(tempfile.mkdtemp(prefix="nas-janitor-k8s-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_the_tokens_secret_is_mounted_so_that_janitorctl_takes_it(open_tmp: Path) -> None:
+    """The Secret's volume as the kubelet makes it from the CronJob's settings
+    (defaultMode, fsGroup): uid 10001 reads its token, and janitorctl's rule for
+    secret files (not world-readable, not writable by others) holds. A Secret mounted
+    with the default mode (0644) would be refused."""
+    if os.geteuid() != 0:
+        missing_prerequisite("root, to make the files root:10001 and read them as 10001")
+    pod = the_object("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    default_mode = volume["secret"].get("defaultMode", 0o644)
+    fs_group = pod["securityContext"].get("fsGroup")
+    run_as = (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"])
+    groups = (fs_group,) if fs_group is not None else ()
+    keys = {"nas1": "nj_the-token\n"}
+    tmp_path = open_tmp
+
+    mounted = tmp_path / "tokens"
+    secret_volume_as_kubelet_makes_it(mounted, keys, default_mode=default_mode, fs_group=fs_group)
+    assert token_from_file(mounted / "nas1") == "nj_the-token"
+    assert oct((mounted / "nas1").stat().st_mode & 0o777) == oct(0o440)
+    assert read_as(*run_as, mounted / "nas1", groups) == "ok:nj_the-token"
+    # another uid, outside the group: cannot read it at all
+    assert read_as(4242, 4242, mounted / "nas1").startswith("error:")
+
+    # what the Secret's default mode would have given: refused, world-readable
+    default = tmp_path / "default-mode"
+    secret_volume_as_kubelet_makes_it(default, keys, default_mode=0o644, fs_group=fs_group)
+    with pytest.raises(ConfigError, match=r"world-readable \(mode 0644\)"):
+        token_from_file(default / "nas1")
+    # and without fsGroup, 0440 stays root:root: uid 10001 cannot read it
+    no_group = tmp_path / "no-fs-group"
+    secret_volume_as_kubelet_makes_it(no_group, keys, default_mode=default_mode, fs_group=None)
+    assert read_as(*run_as, no_group / "nas1").startswith("error:")
