@@ -20,6 +20,7 @@ from agent import __version__
 from agent.config import SCOPES, AgentConfig, ConfigError, load_config
 from agent.http.auth import hash_token, new_token
 from agent.http.gunicorn import use_problem_pages
+from agent.http.worker import buffering_worker
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -45,12 +46,16 @@ def cli() -> None:
 
 
 def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
-    """gunicorn settings for a small NAS: one gthread worker, a few threads."""
+    """gunicorn settings for a small NAS: one gthread worker with a buffering front
+    (``agent.http.worker``: a thread gets a request only once it has arrived whole,
+    within ``gunicorn.request_timeout``), a few threads, no control socket."""
     opts: dict[str, Any] = {
         "bind": config.listen,
         "workers": config.gunicorn.workers,
-        "worker_class": "gthread",
+        "worker_class": buffering_worker(config.gunicorn.request_timeout),
         "threads": config.gunicorn.threads,
+        # open connections at most (each buffers at most 1 MiB + 64 KiB of request)
+        "worker_connections": 128,
         "timeout": config.gunicorn.timeout,
         "graceful_timeout": 30,
         "keepalive": 5,
@@ -65,6 +70,11 @@ def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
         # what gunicorn answers itself (request line or headers too large, malformed
         # requests) is a problem+json too, not an HTML page
         "post_worker_init": use_problem_pages,
+        # gunicorn 25.1+ opens a control socket ($XDG_RUNTIME_DIR or $HOME/.gunicorn/
+        # gunicorn.ctl, shared by every gunicorn of the user) that can add workers or
+        # stop the server: the agent has no use for it
+        "control_socket_disable": True,
+        "http_protocols": "h1",
     }
     if config.tls.enabled:
         opts["certfile"] = config.tls.cert
@@ -84,6 +94,14 @@ def serve(config_path: str | None) -> None:
     config = _load(config_path)
     if not config.tokens:
         click.echo("warning: no tokens configured; every /v1 request will get 401", err=True)
+    if not config.tls.enabled:
+        host = config.host_port[0] or "0.0.0.0"
+        note = "" if config.allow_plaintext else " (loopback only)"
+        click.echo(
+            f"warning: serving plain HTTP without TLS on {host}{note}: tokens and answers "
+            "travel unencrypted",
+            err=True,
+        )
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -113,9 +131,15 @@ def token_new(token_id: str, scopes: str) -> None:
     if not wanted or bad:
         raise click.UsageError(f"--scopes takes {sorted(SCOPES)}; got {scopes!r}")
     try:
-        load_config(data={"tokens": [{"id": token_id, "sha256": "0" * 64, "scopes": wanted}]})
+        load_config(
+            data={
+                "listen": "127.0.0.1:8443",
+                "tokens": [{"id": token_id, "sha256": "0" * 64, "scopes": wanted}],
+            },
+            env={},
+        )
     except ConfigError as exc:
-        raise click.UsageError("; ".join(p for p in exc.problems if "tokens" in p)) from None
+        raise click.UsageError("; ".join(exc.problems)) from None
     tok = new_token()
     entry = {"id": token_id, "sha256": hash_token(tok), "scopes": wanted}
     click.echo(f"token: {tok}")
@@ -141,6 +165,12 @@ def check_config(config_path: str | None) -> None:
         "docker_host": config.docker_host,
         "host_prefix": config.host_prefix,
         "plan_ttl_seconds": config.plan_ttl_seconds,
+        "allow_plaintext": config.allow_plaintext,
+        "gunicorn": {
+            "threads": config.gunicorn.threads,
+            "timeout": config.gunicorn.timeout,
+            "request_timeout": config.gunicorn.request_timeout,
+        },
     }
     click.echo(json.dumps(shown, indent=2))
 
