@@ -26,6 +26,7 @@ times ``HEAD_CAP + BODY_CAP``.
 from __future__ import annotations
 
 import selectors
+import socket
 import ssl
 import time
 from functools import partial
@@ -41,6 +42,7 @@ from agent.http.gunicorn import problem_page
 HEAD_CAP = 64 * 1024  # a request head (line and headers) larger than this: 431
 BODY_CAP = (1 << 20) + 1  # the app refuses bodies over 1 MiB (413) without reading them
 _READ_SIZE = 64 * 1024
+LINGER = 2.0  # seconds a refused connection is drained before it is closed (no RST)
 
 
 class _TimedSocket:
@@ -125,6 +127,9 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         # connections being buffered, oldest (earliest deadline) first
         self._buffering: dict[Any, None] = {}
+        # refused connections: write side shut, read side drained until LINGER is over,
+        # so the client reads our answer (or TLS alert) rather than a reset
+        self._closing: dict[Any, float] = {}
 
     # -- gunicorn's hand-over point: every path to the thread pool goes through here --
     def enqueue_req(self, conn: Any) -> None:
@@ -170,7 +175,7 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]
             want = self._advance(conn)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self.log.debug("dropped a connection while buffering: %s", exc)
-            self._drop(conn, conn.nj_raw)
+            self._linger(conn)
             return
         if want == "ready":
             self._hand_over(conn)
@@ -253,11 +258,7 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     def _drop(self, conn: Any, raw: Any) -> None:
         self._unregister(conn)
-        self.nr_conns -= 1
-        try:
-            raw.close()
-        except OSError:
-            pass
+        self._close(raw)
 
     def _answer_and_drop(self, conn: Any, status: int, reason: str, message: str) -> None:
         if not conn.nj_handshake:
@@ -265,10 +266,54 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]
                 conn.nj_raw.send(problem_page(status, reason, message))
             except (OSError, ValueError):
                 pass  # best effort: the client may not be reading either
-        self._drop(conn, conn.nj_raw)
+        self._linger(conn)
+
+    def _linger(self, conn: Any) -> None:
+        """Shut the write side (after the TLS alert or our answer), drain what the
+        client still sends for up to ``LINGER`` seconds, then close: a close with
+        unread data would reset the connection, and the client would lose what we
+        wrote."""
+        self._unregister(conn)
+        raw = conn.nj_raw
+        try:
+            raw.shutdown(socket.SHUT_WR)  # an SSLSocket drops its TLS layer here
+            self.poller.register(raw, selectors.EVENT_READ, partial(self._drain, conn))
+        except (OSError, ValueError):
+            self._close(raw)
+            return
+        self._closing[conn] = time.monotonic() + LINGER
+
+    def _drain(self, conn: Any, _fileobj: Any = None) -> None:
+        raw = conn.nj_raw
+        try:
+            while raw.recv(_READ_SIZE):
+                pass
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return  # more to come: wait for it (or the deadline)
+        except (OSError, ValueError):
+            pass
+        self._end_linger(conn)
+
+    def _end_linger(self, conn: Any) -> None:
+        self._closing.pop(conn, None)
+        try:
+            self.poller.unregister(conn.nj_raw)
+        except (KeyError, ValueError, OSError):
+            pass
+        self._close(conn.nj_raw)
+
+    def _close(self, raw: Any) -> None:
+        self.nr_conns -= 1
+        try:
+            raw.close()
+        except OSError:
+            pass
 
     def _murder_buffering(self) -> None:
         now = time.monotonic()
+        for conn, until in list(self._closing.items()):
+            if until <= now:
+                self._end_linger(conn)
         for conn in list(self._buffering):
             if conn.nj_deadline > now:
                 break
