@@ -26,6 +26,9 @@ DEFAULT_PROTECT_LABELS = ("keep", "nas-janitor.keep")
 DEFAULT_MIN_AGE_SECONDS = 86400
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
+# caps on lists in a plan request (422 beyond): ids of findings to plan, label keys
+MAX_FINDING_IDS = 5000
+MAX_PROTECT_LABELS = 100
 
 
 class Base(Schema):
@@ -184,7 +187,7 @@ class PlanRequestSchema(Base):
     kinds = fields.List(
         fields.String(validate=validate.OneOf(FINDING_KINDS)),
         load_default=lambda: list(DEFAULT_PLAN_KINDS),
-        validate=validate.Length(min=1),
+        validate=validate.Length(min=1, max=len(FINDING_KINDS) * 4),
     )
     min_age_seconds = fields.Integer(
         load_default=DEFAULT_MIN_AGE_SECONDS,
@@ -194,9 +197,13 @@ class PlanRequestSchema(Base):
     protect_labels = fields.List(
         fields.String(validate=validate.Length(min=1, max=255)),
         load_default=lambda: list(DEFAULT_PROTECT_LABELS),
+        validate=validate.Length(max=MAX_PROTECT_LABELS),
     )
     finding_ids = fields.List(
-        fields.String(validate=validate.Length(min=1, max=200)), load_default=None, allow_none=True
+        fields.String(validate=validate.Length(min=1, max=200)),
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(max=MAX_FINDING_IDS),
     )
 
 

@@ -12,6 +12,7 @@ import functools
 import http
 import json as stdjson
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -142,13 +143,41 @@ def require_json_bodies() -> Response | None:
     return None
 
 
+class _NumberTooLarge(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NumberTooLarge(f"a number in the JSON body is out of range: {text[:20]}...")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise _NumberTooLarge(f"{text} is not JSON")
+
+
 def _unstorable_json(data: bytes) -> str | None:
     """Why a JSON body parses but cannot be used, or None. A body that does not parse
-    at all is left to the argument parser, which answers 400 with its own message."""
+    at all is left to the argument parser, which answers 400 with its own message.
+
+    Numbers: an integer of more digits than Python converts (4,300: ``ValueError``
+    inside the JSON parser, which the argument parser does not expect), a float that
+    overflows to infinity, and the ``NaN`` / ``Infinity`` extensions are refused here;
+    every integer field then has its own range in its schema."""
     try:
-        value = stdjson.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        value = stdjson.loads(
+            data.decode("utf-8"), parse_float=_finite_float, parse_constant=_no_constant
+        )
+    except _NumberTooLarge as exc:
+        return str(exc)
+    except stdjson.JSONDecodeError:
         return None
+    except UnicodeDecodeError:
+        return None
+    except ValueError as exc:  # the int-from-string limit
+        return f"a number in the JSON body is too large: {str(exc)[:80]}"
     except RecursionError:
         return "the JSON body is nested too deeply"
     try:
