@@ -12,6 +12,7 @@
     gunicorn: {workers: 1, threads: 4, timeout: 120, request_timeout: 10}
     btrfs_binary: btrfs            # a name looked up on PATH (and sbin), or a path
     allow_plaintext: false         # serve plain HTTP on a non-loopback address (say so)
+    max_stored_plans: 1000         # plans kept at most (expired ones purged first)
 
 The file is ``$NAS_JANITOR_CONFIG`` (default ``/etc/nas-janitor/agent.yaml``); each
 ``NAS_JANITOR_<KEY>`` variable below overrides one key. A bad config raises
@@ -55,6 +56,7 @@ ENV_KEYS = {
     "NAS_JANITOR_PLAN_TTL_SECONDS": "plan_ttl_seconds",
     "NAS_JANITOR_BTRFS_BINARY": "btrfs_binary",
     "NAS_JANITOR_ALLOW_PLAINTEXT": "allow_plaintext",
+    "NAS_JANITOR_MAX_STORED_PLANS": "max_stored_plans",
 }
 
 
@@ -105,6 +107,7 @@ class AgentConfig:
     gunicorn: GunicornConfig = field(default_factory=GunicornConfig)
     btrfs_binary: str = "btrfs"
     allow_plaintext: bool = False
+    max_stored_plans: int = 1000
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -233,6 +236,7 @@ def load_config(
         "gunicorn",
         "btrfs_binary",
         "allow_plaintext",
+        "max_stored_plans",
     }
     for key in sorted(set(raw) - known):
         problems.append(f"{key}: unknown setting")
@@ -319,6 +323,15 @@ def load_config(
         problems.append("plan_ttl_seconds: a whole number from 60 to 604800")
         ttl = AgentConfig.plan_ttl_seconds
 
+    max_plans: Any = raw.get("max_stored_plans", AgentConfig.max_stored_plans)
+    try:
+        max_plans = int(max_plans)
+        if not 10 <= max_plans <= 100_000:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append("max_stored_plans: a whole number from 10 to 100000")
+        max_plans = AgentConfig.max_stored_plans
+
     g_raw = raw.get("gunicorn") or {}
     gun = GunicornConfig()
     if not isinstance(g_raw, dict):
@@ -367,6 +380,7 @@ def load_config(
         gunicorn=gun,
         btrfs_binary=btrfs_binary,
         allow_plaintext=allow_plaintext,
+        max_stored_plans=max_plans,
     )
 
 

@@ -22,7 +22,7 @@ from flask_smorest import Blueprint
 from flask_smorest.utils import prepare_response
 from werkzeug.exceptions import HTTPException
 
-from agent.errors import AgentError, Unauthorized
+from agent.errors import AgentError, Unauthorized, Unavailable
 from shared.schemas import ProblemSchema
 
 log = logging.getLogger("nas_janitor.agent")
@@ -190,10 +190,21 @@ def _unstorable_json(data: bytes) -> str | None:
 
 
 def handle_agent_error(error: AgentError) -> Response:
+    """An ``AgentError`` as its problem; a dependency that is down (``Unavailable``,
+    503) adds ``Retry-After``."""
     if error.status >= 500 and error.status != 503:
         log.warning("%s: %s", error.code, error.detail)
+    headers = None
+    if isinstance(error, Unavailable):
+        headers = {"Retry-After": str(error.retry_after)}
+        log.warning("%s: %s", error.code, error.detail)
     return problem_response(
-        error.status, error.code, error.detail, title=error.title, extra=error.extra or None
+        error.status,
+        error.code,
+        error.detail,
+        title=error.title,
+        extra=error.extra or None,
+        headers=headers,
     )
 
 
@@ -205,7 +216,9 @@ def handle_unexpected(error: Exception) -> Response:
 
 
 def needs(blp: Blueprint, scope: str) -> Callable[[F], F]:
-    """Guard a view with a bearer token holding ``scope``; document 401/403.
+    """Guard a view with a bearer token holding ``scope``; document 401/403. A
+    ``clean`` view is also refused (503 ``audit_unavailable``) while the audit log is
+    not the file the agent opened.
 
     Put it above ``@blp.arguments`` so the token is checked before the input."""
 
@@ -216,6 +229,9 @@ def needs(blp: Blueprint, scope: str) -> Callable[[F], F]:
             principal = tokens.authenticate(request.headers.get("Authorization"))
             tokens.require(principal, scope)
             g.principal = principal
+            if scope == "clean":
+                # no mutation (and no dry run: it is audited too) without a sound audit log
+                current_app.extensions["nas_janitor"].extra["audit"].check_file()
             return fn(*args, **kwargs)
 
         wrapped: Any = wrapper

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -12,12 +13,16 @@ from agent import __version__
 from agent.clean.cleaner import Cleaner
 from agent.config import AgentConfig, load_config
 from agent.domain.inventory import Clock, JanitorService, utcnow
+from agent.errors import Unavailable
 from agent.host.backend import Btrfs, Docker
 from agent.http.api import Api, require_json_bodies
 from agent.http.auth import TokenRegistry
 from agent.http.metrics import Metrics
 from agent.store.audit import AuditLog
+from agent.store.continuity import check_continuity
 from agent.store.state import StateStore
+
+log = logging.getLogger("nas_janitor.agent")
 
 
 @dataclass(frozen=True)
@@ -37,13 +42,26 @@ class AgentContext:
     extra: dict[str, Any]
 
 
+# Docker: a few seconds for a read or a ping (a healthy daemon answers in well under
+# one); a volume removal may delete many files first. A daemon that let a request time
+# out is not asked again for DOCKER_HUNG_COOLDOWN seconds: calls fail at once (503).
+DOCKER_TIMEOUT = 5.0
+DOCKER_REMOVE_TIMEOUT = 120.0
+DOCKER_HUNG_COOLDOWN = 10.0
+
+
 def real_backends(config: AgentConfig) -> Backends:
     from agent.host.btrfs import BtrfsTool
     from agent.host.dockerd import DockerClient
 
     return Backends(
         btrfs=BtrfsTool(binary=config.btrfs_binary),
-        docker=DockerClient(base_url=config.docker_host, timeout=30.0),
+        docker=DockerClient(
+            base_url=config.docker_host,
+            timeout=DOCKER_TIMEOUT,
+            remove_timeout=DOCKER_REMOVE_TIMEOUT,
+            hung_cooldown=DOCKER_HUNG_COOLDOWN,
+        ),
     )
 
 
@@ -92,8 +110,16 @@ def create_app(
     metrics.watch_findings(lambda: service.findings())
     audit = AuditLog(os.path.join(config.state_dir, "audit.db"))
     state = StateStore(os.path.join(config.state_dir, "state.db"))
+    broken = check_continuity(audit, state)
+    if broken is not None:
+        log.error("audit log refused, no mutation until it is back: %s", broken)
     cleaner = Cleaner(service, audit=audit, state=state, on_action=metrics.count_action)
-    cleaner.recover()
+    try:
+        cleaner.recover()
+    except Unavailable as exc:
+        # jobs a crash cut short are marked interrupted (the state store); their audit
+        # entries cannot be written now: /readyz and every mutation say why
+        log.error("start-up recovery could not be audited: %s: %s", exc.code, exc.detail)
     ctx = AgentContext(
         config=config,
         service=service,

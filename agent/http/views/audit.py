@@ -9,6 +9,8 @@ from flask_smorest import Blueprint
 
 from agent.http.api import needs
 from agent.store.audit import AuditLog
+from agent.store.continuity import remember
+from agent.store.state import StateStore
 from shared.schemas import AuditPageSchema, AuditQuerySchema, AuditVerifySchema
 
 blp = Blueprint("audit", __name__, url_prefix="/v1", description="The tamper-evident audit log")
@@ -38,8 +40,12 @@ def audit(*, after_seq: int, limit: int) -> dict[str, Any]:
 @blp.response(200, AuditVerifySchema)
 def verify() -> dict[str, Any]:
     """Walk the hash chain: ``ok`` false and ``first_bad_seq`` when an entry was
-    edited, dropped or reordered."""
+    edited, dropped or reordered; ``ok`` false with the ``reason`` when the audit file
+    was removed or replaced."""
     r = log().verify()
+    if r.ok:
+        state: StateStore = current_app.extensions["nas_janitor"].extra["state"]
+        remember(log(), state)
     return {
         "ok": r.ok,
         "count": r.count,

@@ -72,9 +72,16 @@ def delete_volume(name: str, *, dry_run: bool) -> dict[str, Any]:
 @needs(blp, "clean")
 @blp.arguments(PlanRequestSchema, required=False)
 @blp.response(201, PlanSchema)
+@blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
 def create_plan(policy: dict[str, Any]) -> dict[str, Any]:
-    """Plan a clean-up from the current findings and a policy. Nothing changes."""
-    return cleaner().create_plan(policy, actor=actor())
+    """Plan a clean-up from the current findings and a policy. Nothing changes. At most
+    ``max_stored_plans`` plans are kept: expired ones without a job are purged first,
+    and ``422 too_many`` says when none can be."""
+    c = cleaner()
+    c.state.reserve_plan_slot(
+        c.service.clock(), max_plans=current_app.extensions["nas_janitor"].config.max_stored_plans
+    )
+    return c.create_plan(policy, actor=actor())
 
 
 @blp.get("/plans/<string:plan_id>")
