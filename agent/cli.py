@@ -147,6 +147,50 @@ def token_new(token_id: str, scopes: str) -> None:
     click.echo(yaml.safe_dump({"tokens": [entry]}, sort_keys=False).rstrip())
 
 
+@cli.group()
+def audit() -> None:
+    """The audit log in the state directory."""
+
+
+@audit.command("accept")
+@CONFIG_OPTION
+def audit_accept(config_path: str | None) -> None:
+    """Take the audit log now in the state directory as this agent's own, after it
+    was replaced or started afresh on purpose (run it with the agent stopped). Until
+    then the agent refuses every mutation and reports the log as not ok."""
+    import os
+
+    from agent.errors import AgentError
+    from agent.store.audit import AuditLog
+    from agent.store.continuity import accept
+    from agent.store.state import StateStore
+
+    config = _load(config_path)
+    try:
+        with (
+            AuditLog(os.path.join(config.state_dir, "audit.db")) as log,
+            StateStore(os.path.join(config.state_dir, "state.db")) as state,
+        ):
+            before = state.audit_mark()
+            log_id, seq = accept(log, state)
+            log.append(
+                actor="agent",
+                action="audit.accept",
+                target=f"audit log {log_id}",
+                outcome="accepted",
+                detail={
+                    "previous_log_id": before[0] if before else None,
+                    "previous_seq": before[1] if before else None,
+                    "entries": seq,
+                },
+            )
+            accept(log, state)
+    except AgentError as exc:
+        click.echo(f"{exc.code}: {exc.detail}", err=True)
+        raise SystemExit(1) from None
+    click.echo(f"audit log {log_id} ({seq} entries) is now this agent's own")
+
+
 @cli.command("check-config")
 @CONFIG_OPTION
 def check_config(config_path: str | None) -> None:

@@ -139,13 +139,9 @@ class DockerClient:
                 raise DockerUnavailable(
                     f"Docker at {self.base_url} is unreachable: {exc.strerror or exc}"
                 ) from exc
-        left = self._hung_until - time.monotonic()
-        if left > 0:
-            raise DockerUnavailable(
-                f"Docker at {self.base_url} did not answer within {self.timeout:g} s; "
-                f"asking again in {left:.0f} s"
-            )
+        self._check_hung()
         with self._lock:
+            self._check_hung()  # another thread may have waited out a timeout meanwhile
             if self._client is None:
                 with self._boundary("connect"):
                     self._client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout)
@@ -157,6 +153,14 @@ class DockerClient:
                         base_url=self.base_url, timeout=self.remove_timeout
                     )
             return self._remover.api
+
+    def _check_hung(self) -> None:
+        left = self._hung_until - time.monotonic()
+        if left > 0:
+            raise DockerUnavailable(
+                f"Docker at {self.base_url} did not answer within {self.timeout:g} s; "
+                f"asking again in {left:.0f} s"
+            )
 
     @contextmanager
     def _boundary(self, action: str, *, conflict_is_in_use: bool = False) -> Iterator[None]:
