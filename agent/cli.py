@@ -54,8 +54,9 @@ def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
         "workers": config.gunicorn.workers,
         "worker_class": buffering_worker(config.gunicorn.request_timeout),
         "threads": config.gunicorn.threads,
-        # open connections at most (each buffers at most 1 MiB + 64 KiB of request)
-        "worker_connections": 128,
+        # open connections at most (each buffers at most 64 KiB of head and 256 KiB of
+        # body: 160 MiB in all at worst); more wait in the listen backlog
+        "worker_connections": 512,
         "timeout": config.gunicorn.timeout,
         "graceful_timeout": 30,
         "keepalive": 5,

@@ -15,7 +15,8 @@ the connection's accept (a new connection) or from its first byte (a kept-alive 
 one that does not is answered ``408`` (when the handshake was done) and closed.
 
 What still reaches a thread before it is whole (a chunked body, a body announced with
-``Expect: 100-continue``) is read through ``_TimedSocket``, under the same deadline:
+``Expect: 100-continue``, a body over ``BODY_CAP``) is read through ``_TimedSocket``,
+under the same deadline:
 reading past it raises ``RequestTimeout``, which the app answers ``408``. Writes to the
 client wait at most ``request_timeout`` for each send.
 
@@ -40,7 +41,10 @@ from agent.errors import RequestTimeout
 from agent.http.gunicorn import problem_page
 
 HEAD_CAP = 64 * 1024  # a request head (line and headers) larger than this: 431
-BODY_CAP = (1 << 20) + 1  # the app refuses bodies over 1 MiB (413) without reading them
+# bodies up to this are buffered before a thread gets the request (the API's largest, a
+# plan request with 5,000 finding ids, is about 200 KB); a larger one (the app takes up
+# to 1 MiB) is read by the thread, under the same deadline
+BODY_CAP = 256 * 1024
 _READ_SIZE = 64 * 1024
 LINGER = 2.0  # seconds a refused connection is drained before it is closed (no RST)
 

@@ -100,3 +100,11 @@ def test_whole_requests_pass_through_on_one_kept_alive_connection(agent: AgentPr
             assert "min_age_seconds" in r.json()["errors"]
         r = c.post("/v1/plans", json={"kinds": ["orphan-layer"] * 10})
         assert r.status_code == 503 and r.json()["code"] == "docker_unavailable", r.text
+        # a body over what the front buffers (256 KiB), read by the thread; and a chunked one
+        ids = [f"id-{i:05d}" + "x" * 150 for i in range(4000)]
+        r = c.post("/v1/plans", json={"finding_ids": ids})
+        assert r.status_code == 503 and r.json()["code"] == "docker_unavailable", r.text
+        chunks = iter([b'{"min_age_seconds": ', b'"soon"}'])
+        r = c.post("/v1/plans", content=chunks, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert c.get("/healthz").status_code == 200
