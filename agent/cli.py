@@ -20,6 +20,7 @@ from agent import __version__
 from agent.config import SCOPES, AgentConfig, ConfigError, load_config
 from agent.http.auth import hash_token, new_token
 from agent.http.gunicorn import use_problem_pages
+from agent.http.worker import buffering_worker
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -45,12 +46,17 @@ def cli() -> None:
 
 
 def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
-    """gunicorn settings for a small NAS: one gthread worker, a few threads."""
+    """gunicorn settings for a small NAS: one gthread worker with a buffering front
+    (``agent.http.worker``: a thread gets a request only once it has arrived whole,
+    within ``gunicorn.request_timeout``), a few threads, no control socket."""
     opts: dict[str, Any] = {
         "bind": config.listen,
         "workers": config.gunicorn.workers,
-        "worker_class": "gthread",
+        "worker_class": buffering_worker(config.gunicorn.request_timeout),
         "threads": config.gunicorn.threads,
+        # open connections at most (each buffers at most 64 KiB of head and 256 KiB of
+        # body: 160 MiB in all at worst); more wait in the listen backlog
+        "worker_connections": 512,
         "timeout": config.gunicorn.timeout,
         "graceful_timeout": 30,
         "keepalive": 5,
@@ -65,6 +71,11 @@ def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
         # what gunicorn answers itself (request line or headers too large, malformed
         # requests) is a problem+json too, not an HTML page
         "post_worker_init": use_problem_pages,
+        # gunicorn 25.1+ opens a control socket ($XDG_RUNTIME_DIR or $HOME/.gunicorn/
+        # gunicorn.ctl, shared by every gunicorn of the user) that can add workers or
+        # stop the server: the agent has no use for it
+        "control_socket_disable": True,
+        "http_protocols": "h1",
     }
     if config.tls.enabled:
         opts["certfile"] = config.tls.cert
@@ -84,6 +95,14 @@ def serve(config_path: str | None) -> None:
     config = _load(config_path)
     if not config.tokens:
         click.echo("warning: no tokens configured; every /v1 request will get 401", err=True)
+    if not config.tls.enabled:
+        host = config.host_port[0] or "0.0.0.0"
+        note = "" if config.allow_plaintext else " (loopback only)"
+        click.echo(
+            f"warning: serving plain HTTP without TLS on {host}{note}: tokens and answers "
+            "travel unencrypted",
+            err=True,
+        )
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -113,14 +132,64 @@ def token_new(token_id: str, scopes: str) -> None:
     if not wanted or bad:
         raise click.UsageError(f"--scopes takes {sorted(SCOPES)}; got {scopes!r}")
     try:
-        load_config(data={"tokens": [{"id": token_id, "sha256": "0" * 64, "scopes": wanted}]})
+        load_config(
+            data={
+                "listen": "127.0.0.1:8443",
+                "tokens": [{"id": token_id, "sha256": "0" * 64, "scopes": wanted}],
+            },
+            env={},
+        )
     except ConfigError as exc:
-        raise click.UsageError("; ".join(p for p in exc.problems if "tokens" in p)) from None
+        raise click.UsageError("; ".join(exc.problems)) from None
     tok = new_token()
     entry = {"id": token_id, "sha256": hash_token(tok), "scopes": wanted}
     click.echo(f"token: {tok}")
     click.echo("# keep the token secret; it is shown only now. Add this to the agent's tokens:")
     click.echo(yaml.safe_dump({"tokens": [entry]}, sort_keys=False).rstrip())
+
+
+@cli.group()
+def audit() -> None:
+    """The audit log in the state directory."""
+
+
+@audit.command("accept")
+@CONFIG_OPTION
+def audit_accept(config_path: str | None) -> None:
+    """Take the audit log now in the state directory as this agent's own, after it
+    was replaced or started afresh on purpose (run it with the agent stopped). Until
+    then the agent refuses every mutation and reports the log as not ok."""
+    import os
+
+    from agent.errors import AgentError
+    from agent.store.audit import AuditLog
+    from agent.store.continuity import accept
+    from agent.store.state import StateStore
+
+    config = _load(config_path)
+    try:
+        with (
+            AuditLog(os.path.join(config.state_dir, "audit.db")) as log,
+            StateStore(os.path.join(config.state_dir, "state.db")) as state,
+        ):
+            before = state.audit_mark()
+            log_id, seq = accept(log, state)
+            log.append(
+                actor="agent",
+                action="audit.accept",
+                target=f"audit log {log_id}",
+                outcome="accepted",
+                detail={
+                    "previous_log_id": before[0] if before else None,
+                    "previous_seq": before[1] if before else None,
+                    "entries": seq,
+                },
+            )
+            accept(log, state)
+    except AgentError as exc:
+        click.echo(f"{exc.code}: {exc.detail}", err=True)
+        raise SystemExit(1) from None
+    click.echo(f"audit log {log_id} ({seq} entries) is now this agent's own")
 
 
 @cli.command("check-config")
@@ -142,6 +211,12 @@ def check_config(config_path: str | None) -> None:
         "host_prefix": config.host_prefix,
         "plan_ttl_seconds": config.plan_ttl_seconds,
         "orphan_min_age_seconds": config.orphan_min_age_seconds,
+        "allow_plaintext": config.allow_plaintext,
+        "gunicorn": {
+            "threads": config.gunicorn.threads,
+            "timeout": config.gunicorn.timeout,
+            "request_timeout": config.gunicorn.request_timeout,
+        },
     }
     click.echo(json.dumps(shown, indent=2))
 

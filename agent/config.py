@@ -9,19 +9,29 @@
     docker_host: unix:///var/run/docker.sock
     host_prefix: ""                # where the host's / is mounted, when not at /
     plan_ttl_seconds: 3600
-    gunicorn: {workers: 1, threads: 4, timeout: 120}
+    gunicorn: {workers: 1, threads: 4, timeout: 120, request_timeout: 10}
     btrfs_binary: btrfs            # a name looked up on PATH (and sbin), or a path
     orphan_min_age_seconds: 3600   # an orphan layer is cleaned only after this long unchanged
+    allow_plaintext: false         # serve plain HTTP on a non-loopback address (say so)
+    max_stored_plans: 1000         # plans kept at most (expired ones purged first)
 
 The file is ``$NAS_JANITOR_CONFIG`` (default ``/etc/nas-janitor/agent.yaml``); each
 ``NAS_JANITOR_<KEY>`` variable below overrides one key. A bad config raises
 ``ConfigError`` with every problem found, and ``janitor-agent serve`` stops with it.
+
+Secure defaults: without ``tls`` the agent listens only on a loopback address, unless
+``allow_plaintext: true`` says plain HTTP is meant (the agent then logs so at start).
+Secret files (``tokens_file``, ``tls.key``) are refused when group- or world-writable
+or world-readable, as ssh refuses a private key (group-readable is allowed: a
+Kubernetes secret reaches a non-root user through its group).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +59,8 @@ ENV_KEYS = {
     "NAS_JANITOR_PLAN_TTL_SECONDS": "plan_ttl_seconds",
     "NAS_JANITOR_BTRFS_BINARY": "btrfs_binary",
     "NAS_JANITOR_ORPHAN_MIN_AGE_SECONDS": "orphan_min_age_seconds",
+    "NAS_JANITOR_ALLOW_PLAINTEXT": "allow_plaintext",
+    "NAS_JANITOR_MAX_STORED_PLANS": "max_stored_plans",
 }
 
 
@@ -81,6 +93,9 @@ class GunicornConfig:
     workers: int = 1
     threads: int = 4
     timeout: int = 120
+    # seconds a request has to arrive whole (TLS handshake, head and body); see
+    # agent.http.worker
+    request_timeout: int = 10
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,8 @@ class AgentConfig:
     # The floor under an orphan layer's age that no request can lower: Docker creates a
     # layer's subvolume before it records it (ORPHAN_MIN_AGE_FLOOR_SECONDS by default).
     orphan_min_age_seconds: int = ORPHAN_MIN_AGE_FLOOR_SECONDS
+    allow_plaintext: bool = False
+    max_stored_plans: int = 1000
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -142,6 +159,9 @@ def _load_yaml(path: Path, problems: list[str], what: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         problems.append(f"{what}: {path} is not valid YAML: {exc}")
+        return None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        problems.append(f"{what}: {path} holds a value that cannot be read: {exc}")
         return None
 
 
@@ -223,6 +243,8 @@ def load_config(
         "gunicorn",
         "btrfs_binary",
         "orphan_min_age_seconds",
+        "allow_plaintext",
+        "max_stored_plans",
     }
     for key in sorted(set(raw) - known):
         problems.append(f"{key}: unknown setting")
@@ -249,11 +271,25 @@ def load_config(
     for name, p in (("tls.cert", cert), ("tls.key", tls_key), ("tls.client_ca", ca)):
         if p and not os.path.isfile(p):
             problems.append(f"{name}: no such file: {p}")
+    if tls_key and os.path.isfile(tls_key):
+        _check_secret_mode(tls_key, "tls.key", problems)
+
+    allow_plaintext = _boolean(raw.get("allow_plaintext", False), "allow_plaintext", problems)
+    if isinstance(listen, str) and not (cert and tls_key) and not allow_plaintext:
+        host = listen.rpartition(":")[0].strip("[]")
+        if not _is_loopback(host):
+            problems.append(
+                f"tls: required to listen on {host or 'every address'} (not a loopback "
+                "address): set tls.cert and tls.key, or allow_plaintext: true to serve "
+                "plain HTTP there on purpose"
+            )
 
     tokens = _tokens(raw.get("tokens"), problems, "tokens")
     tokens_file = raw.get("tokens_file")
     if tokens_file:
         tf = _abs_path(tokens_file, "tokens_file", problems, optional=False)
+        if tf and os.path.isfile(tf):
+            _check_secret_mode(tf, "tokens_file", problems)
         if tf:
             loaded = _load_yaml(Path(tf), problems, "tokens_file")
             if isinstance(loaded, dict):
@@ -295,6 +331,15 @@ def load_config(
         problems.append("plan_ttl_seconds: a whole number from 60 to 604800")
         ttl = AgentConfig.plan_ttl_seconds
 
+    max_plans: Any = raw.get("max_stored_plans", AgentConfig.max_stored_plans)
+    try:
+        max_plans = int(max_plans)
+        if not 10 <= max_plans <= 100_000:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append("max_stored_plans: a whole number from 10 to 100000")
+        max_plans = AgentConfig.max_stored_plans
+
     g_raw = raw.get("gunicorn") or {}
     gun = GunicornConfig()
     if not isinstance(g_raw, dict):
@@ -305,16 +350,21 @@ def load_config(
                 workers=int(g_raw.get("workers", 1)),
                 threads=int(g_raw.get("threads", 4)),
                 timeout=int(g_raw.get("timeout", 120)),
+                request_timeout=int(g_raw.get("request_timeout", 10)),
             )
             if gun.workers != 1:
                 problems.append(
                     "gunicorn.workers: must be 1 (one process owns the job runner and the "
                     "per-filesystem locks); raise gunicorn.threads instead"
                 )
-            if not 1 <= gun.threads <= 64 or gun.timeout < 10:
+            if not 1 <= gun.threads <= 64 or not 10 <= gun.timeout <= 86400:
+                raise ValueError
+            if not 2 <= gun.request_timeout <= 300:
                 raise ValueError
         except (TypeError, ValueError):
-            problems.append("gunicorn: threads 1-64, timeout >= 10 seconds")
+            problems.append(
+                "gunicorn: threads 1-64, timeout 10-86400 seconds, request_timeout 2-300 seconds"
+            )
 
     btrfs_binary = raw.get("btrfs_binary") or "btrfs"
     if not isinstance(btrfs_binary, str) or "\0" in btrfs_binary:
@@ -349,4 +399,46 @@ def load_config(
         gunicorn=gun,
         btrfs_binary=btrfs_binary,
         orphan_min_age_seconds=orphan_floor,
+        allow_plaintext=allow_plaintext,
+        max_stored_plans=max_plans,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "", a name, 0.0.0.0 / :: are not loopback-only
+
+
+def _boolean(value: Any, key: str, problems: list[str]) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    problems.append(f"{key}: true or false")
+    return False
+
+
+def _check_secret_mode(path: str, key: str, problems: list[str]) -> None:
+    """Refuse a secret file others may change or everyone may read (as ssh does for a
+    private key); a group-readable one is fine."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        problems.append(f"{key}: cannot stat {path}: {exc.strerror or exc}")
+        return
+    loose = []
+    if mode & stat.S_IWGRP:
+        loose.append("group-writable")
+    if mode & stat.S_IWOTH:
+        loose.append("world-writable")
+    if mode & stat.S_IROTH:
+        loose.append("world-readable")
+    if loose:
+        problems.append(
+            f"{key}: {path} is {' and '.join(loose)} (mode {stat.S_IMODE(mode):04o}); "
+            f"chmod 600 it (640 for a group that must read it)"
+        )

@@ -5,7 +5,9 @@
     ├── Unauthorized                 (401 unauthorized, WWW-Authenticate: Bearer)
     ├── Forbidden                    (403 forbidden)
     ├── NotFound                     (404 not_found)
+    ├── RequestTimeout               (408 request_timeout: the request did not arrive whole in time)
     ├── ValidationFailed             (422 validation_failed, per-field ``errors``)
+    ├── TooMany                      (422 too_many: a cap on stored things is reached)
     ├── Refused                      (409, code says why)
     │   ├── Protected                (409 protected)
     │   ├── InUse                    (409 in_use)
@@ -15,7 +17,11 @@
     ├── Unavailable                  (503)
     │   ├── DockerUnavailable        (503 docker_unavailable)
     │   ├── BtrfsUnavailable         (503 btrfs_unavailable)
-    │   └── HostMountsUnavailable    (503 host_mounts_unavailable)
+    │   ├── HostMountsUnavailable    (503 host_mounts_unavailable)
+    │   ├── StorageUnavailable       (503 storage_unavailable: the state or audit store
+    │   │                             is locked, full or failing)
+    │   └── AuditUnavailable         (503 audit_unavailable: the audit log is missing or
+    │                                 replaced; nothing is changed until it is back)
     └── ToolFailed                   (502 tool_failed: a command ran and failed)
         └── BtrfsCommandError        (502 btrfs_failed, carries the command and its output)
 """
@@ -49,11 +55,25 @@ class NotFound(AgentError):
     status, code, title = 404, "not_found", "Not found"
 
 
+class RequestTimeout(AgentError, TimeoutError):
+    """A request that did not arrive whole within the agent's bound (raised while its
+    body is read; a ``TimeoutError`` too, for the server's own bounded reads)."""
+
+    status, code, title = 408, "request_timeout", "Request timeout"
+
+
 class ValidationFailed(AgentError):
     status, code, title = 422, "validation_failed", "Validation failed"
 
     def __init__(self, detail: str = "", *, errors: Mapping[str, Any] | None = None) -> None:
         super().__init__(detail, extra={"errors": dict(errors or {})})
+
+
+class TooMany(AgentError):
+    """A cap on what the agent stores is reached and nothing can be purged to make room
+    (e.g. the number of stored plans)."""
+
+    status, code, title = 422, "too_many", "Too many"
 
 
 class Refused(AgentError):
@@ -81,7 +101,10 @@ class Conflict(Refused):
 
 
 class Unavailable(AgentError):
+    """A dependency is down; answered 503 with a ``Retry-After`` of ``retry_after`` seconds."""
+
     status, code, title = 503, "unavailable", "Service unavailable"
+    retry_after: int = 5
 
 
 class DockerUnavailable(Unavailable):
@@ -98,6 +121,21 @@ class HostMountsUnavailable(Unavailable):
     inside a target would be invisible: nothing is deleted."""
 
     code, title = "host_mounts_unavailable", "The host's mount table is not visible"
+
+
+class StorageUnavailable(Unavailable):
+    """The state or audit database cannot be used right now: locked by another process
+    past the short busy timeout, the disk full, an I/O error. Nothing was changed by the
+    failed operation (SQLite rolls it back); retrying later may work."""
+
+    code, title = "storage_unavailable", "The agent's storage is unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    """The audit log is not the file the agent opened (removed, replaced), or is
+    missing its history: no mutation is done until an operator looks."""
+
+    code, title = "audit_unavailable", "The audit log is unavailable"
 
 
 class ToolFailed(AgentError):

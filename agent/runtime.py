@@ -9,6 +9,7 @@ build it the same way, so both apply the same rules to the same state.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ from agent.clean.qgroups import QgroupSweeper
 from agent.config import AgentConfig
 from agent.domain.inventory import Clock, Inventory, utcnow
 from agent.domain.snapshot import read_mounts
+from agent.errors import Unavailable
 from agent.host.backend import Btrfs, Docker
 from agent.store.audit import AuditLog
 from agent.store.state import StateStore
+
+log = logging.getLogger("nas_janitor.agent")
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,26 @@ class Backends:
     docker: Docker
 
 
+# Docker: a few seconds for a read or a ping (a healthy daemon answers in well under
+# one); a volume removal may delete many files first. A daemon that let a request time
+# out is not asked again for DOCKER_HUNG_COOLDOWN seconds: calls fail at once (503).
+DOCKER_TIMEOUT = 5.0
+DOCKER_REMOVE_TIMEOUT = 120.0
+DOCKER_HUNG_COOLDOWN = 10.0
+
+
 def real_backends(config: AgentConfig) -> Backends:
     from agent.host.btrfs import BtrfsTool
     from agent.host.dockerd import DockerClient
 
     return Backends(
         btrfs=BtrfsTool(binary=config.btrfs_binary),
-        docker=DockerClient(base_url=config.docker_host, timeout=30.0),
+        docker=DockerClient(
+            base_url=config.docker_host,
+            timeout=DOCKER_TIMEOUT,
+            remove_timeout=DOCKER_REMOVE_TIMEOUT,
+            hung_cooldown=DOCKER_HUNG_COOLDOWN,
+        ),
     )
 
 
@@ -86,15 +103,26 @@ def build_runtime(
         on_action=on_action,
         on_finish=on_job_end,
     )
-    for _ in jobs.recover():
-        on_job_end("interrupted")
+    try:
+        for _ in jobs.recover():
+            on_job_end("interrupted")
+    except Unavailable as exc:
+        # jobs a crash cut short are marked interrupted (the state store); their audit
+        # entries cannot be written now: /readyz and every mutation say why
+        log.error("start-up recovery could not be audited: %s: %s", exc.code, exc.detail)
     return Runtime(
         config=config,
         backends=backends,
         inventory=inventory,
         executor=executor,
         deletes=Deletes(inventory, executor, audit, sweeper, on_action=on_action),
-        planner=Planner(inventory, state, audit, ttl_seconds=config.plan_ttl_seconds),
+        planner=Planner(
+            inventory,
+            state,
+            audit,
+            ttl_seconds=config.plan_ttl_seconds,
+            max_plans=config.max_stored_plans,
+        ),
         jobs=jobs,
         audit=audit,
         state=state,

@@ -48,8 +48,10 @@ class Pki:
         self.client_key = self.dir / "client.key"
         self.ca.cert_pem.write_to_path(str(self.ca_pem))
         server.private_key_pem.write_to_path(str(self.server_key))
+        self.server_key.chmod(0o600)  # the agent refuses a world-readable key
         server.cert_chain_pems[0].write_to_path(str(self.server_cert))
         client.private_key_pem.write_to_path(str(self.client_key))
+        self.client_key.chmod(0o600)
         client.cert_chain_pems[0].write_to_path(str(self.client_cert))
 
 

@@ -35,8 +35,9 @@ MAX_AGE_SECONDS = 10 * 365 * 86400
 # a request asks: Docker creates a layer's subvolume first and records it when the
 # layer is complete, so a layer being pulled, imported or built looks orphaned meanwhile.
 ORPHAN_MIN_AGE_FLOOR_SECONDS = 3600
-# At most this many finding ids in one plan request.
-MAX_FINDING_IDS = 10_000
+# Caps on the lists of a plan request (422 beyond): finding ids, protect label keys.
+MAX_FINDING_IDS = 5000
+MAX_PROTECT_LABELS = 100
 # Kinds never cleaned: reported so a person can act (see their evidence).
 REPORT_ONLY_KINDS = frozenset({"layer-folder"})
 
@@ -76,7 +77,9 @@ class Policy:
             or not 0 <= self.min_age_seconds <= MAX_AGE_SECONDS
         ):
             errors["min_age_seconds"] = [f"a whole number of seconds from 0 to {MAX_AGE_SECONDS}"]
-        if any(not isinstance(x, str) or not 1 <= len(x) <= 255 for x in self.protect_labels):
+        if len(self.protect_labels) > MAX_PROTECT_LABELS:
+            errors["protect_labels"] = [f"at most {MAX_PROTECT_LABELS} label keys"]
+        elif any(not isinstance(x, str) or not 1 <= len(x) <= 255 for x in self.protect_labels):
             errors["protect_labels"] = ["label keys of 1 to 255 characters"]
         if self.finding_ids is not None:
             if len(self.finding_ids) > MAX_FINDING_IDS:

@@ -22,6 +22,7 @@ from shared.policy import (
     FINDING_KINDS,
     MAX_AGE_SECONDS,
     MAX_FINDING_IDS,
+    MAX_PROTECT_LABELS,
 )
 
 OWNER_KINDS = ("docker-layer", "docker-volume", "orphan-layer", "other")
@@ -212,7 +213,7 @@ class PlanRequestSchema(Base):
     kinds = fields.List(
         fields.String(validate=validate.OneOf(FINDING_KINDS)),
         load_default=lambda: list(DEFAULT_PLAN_KINDS),
-        validate=validate.Length(min=1),
+        validate=validate.Length(min=1, max=len(FINDING_KINDS) * 4),
     )
     min_age_seconds = fields.Integer(
         load_default=DEFAULT_MIN_AGE_SECONDS,
@@ -222,7 +223,7 @@ class PlanRequestSchema(Base):
     protect_labels = fields.List(
         fields.String(validate=validate.Length(min=1, max=255)),
         load_default=lambda: list(DEFAULT_PROTECT_LABELS),
-        validate=validate.Length(max=100),
+        validate=validate.Length(max=MAX_PROTECT_LABELS),
     )
     finding_ids = fields.List(
         fields.String(validate=validate.Length(min=1, max=200)),

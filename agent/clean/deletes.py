@@ -10,6 +10,7 @@ anything changes and its outcome after.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +21,17 @@ from agent.domain.inventory import Inventory
 from agent.domain.plans import Deleted
 from agent.domain.safety import DeleteSet, plan_subvolume_delete, plan_volume_delete
 from agent.domain.snapshot import Snapshot
-from agent.errors import AgentError, Conflict, NotFound, Refused, Unavailable, ValidationFailed
-from agent.store.audit import AuditLog
+from agent.errors import (
+    AgentError,
+    AuditUnavailable,
+    Conflict,
+    NotFound,
+    Refused,
+    StorageUnavailable,
+    Unavailable,
+    ValidationFailed,
+)
+from agent.store.audit import AuditEntry, AuditLog
 from shared.policy import DEFAULT_PROTECT_LABELS
 from shared.wirepath import path_fields
 
@@ -41,6 +51,31 @@ class DeleteAnswer:
 
 def deleted_json(items: Sequence[Deleted]) -> list[dict[str, Any]]:
     return [{"id": d.id, **path_fields(d.path)} for d in items]
+
+
+# Faults of the agent's own stores: an action that meets one is neither done nor failed
+# in the record; its job stops (interrupted) and applying the plan again resumes it.
+STORE_FAULTS = (StorageUnavailable, AuditUnavailable)
+OUTCOME_RETRIES = 3
+OUTCOME_RETRY_SECONDS = 1.5
+
+
+def append_with_retries(audit: AuditLog, **entry: Any) -> AuditEntry:
+    """Append an outcome after something was done, retrying a store fault a few times
+    (about 5 s in all): the ``started`` entry is in the log already, and the outcome
+    should be too. The last fault is raised again with what was done in ``extra``."""
+    for attempt in range(OUTCOME_RETRIES):
+        try:
+            return audit.append(**entry)
+        except StorageUnavailable as exc:
+            if attempt == OUTCOME_RETRIES - 1:
+                detail = entry.get("detail") or {}
+                raise StorageUnavailable(
+                    f"done, but its outcome could not be written to the audit log: {exc.detail}",
+                    extra={"deleted": detail.get("deleted", [])},
+                ) from exc
+            time.sleep(OUTCOME_RETRY_SECONDS)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def audited_run(
@@ -72,6 +107,8 @@ def audited_run(
     )
     try:
         res = executor.run(snap, ds)
+    except STORE_FAULTS:
+        raise  # the log itself cannot be written: nothing more to record now
     except AgentError as exc:
         outcome = "refused" if isinstance(exc, Refused) else "failed"
         audit.append(
@@ -84,7 +121,8 @@ def audited_run(
         on_action(action, outcome, None)
         raise
     outcome = "deleted" if res.ok else "failed"
-    entry = audit.append(
+    entry = append_with_retries(
+        audit,
         actor=actor,
         action=action,
         target=target,

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agent.clean.deletes import ActionHook, audited_run
+from agent.clean.deletes import STORE_FAULTS, ActionHook, audited_run
 from agent.clean.executor import Executor
 from agent.clean.qgroups import QgroupSweeper
 from agent.domain.inventory import Inventory
@@ -46,6 +47,7 @@ from shared.policy import ORPHAN_MIN_AGE_FLOOR_SECONDS
 
 log = logging.getLogger("nas_janitor.agent.jobs")
 AGENT_ACTOR = "agent"
+INTERRUPT_RETRY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class Jobs:
         self.state = state
         self._on_action = on_action
         self._on_finish = on_finish
+        self._threads: dict[str, threading.Thread] = {}  # this process's job threads
+        self._unwritten: list[dict[str, Any]] = []  # audit entries a store fault held up
 
     # -- reading -------------------------------------------------------------------------
     def job(self, job_id: str) -> JobView:
@@ -150,7 +154,18 @@ class Jobs:
         )
         if created:
             self._audited_start(job, plan, actor, outcome="started")
-        elif job.state == "interrupted":
+            return job.id
+        if job.state == "queued" and not self._alive(job.id):
+            # queued, but no thread of this process runs it (its start was cut short):
+            # the same as interrupted
+            try:
+                self.state.update_job(
+                    job.id, state="interrupted", body=dict(job.body), expect_state="queued"
+                )
+            except Conflict:
+                return job.id
+            job = self.state.get_job(job.id) or job
+        if job.state == "interrupted":
             try:
                 self.state.update_job(
                     job.id, state="queued", body=dict(job.body), expect_state="interrupted"
@@ -165,6 +180,7 @@ class Jobs:
         be written the job does not run: it is left ``interrupted`` (applying the plan
         again resumes it) and the error goes back."""
         try:
+            self._flush_unwritten()
             self.audit.append(
                 actor=actor,
                 action="plan.apply",
@@ -178,22 +194,43 @@ class Jobs:
         thread = threading.Thread(
             target=self._run_job, args=(job.id, plan, actor), name=f"job-{job.id[:8]}", daemon=True
         )
+        self._threads = {k: v for k, v in self._threads.items() if v.is_alive()}
+        self._threads[job.id] = thread
         thread.start()
+
+    def _alive(self, job_id: str) -> bool:
+        thread = self._threads.get(job_id)
+        return thread is not None and thread.is_alive()
 
     def _run_job(self, job_id: str, plan: Plan, actor: str) -> None:
         try:
             self._run_actions(job_id, plan, actor)
         except Exception as exc:  # the job must end in a state, whatever happened
-            log.exception("job %s crashed", job_id)
-            stored = self.state.get_job(job_id)
-            body = dict(stored.body) if stored else {}
-            body["finished_at"] = self.inventory.clock().isoformat()
-            body["error"] = str(exc)[:500]
-            try:
-                self.state.update_job(job_id, state="interrupted", body=body)
-            except Exception:
-                log.exception("job %s: its state could not be recorded", job_id)
+            if isinstance(exc, STORE_FAULTS):
+                log.error("job %s stopped: %s: %s", job_id, exc.code, exc.detail)
+            else:
+                log.exception("job %s crashed", job_id)
+            self._interrupt(job_id, f"{type(exc).__name__}: {str(exc)[:500]}")
             self._on_finish("interrupted")
+
+    def _interrupt(self, job_id: str, why: str) -> None:
+        """Leave the job ``interrupted`` (applying its plan again resumes it), trying for
+        about ``INTERRUPT_RETRY_SECONDS`` while the store fails; after that the next
+        start-up marks it."""
+        deadline = time.monotonic() + INTERRUPT_RETRY_SECONDS
+        while True:
+            try:
+                stored = self.state.get_job(job_id)
+                body = dict(stored.body) if stored else {}
+                body["finished_at"] = self.inventory.clock().isoformat()
+                body["error"] = why
+                self.state.update_job(job_id, state="interrupted", body=body)
+                return
+            except Exception:
+                if time.monotonic() >= deadline:
+                    log.exception("job %s: its state could not be recorded", job_id)
+                    return
+                time.sleep(1.0)
 
     def _run_actions(self, job_id: str, plan: Plan, actor: str) -> None:
         stored = self.state.get_job(job_id)
@@ -209,6 +246,8 @@ class Jobs:
                 continue
             try:
                 result = self._run_action(job_id, plan, action, actor, before.get(action.seq))
+            except STORE_FAULTS:
+                raise  # the record cannot be kept: the job stops, resumable
             except Exception as exc:  # one action's bug must not stop the others
                 log.exception("job %s action %s", job_id, action.seq)
                 result = ActionResult(
@@ -217,10 +256,8 @@ class Jobs:
             self.state.record_result(job_id, action.seq, result.outcome, result.to_json())
         results = [ActionResult.from_json(r.body) for r in self.state.results(job_id)]
         final = job_state(results)
-        body["finished_at"] = self.inventory.clock().isoformat()
-        self.state.update_job(job_id, state=final, body=body)
         outcomes = [r.outcome for r in results]
-        self._on_finish(final)
+        # the audit first: a job reads finished only once its finish is in the log
         self.audit.append(
             actor=actor,
             action="job.finish",
@@ -232,6 +269,9 @@ class Jobs:
                 "reclaimed_bytes": sum(r.reclaimed_bytes or 0 for r in results),
             },
         )
+        body["finished_at"] = self.inventory.clock().isoformat()
+        self.state.update_job(job_id, state=final, body=body)
+        self._on_finish(final)
 
     def _audited_outcomes(self, job_id: str, after_seq: int) -> dict[int, str]:
         """The last audited outcome of each action of a job (only a resumed job has any)."""
@@ -257,6 +297,8 @@ class Jobs:
                 snap = self.inventory.fresh_snapshot(
                     commit=(action.filesystem_uuid,) if action.filesystem_uuid else ()
                 )
+            except STORE_FAULTS:
+                raise
             except AgentError as exc:
                 # Docker or btrfs away (or failing): the action cannot even be checked.
                 self.audit.append(
@@ -308,6 +350,8 @@ class Jobs:
                     context=context,
                     on_action=self._on_action,
                 )
+            except STORE_FAULTS:
+                raise
             except AgentError as exc:
                 outcome = "skipped" if isinstance(exc, Refused) else "failed"
                 return ActionResult(action.seq, outcome, f"{exc.code}: {exc.detail}")
@@ -332,17 +376,29 @@ class Jobs:
 
     # -- start-up --------------------------------------------------------------------------
     def recover(self) -> list[str]:
-        """Mark jobs a crash cut short as interrupted, and say so in the audit log."""
+        """Mark jobs a crash cut short as interrupted, and say so in the audit log. An
+        entry the log cannot take now is kept and written before the next one."""
         ids = self.state.mark_interrupted()
-        for job_id in ids:
-            self.audit.append(
-                actor=AGENT_ACTOR,
-                action="job.interrupted",
-                target=f"job {job_id}",
-                outcome="interrupted",
-                detail={"reason": "the agent restarted mid-job"},
-            )
+        self._unwritten.extend(
+            {
+                "actor": AGENT_ACTOR,
+                "action": "job.interrupted",
+                "target": f"job {job_id}",
+                "outcome": "interrupted",
+                "detail": {"reason": "the agent restarted mid-job"},
+            }
+            for job_id in ids
+        )
+        try:
+            self._flush_unwritten()
+        except STORE_FAULTS as exc:
+            log.error("start-up: %d audit entries wait: %s", len(self._unwritten), exc.detail)
         return ids
+
+    def _flush_unwritten(self) -> None:
+        while self._unwritten:
+            self.audit.append(**self._unwritten[0])
+            self._unwritten.pop(0)
 
 
 def recheck(

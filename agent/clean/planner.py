@@ -15,16 +15,26 @@ from shared.policy import Policy
 
 class Planner:
     def __init__(
-        self, inventory: Inventory, state: StateStore, audit: AuditLog, *, ttl_seconds: int
+        self,
+        inventory: Inventory,
+        state: StateStore,
+        audit: AuditLog,
+        *,
+        ttl_seconds: int,
+        max_plans: int,
     ) -> None:
         self.inventory = inventory
         self.state = state
         self.audit = audit
         self.ttl_seconds = ttl_seconds
+        self.max_plans = max_plans
 
     def create(self, policy: Policy, *, actor: str) -> Plan:
         """Plan a clean-up under ``policy`` from the findings as they are now (after a
-        commit, so that the generations kept for the re-check are settled)."""
+        commit, so that the generations kept for the re-check are settled). At most
+        ``max_plans`` are kept (``TooMany``); a plan whose audit entry cannot be written
+        is not kept either."""
+        self.state.reserve_plan_slot(self.inventory.clock(), max_plans=self.max_plans)
         snap = self.inventory.fresh_snapshot(commit=True)
         found = self.inventory.compute_findings(
             snap,
@@ -42,17 +52,21 @@ class Planner:
         self.state.save_plan(
             plan.id, created_at=plan.created_at, expires_at=plan.expires_at, body=plan.to_json()
         )
-        self.audit.append(
-            actor=actor,
-            action="plan.create",
-            target=f"plan {plan.id}",
-            outcome="created",
-            detail={
-                "actions": len(plan.actions),
-                "skipped": len(plan.skipped),
-                "policy": policy.to_json(),
-            },
-        )
+        try:
+            self.audit.append(
+                actor=actor,
+                action="plan.create",
+                target=f"plan {plan.id}",
+                outcome="created",
+                detail={
+                    "actions": len(plan.actions),
+                    "skipped": len(plan.skipped),
+                    "policy": policy.to_json(),
+                },
+            )
+        except BaseException:
+            self.state.delete_plan(plan.id)
+            raise
         return plan
 
     def get(self, plan_id: str) -> Plan:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -55,13 +56,29 @@ _CONTAINER_IDS = re.compile(r"\[([0-9a-f ,]*)\]")
 class DockerClient:
     """``agent.backend.Docker`` over the Docker SDK, talking to ``base_url``
     (``unix:///var/run/docker.sock``, ``tcp://host:2375``) with ``timeout`` seconds
-    for each request."""
+    for each request, ``remove_timeout`` for a volume removal (Docker deletes the
+    volume's remaining files before it answers).
 
-    def __init__(self, *, base_url: str, timeout: float) -> None:
+    A daemon that lets a request time out is taken as hung for ``hung_cooldown``
+    seconds: every call meanwhile is ``DockerUnavailable`` at once instead of waiting
+    its own timeout, so a few requests cannot hold every thread of the agent."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        timeout: float,
+        remove_timeout: float | None = None,
+        hung_cooldown: float = 0.0,
+    ) -> None:
         self.base_url = base_url
         self.timeout = timeout
+        self.remove_timeout = remove_timeout if remove_timeout is not None else timeout
+        self.hung_cooldown = hung_cooldown
         self._client: Any = None  # docker.DockerClient, made by _api()
+        self._remover: Any = None  # the same with remove_timeout
         self._lock = threading.Lock()
+        self._hung_until = 0.0
 
     def __repr__(self) -> str:
         return f"DockerClient(base_url={self.base_url!r}, timeout={self.timeout!r})"
@@ -101,18 +118,21 @@ class DockerClient:
         return read_layer_refs(data_root)
 
     def remove_volume(self, name: str) -> None:
-        api = self._api()
+        api = self._api(remover=True)
         with self._boundary(f"remove volume {name}", conflict_is_in_use=True):
             api.remove_volume(name)
 
     def close(self) -> None:
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            clients = (self._client, self._remover)
+            self._client = self._remover = None
+        for client in clients:
+            if client is not None:
+                client.close()
 
-    def _api(self) -> Any:
-        """The SDK's low-level ``APIClient``, made on first use.
+    def _api(self, *, remover: bool = False) -> Any:
+        """The SDK's low-level ``APIClient``, made on first use (``remover``: the one
+        with ``remove_timeout``).
 
         For a ``unix://`` daemon the socket must still be there: the SDK keeps idle
         connections open, and one made before the socket went away would otherwise go
@@ -125,11 +145,28 @@ class DockerClient:
                 raise DockerUnavailable(
                     f"Docker at {self.base_url} is unreachable: {exc.strerror or exc}"
                 ) from exc
+        self._check_hung()
         with self._lock:
+            self._check_hung()  # another thread may have waited out a timeout meanwhile
             if self._client is None:
                 with self._boundary("connect"):
                     self._client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout)
-            return self._client.api
+            if not remover:
+                return self._client.api
+            if self._remover is None:
+                with self._boundary("connect"):
+                    self._remover = docker.DockerClient(
+                        base_url=self.base_url, timeout=self.remove_timeout
+                    )
+            return self._remover.api
+
+    def _check_hung(self) -> None:
+        left = self._hung_until - time.monotonic()
+        if left > 0:
+            raise DockerUnavailable(
+                f"Docker at {self.base_url} did not answer within {self.timeout:g} s; "
+                f"asking again in {left:.0f} s"
+            )
 
     @contextmanager
     def _boundary(self, action: str, *, conflict_is_in_use: bool = False) -> Iterator[None]:
@@ -148,9 +185,27 @@ class DockerClient:
                 f"docker {action}: {message}", extra={"docker_status": exc.status_code}
             ) from exc
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            if _timed_out(exc) and self.hung_cooldown > 0:
+                self._hung_until = time.monotonic() + self.hung_cooldown
             raise DockerUnavailable(
                 f"Docker at {self.base_url} is unreachable ({action}): {exc}"
             ) from exc
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A request that waited its whole timeout (the daemon took the connection and did
+    not answer), as the SDK reports it (requests' Timeout, or a DockerException raised
+    from one while the client was made)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, requests.exceptions.Timeout | TimeoutError):
+            return True
+        if "timed out" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def volume_record(item: Mapping[str, Any]) -> VolumeRecord:

@@ -12,6 +12,7 @@ import functools
 import http
 import json as stdjson
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -21,7 +22,8 @@ from flask_smorest import Blueprint
 from flask_smorest.utils import prepare_response
 from werkzeug.exceptions import HTTPException
 
-from agent.errors import AgentError, Unauthorized
+from agent.errors import AgentError, Unauthorized, Unavailable
+from agent.http.context import http as http_context
 from shared.schemas import ProblemSchema
 
 log = logging.getLogger("nas_janitor.agent")
@@ -142,13 +144,41 @@ def require_json_bodies() -> Response | None:
     return None
 
 
+class _NumberTooLarge(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NumberTooLarge(f"a number in the JSON body is out of range: {text[:20]}...")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise _NumberTooLarge(f"{text} is not JSON")
+
+
 def _unstorable_json(data: bytes) -> str | None:
     """Why a JSON body parses but cannot be used, or None. A body that does not parse
-    at all is left to the argument parser, which answers 400 with its own message."""
+    at all is left to the argument parser, which answers 400 with its own message.
+
+    Numbers: an integer of more digits than Python converts (4,300: ``ValueError``
+    inside the JSON parser, which the argument parser does not expect), a float that
+    overflows to infinity, and the ``NaN`` / ``Infinity`` extensions are refused here;
+    every integer field then has its own range in its schema."""
     try:
-        value = stdjson.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        value = stdjson.loads(
+            data.decode("utf-8"), parse_float=_finite_float, parse_constant=_no_constant
+        )
+    except _NumberTooLarge as exc:
+        return str(exc)
+    except stdjson.JSONDecodeError:
         return None
+    except UnicodeDecodeError:
+        return None
+    except ValueError as exc:  # the int-from-string limit
+        return f"a number in the JSON body is too large: {str(exc)[:80]}"
     except RecursionError:
         return "the JSON body is nested too deeply"
     try:
@@ -161,10 +191,21 @@ def _unstorable_json(data: bytes) -> str | None:
 
 
 def handle_agent_error(error: AgentError) -> Response:
+    """An ``AgentError`` as its problem; a dependency that is down (``Unavailable``,
+    503) adds ``Retry-After``."""
     if error.status >= 500 and error.status != 503:
         log.warning("%s: %s", error.code, error.detail)
+    headers = None
+    if isinstance(error, Unavailable):
+        headers = {"Retry-After": str(error.retry_after)}
+        log.warning("%s: %s", error.code, error.detail)
     return problem_response(
-        error.status, error.code, error.detail, title=error.title, extra=error.extra or None
+        error.status,
+        error.code,
+        error.detail,
+        title=error.title,
+        extra=error.extra or None,
+        headers=headers,
     )
 
 
@@ -176,17 +217,23 @@ def handle_unexpected(error: Exception) -> Response:
 
 
 def needs(blp: Blueprint, scope: str) -> Callable[[F], F]:
-    """Guard a view with a bearer token holding ``scope``; document 401/403.
+    """Guard a view with a bearer token holding ``scope``; document 401/403. A
+    ``clean`` view is also refused (503 ``audit_unavailable``) while the audit log is
+    not the file the agent opened.
 
     Put it above ``@blp.arguments`` so the token is checked before the input."""
 
     def decorator(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            tokens = current_app.extensions["nas_janitor"].tokens  # the HttpContext
+            ctx = http_context()
+            tokens = ctx.tokens
             principal = tokens.authenticate(request.headers.get("Authorization"))
             tokens.require(principal, scope)
             g.principal = principal
+            if scope == "clean":
+                # no mutation (and no dry run: it is audited too) without a sound audit log
+                ctx.runtime.audit.check_file()
             return fn(*args, **kwargs)
 
         wrapped: Any = wrapper

@@ -15,6 +15,7 @@ from agent.http.auth import TokenRegistry
 from agent.http.context import EXTENSION, HttpContext
 from agent.http.metrics import Metrics
 from agent.runtime import Backends, build_runtime
+from agent.store.continuity import check_continuity
 
 log = logging.getLogger("nas_janitor.agent")
 
@@ -66,6 +67,9 @@ def create_app(
         on_job_end=metrics.count_job,
     )
     metrics.watch_findings(lambda: [wire.finding(f) for f in rt.inventory.findings()])
+    broken = check_continuity(rt.audit, rt.state)
+    if broken is not None:
+        log.error("audit log refused, no mutation until it is back: %s", broken)
     try:  # the chain's state for /metrics from the start; a broken log still starts
         metrics.verify_audit(rt.audit)
     except Exception:

@@ -17,6 +17,7 @@ from typing import Any
 _CODES = {
     400: "bad_request",
     403: "forbidden",
+    408: "request_timeout",
     414: "uri_too_long",
     417: "expectation_failed",
     431: "headers_too_large",

@@ -19,6 +19,15 @@ from shared.policy import FINDING_KINDS
 if TYPE_CHECKING:
     from agent.store.audit import AuditLog, VerifyResult
 
+# Label values come from the agent, never from the request: a method outside these is
+# counted as "other", a path no route matches as "unmatched" (a route's rule otherwise),
+# and the status is the agent's own answer.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
 
 class FindingsCollector(Collector):
     def __init__(self, compute: Callable[[], list[dict[str, Any]]]) -> None:
@@ -127,7 +136,8 @@ class Metrics:
         @app.after_request
         def _count(response: Any) -> Any:
             endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-            self.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+            status = str(response.status_code)
+            self.requests.labels(endpoint, method_label(request.method), status).inc()
             t0 = g.get("metrics_t0")
             if t0 is not None:
                 self.latency.labels(endpoint).observe(time.perf_counter() - t0)

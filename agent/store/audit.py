@@ -14,7 +14,16 @@ write lock (``BEGIN IMMEDIATE``) around "read the head, insert the next entry", 
 and processes sharing one file never fork the chain.
 
 Next to the rows the log keeps a one-row record of its head (last ``seq`` and ``hash``),
-written in the same transaction as each entry.
+written in the same transaction as each entry, and a random ``log_id`` made with the
+file.
+
+The file itself: the log remembers the device and inode of the file it opened and,
+before each append and in ``verify``, checks that its path still names that file. A log
+removed or replaced under the running agent is reported (``check_file`` raises
+``AuditUnavailable``, ``verify`` is not ok with the reason) instead of being written
+into a file no one will read again. Across a restart the state store remembers the
+``log_id`` and head the agent last saw (``agent.store.continuity``): a fresh or other
+log in its place is reported the same way (``mark_broken``).
 
 What ``verify`` detects, and what it cannot:
 
@@ -39,14 +48,17 @@ entries pulled over the API).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import urllib.parse
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.errors import AgentError
-from agent.store.sqlite import SqliteFile, read_transaction, write_transaction
+from agent.errors import AgentError, AuditUnavailable
+from agent.store.sqlite import SqliteFile, read_transaction, storage_errors
 from shared.auditchain import GENESIS, canonical_json, entry_hash
 from shared.wirepath import safe_json, safe_text
 
@@ -262,7 +274,7 @@ class AuditLog(SqliteFile):
     connection of its own."""
 
     def _init_schema(self) -> None:
-        with self._lock, write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             conn.execute(
                 """CREATE TABLE IF NOT EXISTS audit (
                     seq INTEGER PRIMARY KEY,
@@ -283,6 +295,17 @@ class AuditLog(SqliteFile):
                     hash TEXT NOT NULL
                 )"""
             )
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS audit_meta (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    log_id TEXT NOT NULL
+                )"""
+            )
+            conn.execute(
+                "INSERT INTO audit_meta (id, log_id) VALUES (1, ?) ON CONFLICT (id) DO NOTHING",
+                (uuid.uuid4().hex,),
+            )
+            self.log_id = str(conn.execute("SELECT log_id FROM audit_meta").fetchone()[0])
             has_head = conn.execute("SELECT 1 FROM audit_head").fetchone() is not None
             has_rows = conn.execute("SELECT 1 FROM audit LIMIT 1").fetchone() is not None
             # A log with rows but no head record was tampered with: do not paper over it.
@@ -290,6 +313,38 @@ class AuditLog(SqliteFile):
                 conn.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?)", (GENESIS,))
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+        self._broken: str | None = None
+
+    # --- the file ---
+
+    def mark_broken(self, reason: str) -> None:
+        """Refuse appends and fail ``verify`` with ``reason`` from now on (the agent
+        found at start-up that this is not the log it kept: see
+        ``agent.store.continuity``)."""
+        self._broken = reason
+
+    def file_problem(self) -> str | None:
+        """Why this log cannot be trusted to record anything now, or None: its path no
+        longer names the file that was opened (removed, replaced), or ``mark_broken``."""
+        if self._broken is not None:
+            return self._broken
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the audit log {self.path} was removed while the agent runs"
+        except OSError as exc:
+            return f"the audit log {self.path} cannot be checked: {exc.strerror or exc}"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return f"the audit log {self.path} was replaced by another file"
+        return None
+
+    def check_file(self) -> None:
+        """``AuditUnavailable`` when ``file_problem`` finds one."""
+        problem = self.file_problem()
+        if problem is not None:
+            raise AuditUnavailable(problem)
 
     def append(
         self,
@@ -304,7 +359,9 @@ class AuditLog(SqliteFile):
         """Append one entry and return it once it is committed to disk. A string
         ``detail`` is stored as ``{"message": detail}``. ``ValueError`` for a naive
         ``at``, a non-string field or a detail that is not a JSON object; ``AuditCorrupt``
-        when the stored head cannot be extended (the log was tampered with)."""
+        when the stored head cannot be extended (the log was tampered with);
+        ``AuditUnavailable`` when the file is not the one opened (``check_file``),
+        ``StorageUnavailable`` when it cannot be written (locked, full, I/O)."""
         for name, value in (
             ("actor", actor),
             ("action", action),
@@ -321,7 +378,8 @@ class AuditLog(SqliteFile):
         actor, action, target, outcome = (safe_text(v) for v in (actor, action, target, outcome))
         detail_text = canonical_json(normalized)
         at_text = format_time(self._clock() if at is None else at)
-        with self._lock, write_transaction(self._conn) as conn:
+        self.check_file()
+        with self._writing() as conn:
             prev_seq, prev_hash = self._head_locked(conn)
             seq = prev_seq + 1
             digest = entry_hash(
@@ -380,7 +438,7 @@ class AuditLog(SqliteFile):
 
     def head_entry(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last entry; ``(0, GENESIS)`` for an empty log."""
-        with self._lock, read_transaction(self._conn) as conn:
+        with self._snapshot() as conn:
             return self._head_locked(conn)
 
     def page(self, *, after_seq: int = 0, limit: int = 500) -> list[AuditEntry]:
@@ -391,8 +449,8 @@ class AuditLog(SqliteFile):
             raise ValueError("limit must be at least 1")
         if after_seq < 0:
             raise ValueError("after_seq must not be negative")
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as conn:
+            rows = conn.execute(
                 _SELECT_ROWS + " WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             ).fetchall()
@@ -407,8 +465,25 @@ class AuditLog(SqliteFile):
     def verify(self) -> VerifyResult:
         """Walk the whole log, one row at a time, on a snapshot taken through a connection
         of its own (appends go on meanwhile). See the module docstring for what is
-        detected."""
-        conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+        detected. A log whose file is not the one opened (``file_problem``) is not ok,
+        with that reason; nothing is read from whatever is at its path now."""
+        problem = self.file_problem()
+        if problem is not None:
+            seq, digest = self.head_entry()  # the open file is still readable
+            return VerifyResult(
+                ok=False, count=seq, head=digest, first_bad_seq=None, reason=problem
+            )
+        with storage_errors(self.path):
+            return self._verify()
+
+    def _verify(self) -> VerifyResult:
+        # read-only, never creating a file that is not there
+        conn = sqlite3.connect(
+            f"file:{urllib.parse.quote(str(self.path))}?mode=ro",
+            timeout=self._timeout,
+            isolation_level=None,
+            uri=True,
+        )
         try:
             conn.execute("PRAGMA query_only = ON")
             with read_transaction(conn):

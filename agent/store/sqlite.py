@@ -5,6 +5,12 @@ Durability: WAL journal with ``synchronous=FULL``, every write committed before 
 method returns. Concurrency: a process-local lock plus ``BEGIN IMMEDIATE`` around each
 read-check-write, so threads and processes sharing a file see each write whole or not
 at all.
+
+Faults: another process holding the write lock is waited for ``DEFAULT_TIMEOUT``
+(2 s), not 30; then, like a full disk, an I/O error or a file that cannot be opened,
+the operation fails with ``agent.errors.StorageUnavailable`` (503 with
+``Retry-After``), its transaction rolled back: nothing of it is stored. The mapping is
+done once, here (``storage_errors``), for every method of every store.
 """
 
 from __future__ import annotations
@@ -19,7 +25,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-DEFAULT_TIMEOUT = 30.0
+from agent.errors import StorageUnavailable
+
+DEFAULT_TIMEOUT = 2.0
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path) -> Iterator[None]:
+    """SQLite's and the file system's faults as ``StorageUnavailable``. Integrity and
+    programming errors stay what they are: they are bugs or tampering, not faults."""
+    try:
+        yield
+    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise
+    except sqlite3.DatabaseError as exc:  # OperationalError: locked, full, I/O, open
+        raise StorageUnavailable(f"{path.name}: {exc}") from exc
+    except OSError as exc:
+        raise StorageUnavailable(f"{path.name}: {exc.strerror or exc}") from exc
 
 
 def utcnow() -> datetime:
@@ -54,10 +76,13 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may have rolled back by itself already (a full disk, an I/O error)
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 @contextlib.contextmanager
@@ -67,7 +92,8 @@ def read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     finally:
-        conn.execute("COMMIT")
+        if conn.in_transaction:
+            conn.execute("COMMIT")
 
 
 class SqliteFile:
@@ -86,12 +112,32 @@ class SqliteFile:
         self._timeout = timeout
         self._clock = clock
         self._lock = threading.Lock()
-        self._conn = connect_durable(self.path, timeout=timeout)
+        with storage_errors(self.path):
+            self._conn = connect_durable(self.path, timeout=timeout)
         try:
-            self._init_schema()
+            with storage_errors(self.path):
+                self._init_schema()
         except BaseException:
             self._conn.close()
             raise
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the process-local lock, faults mapped."""
+        with self._lock, storage_errors(self.path):
+            yield self._conn
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """``_reading`` in one read transaction."""
+        with self._lock, storage_errors(self.path), read_transaction(self._conn) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction under the process-local lock, faults mapped."""
+        with self._lock, storage_errors(self.path), write_transaction(self._conn) as conn:
+            yield conn
 
     @classmethod
     def open(

@@ -14,7 +14,12 @@ domain decides; the store itself only knows the columns it needs to keep its pro
 - ``update_job(..., expect_state=...)`` is a compare-and-set, so two requests cannot both
   resume the same interrupted job;
 - at start-up ``mark_interrupted`` turns every ``queued`` or ``running`` job into
-  ``interrupted``.
+  ``interrupted``;
+- at most ``max_plans`` plans are kept: ``reserve_plan_slot`` (called before a plan is
+  saved) purges expired plans without a job, oldest first and a bounded number at a
+  time, and raises ``TooMany`` when the cap is still reached;
+- the audit log the agent last saw (its ``log_id`` and head) is remembered
+  (``audit_mark``), so that a restart can tell a fresh or other audit log from its own.
 
 The ``state`` column is the job's state of record; the store never looks inside
 ``body``, so a ``state`` the domain keeps in the body is not rewritten by
@@ -35,13 +40,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agent.errors import Conflict, NotFound, ValidationFailed
+from agent.errors import Conflict, NotFound, TooMany, ValidationFailed
 from agent.store.audit import canonical_json, format_time, normalize_json_object, parse_time
-from agent.store.sqlite import SqliteFile, read_transaction, write_transaction
+from agent.store.sqlite import SqliteFile
 
 __all__ = [
     "ACTIVE_JOB_STATES",
     "JOB_STATES",
+    "MAX_PLANS",
     "RESULT_OUTCOMES",
     "StateStore",
     "StoredJob",
@@ -55,6 +61,8 @@ JOB_STATES = frozenset(
 )
 ACTIVE_JOB_STATES = frozenset({"queued", "running"})  # what a crash cuts short (SQL below)
 RESULT_OUTCOMES = frozenset({"deleted", "skipped", "failed"})
+MAX_PLANS = 1000  # plans kept at most (config: max_stored_plans)
+PURGE_BATCH = 500  # expired plans purged at most per plan creation
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ class StateStore(SqliteFile):
     processes may open the same file."""
 
     def _init_schema(self) -> None:
-        with self._lock, write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             conn.execute(
                 """CREATE TABLE IF NOT EXISTS plans (
                     id TEXT PRIMARY KEY,
@@ -134,6 +142,15 @@ class StateStore(SqliteFile):
                     PRIMARY KEY (job_id, seq)
                 )"""
             )
+            conn.execute("CREATE INDEX IF NOT EXISTS plans_by_expiry ON plans (expires_at)")
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS audit_mark (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    log_id TEXT NOT NULL,
+                    seq INTEGER NOT NULL,
+                    hash TEXT NOT NULL
+                )"""
+            )
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -146,7 +163,7 @@ class StateStore(SqliteFile):
         id already taken is a ``Conflict``."""
         _check_id("plan id", id)
         row = (id, format_time(created_at), format_time(expires_at), _body_text(body))
-        with self._lock, write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             existing = conn.execute(_PLAN_COLUMNS + " WHERE id = ?", (id,)).fetchone()
             if existing is None:
                 conn.execute(
@@ -157,28 +174,83 @@ class StateStore(SqliteFile):
         return _plan(row)
 
     def get_plan(self, id: str) -> StoredPlan | None:
-        with self._lock:
-            row = self._conn.execute(_PLAN_COLUMNS + " WHERE id = ?", (id,)).fetchone()
+        with self._reading() as conn:
+            row = conn.execute(_PLAN_COLUMNS + " WHERE id = ?", (id,)).fetchone()
         return None if row is None else _plan(row)
 
     def list_plans(self, *, after_id: str | None = None, limit: int = 500) -> list[StoredPlan]:
         """Plans oldest first (by ``created_at``, then id), ``limit`` at a time; pass the
         last id seen as ``after_id`` for the next page."""
         _check_limit(limit)
-        with self._lock, read_transaction(self._conn) as conn:
+        with self._snapshot() as conn:
             rows = _page(conn, "plans", _PLAN_COLUMNS, [], [], after_id, limit)
         return [_plan(row) for row in rows]
 
     def purge_expired_plans(self, now: datetime) -> int:
         """Delete plans that expired at or before ``now`` and have no job (a job's plan
         is kept: applying it again finishes the job). Returns how many went."""
-        with self._lock, write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             cursor = conn.execute(
                 "DELETE FROM plans WHERE expires_at <= ? "
                 "AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.plan_id = plans.id)",
                 (format_time(now),),
             )
             return cursor.rowcount
+
+    def reserve_plan_slot(
+        self, now: datetime, *, max_plans: int, purge_batch: int = PURGE_BATCH
+    ) -> int:
+        """Make room for one more plan: purge plans expired at or before ``now`` that
+        have no job, oldest expiry first, at most ``purge_batch`` of them (bounded work
+        per call: called on every plan creation, the backlog goes in a few calls).
+        ``TooMany`` (422 too_many) when ``max_plans`` plans are still stored. Returns
+        how many were purged."""
+        if max_plans < 1 or purge_batch < 1:
+            raise ValueError("max_plans and purge_batch must be at least 1")
+        with self._writing() as conn:
+            purged = conn.execute(
+                "DELETE FROM plans WHERE id IN (SELECT id FROM plans WHERE expires_at <= ? "
+                "AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.plan_id = plans.id) "
+                "ORDER BY expires_at, id LIMIT ?)",
+                (format_time(now), purge_batch),
+            ).rowcount
+            stored = conn.execute("SELECT count(*) FROM plans").fetchone()[0]
+        if stored >= max_plans:
+            raise TooMany(
+                f"{stored} plans are stored, the most this agent keeps ({max_plans}), and "
+                "none has expired without a job: apply or wait for one to expire",
+                extra={"max_plans": max_plans},
+            )
+        return purged
+
+    def delete_plan(self, id: str) -> bool:
+        """Remove a plan that has no job (a plan whose audit entry could not be written
+        must not stay). ``Conflict`` when it has a job; ``False`` when there was none."""
+        with self._writing() as conn:
+            if conn.execute("SELECT 1 FROM jobs WHERE plan_id = ?", (id,)).fetchone():
+                raise Conflict(f"plan {id} has a job and is kept")
+            return conn.execute("DELETE FROM plans WHERE id = ?", (id,)).rowcount == 1
+
+    def count_plans(self) -> int:
+        with self._reading() as conn:
+            return int(conn.execute("SELECT count(*) FROM plans").fetchone()[0])
+
+    # --- the audit log the agent last saw ---
+
+    def audit_mark(self) -> tuple[str, int, str] | None:
+        """``(log_id, seq, hash)`` of the audit log as last seen, or None (never)."""
+        with self._reading() as conn:
+            row = conn.execute("SELECT log_id, seq, hash FROM audit_mark").fetchone()
+        return None if row is None else (str(row[0]), int(row[1]), str(row[2]))
+
+    def set_audit_mark(self, log_id: str, seq: int, hash: str) -> None:
+        with self._writing() as conn:
+            conn.execute(
+                "INSERT INTO audit_mark (id, log_id, seq, hash) VALUES (1, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET log_id = excluded.log_id, "
+                "seq = excluded.seq, hash = excluded.hash",
+                (log_id, seq, hash),
+            )
 
     # --- jobs ---
 
@@ -207,7 +279,7 @@ class StateStore(SqliteFile):
         _check_state(state)
         body_text = _body_text(body)
         now = format_time(self._clock())
-        with self._lock, write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             if idempotency_key is not None:
                 row = conn.execute(
                     _JOB_COLUMNS + " WHERE idempotency_key = ?", (idempotency_key,)
@@ -247,13 +319,13 @@ class StateStore(SqliteFile):
         return _job(row), True
 
     def get_job(self, id: str) -> StoredJob | None:
-        with self._lock:
-            row = self._conn.execute(_JOB_COLUMNS + " WHERE id = ?", (id,)).fetchone()
+        with self._reading() as conn:
+            row = conn.execute(_JOB_COLUMNS + " WHERE id = ?", (id,)).fetchone()
         return None if row is None else _job(row)
 
     def get_job_for_plan(self, plan_id: str) -> StoredJob | None:
-        with self._lock:
-            row = self._conn.execute(_JOB_COLUMNS + " WHERE plan_id = ?", (plan_id,)).fetchone()
+        with self._reading() as conn:
+            row = conn.execute(_JOB_COLUMNS + " WHERE plan_id = ?", (plan_id,)).fetchone()
         return None if row is None else _job(row)
 
     def update_job(
@@ -272,7 +344,7 @@ class StateStore(SqliteFile):
         expected = _states(expect_state)
         body_text = _body_text(body)
         now = format_time(self._clock())
-        with self._lock, write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             row = conn.execute(_JOB_COLUMNS + " WHERE id = ?", (id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {id}")
@@ -308,7 +380,7 @@ class StateStore(SqliteFile):
         if plan_id is not None:
             where.append("plan_id = ?")
             params.append(plan_id)
-        with self._lock, read_transaction(self._conn) as conn:
+        with self._snapshot() as conn:
             rows = _page(conn, "jobs", _JOB_COLUMNS, where, params, after_id, limit)
         return [_job(row) for row in rows]
 
@@ -318,7 +390,7 @@ class StateStore(SqliteFile):
         not from each of several worker processes sharing the file: it cannot tell a job
         cut short by a crash from one another live process is running."""
         now = format_time(self._clock())
-        with self._lock, write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             ids = [
                 row[0]
                 for row in conn.execute(
@@ -356,7 +428,7 @@ class StateStore(SqliteFile):
         body_text = _body_text(body)
         job_text = None if job_body is None else _body_text(job_body)
         now = format_time(self._clock())
-        with self._lock, write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                 raise NotFound(f"no job {job_id}")
             cursor = conn.execute(
@@ -373,16 +445,16 @@ class StateStore(SqliteFile):
         return inserted
 
     def get_result(self, job_id: str, seq: int) -> StoredResult | None:
-        with self._lock:
-            row = self._conn.execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 _RESULT_COLUMNS + " WHERE job_id = ? AND seq = ?", (job_id, seq)
             ).fetchone()
         return None if row is None else _result(row)
 
     def results(self, job_id: str) -> list[StoredResult]:
         """The job's recorded results in ``seq`` order (empty for an unknown job)."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as conn:
+            rows = conn.execute(
                 _RESULT_COLUMNS + " WHERE job_id = ? ORDER BY seq", (job_id,)
             ).fetchall()
         return [_result(row) for row in rows]

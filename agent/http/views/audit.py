@@ -9,6 +9,7 @@ from flask_smorest import Blueprint
 from agent.http.api import needs
 from agent.http.context import http, runtime
 from agent.store.audit import AuditLog
+from agent.store.continuity import remember
 from shared.schemas import AuditPageSchema, AuditQuerySchema, AuditVerifySchema
 
 blp = Blueprint("audit", __name__, url_prefix="/v1", description="The tamper-evident audit log")
@@ -37,8 +38,11 @@ def audit(*, after_seq: int, limit: int) -> dict[str, Any]:
 @blp.response(200, AuditVerifySchema)
 def verify() -> dict[str, Any]:
     """Walk the hash chain: ``ok`` false and ``first_bad_seq`` when an entry was
-    edited, dropped or reordered. The verdict is kept for ``/metrics``."""
+    edited, dropped or reordered; ``ok`` false with the ``reason`` when the audit file
+    was removed or replaced. The verdict is kept for ``/metrics``."""
     r = http().metrics.verify_audit(log())
+    if r.ok:
+        remember(log(), runtime().state)
     return {
         "ok": r.ok,
         "count": r.count,

@@ -71,8 +71,11 @@ def delete_volume(name: str, *, dry_run: bool) -> dict[str, Any]:
 @needs(blp, "clean")
 @blp.arguments(PlanRequestSchema, required=False)
 @blp.response(201, PlanSchema)
+@blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
 def create_plan(body: dict[str, Any]) -> dict[str, Any]:
-    """Plan a clean-up from the current findings and a policy. Nothing changes."""
+    """Plan a clean-up from the current findings and a policy. Nothing changes. At most
+    ``max_stored_plans`` plans are kept: expired ones without a job are purged first,
+    and ``422 too_many`` says when none can be."""
     try:
         policy = Policy.from_json(body)
     except PolicyError as exc:

@@ -25,6 +25,7 @@ BOTH = "nj_test-both-token-0000000000000000000000000"
 
 def agent_config(state_dir: Path, **extra: Any) -> AgentConfig:
     data: dict[str, Any] = {
+        "listen": "127.0.0.1:8443",  # no TLS in process: loopback only
         "state_dir": str(state_dir),
         "tokens": [
             {"id": "reader", "sha256": hash_token(READ), "scopes": ["read"]},

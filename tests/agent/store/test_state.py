@@ -472,3 +472,49 @@ def test_kill_9_loses_nothing_acknowledged_and_the_job_reads_interrupted(db: Pat
         }
     finally:
         conn.close()
+
+
+# --- faults at the store boundary --------------------------------------------------------
+
+
+def test_storage_errors_map_faults_and_leave_bugs_alone() -> None:
+    import errno
+
+    from agent.errors import StorageUnavailable
+    from agent.store.sqlite import storage_errors
+
+    for fault in (
+        sqlite3.OperationalError("database is locked"),
+        sqlite3.OperationalError("database or disk is full"),
+        sqlite3.OperationalError("disk I/O error"),
+        sqlite3.DatabaseError("database disk image is malformed"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ):
+        with pytest.raises(StorageUnavailable) as caught, storage_errors(Path("state.db")):
+            raise fault
+        assert caught.value.status == 503 and caught.value.code == "storage_unavailable"
+        assert caught.value.detail.startswith("state.db: ")
+    for bug in (sqlite3.IntegrityError("x"), sqlite3.ProgrammingError("y"), ValueError("z")):
+        with pytest.raises(type(bug)), storage_errors(Path("state.db")):
+            raise bug
+
+
+def test_a_store_locked_by_another_connection_fails_within_its_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    from agent.errors import StorageUnavailable
+
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="locked"):
+            store.save_plan("p1", T0, T0, {"a": 1})
+        assert time.monotonic() - t0 < 4
+        assert store.get_plan("p1") is None  # readers go on (WAL)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.save_plan("p1", T0, T0, {"a": 1}).id == "p1"  # and the store works again
