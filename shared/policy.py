@@ -35,7 +35,9 @@ MAX_AGE_SECONDS = 10 * 365 * 86400
 # a request asks: Docker creates a layer's subvolume first and records it when the
 # layer is complete, so a layer being pulled, imported or built looks orphaned meanwhile.
 ORPHAN_MIN_AGE_FLOOR_SECONDS = 3600
-# Caps on the lists of a plan request (422 beyond): finding ids, protect label keys.
+# Caps on the lists of a plan request (422 beyond): kinds (each at most twice),
+# finding ids, protect label keys.
+MAX_POLICY_KINDS = 2 * len(FINDING_KINDS)
 MAX_FINDING_IDS = 5000
 MAX_PROTECT_LABELS = 100
 # Kinds never cleaned: reported so a person can act (see their evidence).

@@ -22,6 +22,7 @@ from shared.policy import (
     FINDING_KINDS,
     MAX_AGE_SECONDS,
     MAX_FINDING_IDS,
+    MAX_POLICY_KINDS,
     MAX_PROTECT_LABELS,
 )
 
@@ -213,7 +214,7 @@ class PlanRequestSchema(Base):
     kinds = fields.List(
         fields.String(validate=validate.OneOf(FINDING_KINDS)),
         load_default=lambda: list(DEFAULT_PLAN_KINDS),
-        validate=validate.Length(min=1, max=len(FINDING_KINDS) * 4),
+        validate=validate.Length(min=1, max=MAX_POLICY_KINDS),
     )
     min_age_seconds = fields.Integer(
         load_default=DEFAULT_MIN_AGE_SECONDS,

@@ -145,9 +145,11 @@ def run_janitorctl(args: list[str], agent: AgentUnderTest) -> tuple[int, str, st
 
 
 def forge_audit_log(state_dir: Path) -> int:
-    """Rewrite the agent's audit log the way someone with write access to its file can:
-    entry 1 changed, every hash after it and the head record made to match, so that
-    the agent's own check still passes. Returns the number of entries."""
+    """Rewrite the agent's audit log the way someone with write access to the agent's
+    state directory can: entry 1 changed, every hash after it and the head record made
+    to match, and the head the agent remembers (the state store's audit mark) moved to
+    the forged one, so that the agent's own checks still pass. Returns the number of
+    entries."""
     with sqlite3.connect(state_dir / "audit.db") as db:
         rows = db.execute(
             "SELECT seq, at, actor, action, target, outcome, detail FROM audit ORDER BY seq"
@@ -172,6 +174,8 @@ def forge_audit_log(state_dir: Path) -> int:
             )
             prev = digest
         db.execute("UPDATE audit_head SET seq = ?, hash = ?", (len(rows), prev))
+    with sqlite3.connect(state_dir / "state.db") as db:
+        db.execute("UPDATE audit_mark SET seq = ?, hash = ?", (len(rows), prev))
     return len(rows)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent.http.app import Backends, create_app
 from agent.store.state import StateStore
-from tests.agent.http.apphelpers import agent_config, auth
+from tests.agent.http.apphelpers import agent_config, auth, join_job_thread
 from tests.fakes import make_leak_scenario
 from tests.robustness import knobs
 
@@ -28,7 +28,7 @@ def test_plans_are_capped_and_expired_ones_purged(tmp_path: Path) -> None:
         clock=clock,
     )
     client = app.test_client()
-    state: StateStore = app.extensions["nas_janitor"].extra["state"]
+    state: StateStore = app.extensions["nas_janitor"].runtime.state
 
     def plan() -> tuple[int, dict]:  # type: ignore[type-arg]
         r = client.post("/v1/plans", json={"min_age_seconds": 0}, headers=auth())
@@ -37,7 +37,7 @@ def test_plans_are_capped_and_expired_ones_purged(tmp_path: Path) -> None:
     first = [plan()[1]["id"] for _ in range(cap)]
     job = client.post(f"/v1/plans/{first[0]}/apply", headers=auth())
     assert job.status_code == 202, job.get_json()
-    app.extensions["nas_janitor"].extra["cleaner"].wait(job.get_json()["job_id"], 30)
+    join_job_thread(job.get_json()["job_id"])
     assert state.count_plans() == cap
 
     status, body = plan()
