@@ -1,25 +1,15 @@
-"""The real ``agent.backend.Btrfs``: btrfs ioctls, btrfs-progs commands, ``/proc``, ``/sys``.
+"""The real ``agent.host.backend.Btrfs``: btrfs-progs commands, btrfs ioctls
+(``agent.host.btrfs_ioctl``), ``/proc``, ``/sys``, and plain files (``agent.host.files``).
 
 Listings are read from the kernel with ioctls, not from the text of btrfs-progs: a
 name holding a newline, a tab, ``<FS_TREE>`` or bytes that are not UTF-8 cannot forge or
-break a line that is never printed. Every ioctl used exists on Linux 4.4 (what NAS
-vendors ship), or falls back to one that does; the tree searches and INO_LOOKUP need
-CAP_SYS_ADMIN, as ``btrfs subvolume list`` does:
-
-    BTRFS_IOC_TREE_SEARCH_V2  (3.15+) list_subvolumes (root tree), qgroups (quota
-                              tree); on ENOTTY/EINVAL, BTRFS_IOC_TREE_SEARCH (v1)
-    BTRFS_IOC_INO_LOOKUP      the path of a folder holding subvolumes; a tree's id
-    BTRFS_IOC_GET_SUBVOL_INFO (4.18+, any user) created_at; before 4.18,
-                              INO_LOOKUP + BTRFS_IOC_TREE_SEARCH on the root item
-
-The decoding is pure, in ``agent.host.btrfs_tree`` (every struct offset is documented
-there). What still runs btrfs-progs 4.4.1 ... 6.x, with commands and flags that all exist
-in 4.4.1:
+break a line that is never printed. What still runs btrfs-progs 4.4.1 ... 6.x, with
+commands and flags that all exist in 4.4.1:
 
     filesystem show MOUNT (when sysfs cannot name the filesystem)
     filesystem usage -b MOUNT            subvolume get-default MOUNT
     subvolume delete PATH...             property set -t s PATH ro true|false
-    filesystem sync MOUNT                subvolume sync MOUNT
+    qgroup destroy 0/ID MOUNT            filesystem sync MOUNT, subvolume sync MOUNT
 
 Nothing here enables quotas, deletes with rmdir, or relies on a newer-only flag or
 ioctl without a fallback.
@@ -28,10 +18,7 @@ ioctl without a fallback.
 shell), ``LC_ALL=C`` so messages are the English ones the parsers know, stdin closed, and
 a timeout. A missing binary raises ``BtrfsUnavailable``; a command that ran and failed
 raises ``BtrfsCommandError`` with the command, exit code, stdout and stderr; output that
-cannot be parsed raises ``agent.host.btrfs_parse.BtrfsParseError``. An ioctl that fails
-raises ``BtrfsIoctlError`` (a ``BtrfsCommandError`` naming the ioctl), or
-``BtrfsUnavailable`` when the process lacks the privilege. Each listing is a handful of
-ioctls for the whole filesystem, never a process.
+cannot be parsed raises ``agent.host.btrfs_parse.BtrfsParseError``.
 
 Every path and mount point given must be absolute, so that no argument can be taken for
 an option.
@@ -39,20 +26,17 @@ an option.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 from collections.abc import Sequence
 from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable, HostMountsUnavailable
-from agent.host import btrfs_tree as tree
 from agent.host import files
+from agent.host.btrfs_ioctl import SUBVOLUME_ROOT_INO, BtrfsIoctlError, Ioctls, _arg
 from agent.host.btrfs_parse import (
     DeleteMessage,
     DeleteOutput,
@@ -81,9 +65,6 @@ __all__ = ["BtrfsIoctlError", "BtrfsTimeout", "BtrfsTool"]
 # Where btrfs-progs lives when the agent's PATH lacks the sbin directories.
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin")
 
-# Inode number of every subvolume's root directory (BTRFS_FIRST_FREE_OBJECTID).
-SUBVOLUME_ROOT_INO = 256
-
 
 class BtrfsTimeout(BtrfsCommandError):
     """A btrfs command did not finish within its timeout and was killed.
@@ -97,16 +78,6 @@ class BtrfsTimeout(BtrfsCommandError):
         self.partial_stderr = stderr
         note = f"timed out after {timeout:g}s and was killed"
         super().__init__(cmd, -signal.SIGKILL, stdout, f"{note}\n{stderr}")
-
-
-class BtrfsIoctlError(BtrfsCommandError):
-    """A btrfs ioctl failed. ``cmd`` is ``("ioctl", <its name>, <path>)``, ``returncode``
-    the errno, ``stderr`` what btrfs-progs would say."""
-
-    def __init__(self, ioctl: str, path: str, err: OSError, message: str | None = None) -> None:
-        self.errno = err.errno
-        text = message or f"{ioctl} on {path}: {err.strerror or err}"
-        super().__init__(("ioctl", ioctl, path), err.errno or -1, "", f"ERROR: {text}\n")
 
 
 class BtrfsTool:
@@ -133,13 +104,7 @@ class BtrfsTool:
     ) -> None:
         if timeout <= 0 or sync_timeout <= 0 or max_args_bytes <= 0:
             raise ValueError("timeouts and max_args_bytes must be positive")
-        if not _SEARCH_MIN_BUFFER <= search_buffer_bytes <= _SEARCH_MAX_BUFFER:
-            raise ValueError(
-                f"search_buffer_bytes must be within {_SEARCH_MIN_BUFFER}..{_SEARCH_MAX_BUFFER}"
-            )
-        self._search_buffer_bytes = search_buffer_bytes
-        # False once BTRFS_IOC_TREE_SEARCH_V2 was refused (ENOTTY/EINVAL) where v1 worked.
-        self._search_v2 = True
+        self._ioctls = Ioctls(search_buffer_bytes=search_buffer_bytes)
         self._binary = binary
         self._proc_root = proc_root
         self._sys_root = sys_root
@@ -287,107 +252,21 @@ class BtrfsTool:
         return parse_filesystem_usage(out)
 
     def list_subvolumes(self, mount: str) -> list[SubvolumeRecord]:
-        """Every subvolume of the filesystem mounted at ``mount`` but the top level, by
-        id: ROOT_ITEM and ROOT_BACKREF items of the root tree (tree search), and one
-        BTRFS_IOC_INO_LOOKUP per directory holding subvolumes (not per subvolume).
-
-        The root tree is the whole filesystem's, whatever subvolume is mounted at
-        ``mount``: paths are relative to the top level. A subvolume being dropped (no
-        backref any more) is not listed. See ``agent.host.btrfs_tree.RootTree``.
-        """
-        with _Fs(mount) as fs:
-            listing = tree.RootTree()
-            self._walk(
-                fs,
-                tree.ROOT_TREE_OBJECTID,
-                (tree.FIRST_FREE_OBJECTID, tree.ROOT_ITEM_KEY, 0),
-                (tree.BTRFS_LAST_FREE_OBJECTID, tree.ROOT_BACKREF_KEY, _U64_MAX),
-                listing.page,
-            )
-            return listing.records(fs.ino_lookup)
+        """Every subvolume but the top level (``agent.host.btrfs_ioctl``: a tree search
+        of the root tree, names as bytes)."""
+        return self._ioctls.list_subvolumes(_arg(mount))
 
     def qgroups(self, mount: str) -> QgroupReport | None:
-        """Every level-0 qgroup by subvolume id (stale ones included) and the quota
-        status, from the quota tree; None when quotas are off (no quota tree: ENOENT).
-        Never enables quotas."""
-        with _Fs(mount) as fs:
-            quota = tree.QuotaTree()
-            try:
-                self._walk(
-                    fs,
-                    tree.QUOTA_TREE_OBJECTID,
-                    (0, tree.QGROUP_STATUS_KEY, 0),
-                    (0, tree.QGROUP_INFO_KEY, (1 << tree.QGROUP_LEVEL_SHIFT) - 1),
-                    quota.page,
-                )
-            except BtrfsIoctlError as e:
-                if e.errno == errno.ENOENT:
-                    return None
-                raise
-            return quota.report()
+        """Every level-0 qgroup (stale ones included) and the quota status; None when
+        quotas are off. Never enables quotas."""
+        return self._ioctls.qgroups(_arg(mount))
 
-    def _walk(
-        self, fs: _Fs, tree_id: int, start: tree.Key, end: tree.Key, page: tree.PageFn
-    ) -> None:
-        """A tree search over ``start``..``end``: BTRFS_IOC_TREE_SEARCH_V2 with a large
-        buffer, or v1 (3992 bytes of results a call) where the kernel refuses v2
-        (ENOTTY or EINVAL on the first call; v2 is in every kernel since 3.15)."""
-        if self._search_v2:
-            search = _SearchV2(fs, self._search_buffer_bytes)
-            try:
-                tree.walk(search, tree_id, start, end, page, nr_items=_U32_MAX)
-                return
-            except BtrfsIoctlError as e:
-                if search.calls != 1 or e.errno not in (errno.ENOTTY, errno.EINVAL):
-                    raise
-                v2_error = e
-            # v2 unknown to this kernel, or this is not btrfs at all: v1 tells which.
-            try:
-                tree.walk(_SearchV1(fs), tree_id, start, end, page, nr_items=_U32_MAX)
-            except BtrfsIoctlError as e:
-                if e.errno == errno.ENOTTY:
-                    raise v2_error from None
-                raise
-            self._search_v2 = False
-            return
-        tree.walk(_SearchV1(fs), tree_id, start, end, page, nr_items=_U32_MAX)
+    def created_at(self, path: str) -> datetime | None:
+        return self._ioctls.created_at(path)
 
     def default_subvolume(self, mount: str) -> int:
         out = self._output(["subvolume", "get-default", _arg(mount)])
         return parse_get_default(out)
-
-    def created_at(self, path: str) -> datetime | None:
-        """The subvolume's own creation time (its root item's ``otime``, what ``btrfs
-        subvolume show`` prints as "Creation time"), read with ioctls, no process.
-
-        Not the birth time of the root directory (statx ``STATX_BTIME``): a snapshot's root
-        directory is a copy of its source's, birth time included, so every Docker layer
-        would look as old as the first layer it was made from.
-
-        Kernel >= 4.18: ``BTRFS_IOC_GET_SUBVOL_INFO`` (any user). Older kernels (Linux 4.4
-        on NAS boxes): ``BTRFS_IOC_INO_LOOKUP`` + ``BTRFS_IOC_TREE_SEARCH`` on the root
-        tree, which needs CAP_SYS_ADMIN. None when the path is not a subvolume (or a
-        symlink), is gone, the caller lacks the privilege, or the filesystem was made by
-        a kernel too old to record it (< 3.6).
-        """
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            if os.fstat(fd).st_ino != SUBVOLUME_ROOT_INO:
-                return None
-            try:
-                return otime_via_subvol_info(fd)
-            except OSError as e:
-                if e.errno != errno.ENOTTY:  # ENOTTY: kernel older than 4.18
-                    return None
-            try:
-                return otime_via_tree_search(fd)
-            except OSError:
-                return None
-        finally:
-            os.close(fd)
 
     # ------------------------------------------------------------------ changes
 
@@ -395,18 +274,7 @@ class BtrfsTool:
         self._run(["property", "set", "-t", "s", _arg(path), "ro", "true" if value else "false"])
 
     def commit(self, mount: str) -> None:
-        """``BTRFS_IOC_SYNC`` on the mount (what ``btrfs filesystem sync`` calls; every
-        kernel with btrfs has it): commits the running transaction, no process."""
-        try:
-            fd = os.open(_arg(mount), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise BtrfsUnavailable(f"cannot open {mount}: {e.strerror}") from e
-        try:
-            fcntl.ioctl(fd, BTRFS_IOC_SYNC)
-        except OSError as e:
-            raise BtrfsCommandError(["BTRFS_IOC_SYNC", mount], e.errno or 1, "", str(e)) from e
-        finally:
-            os.close(fd)
+        self._ioctls.commit(_arg(mount))
 
     def kernel_drops_qgroups(self) -> bool:
         return kernel_at_least(self.kernel_release(), (6, 11))
@@ -545,14 +413,6 @@ def _text(value: str | bytes | None) -> str:
     return value
 
 
-def _arg(path: str) -> str:
-    if not path.startswith("/"):
-        raise ValueError(f"expected an absolute path, got {path!r}")
-    if "\0" in path:
-        raise ValueError("path contains a NUL byte")
-    return path
-
-
 # include/linux/proc_ns.h: the inode number of the initial pid namespace (Linux >= 3.8)
 PROC_PID_INIT_INO = 0xEFFFFFFC
 
@@ -575,176 +435,3 @@ def _facts_before(path: str) -> PathFacts:
         return PathFacts(path, real, existed=False, was_subvolume=False, gone=False)
     is_subvolume = stat.S_ISDIR(st.st_mode) and st.st_ino == SUBVOLUME_ROOT_INO
     return PathFacts(path, real, existed=True, was_subvolume=is_subvolume, gone=False)
-
-
-# ---------------------------------------------------------------------- ioctls
-#
-# ioctl numbers: Linux's generic _IOC encoding (x86, arm, arm64: what NAS boxes run):
-# dir << 30 | size << 16 | type << 8 | nr, with type BTRFS_IOCTL_MAGIC 0x94 and the sizes
-# of the structs of include/uapi/linux/btrfs.h (4.4 and every later kernel).
-_IOC_WRITE, _IOC_READ = 1, 2
-_BTRFS_IOCTL_MAGIC = 0x94
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (_BTRFS_IOCTL_MAGIC << 8) | nr
-
-
-_U64_MAX = 2**64 - 1
-_U32_MAX = 2**32 - 1
-
-# struct btrfs_ioctl_search_args: the 104-byte key, then 3992 bytes of results.
-_SEARCH_ARGS_SIZE = 4096
-# struct btrfs_ioctl_search_args_v2: the key, u64 buf_size (at 104), the results (at 112).
-_SEARCH_V2_HEAD = 112
-# struct btrfs_ioctl_ino_lookup_args: u64 treeid, u64 objectid, char name[4080].
-_INO_LOOKUP_SIZE = 4096
-# struct btrfs_ioctl_get_subvol_info_args (504 bytes): otime {u64 sec; u32 nsec} at 392
-_SUBVOL_INFO_SIZE = 504
-_SUBVOL_INFO_OTIME = 392
-BTRFS_IOC_SYNC = _ioc(0, 8, 0)  # _IO(BTRFS_IOCTL_MAGIC, 8): commit the transaction
-
-BTRFS_IOC_TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_ARGS_SIZE)  # 0xD0009411
-BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_V2_HEAD)  # 0xC0709411
-BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, _INO_LOOKUP_SIZE)  # 0xD0009412
-BTRFS_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)  # 0x81F8943C
-
-# The kernel caps a v2 result buffer at 16 MiB (btrfs_ioctl_tree_search_v2).
-_SEARCH_MIN_BUFFER = 4096
-_SEARCH_MAX_BUFFER = 16 << 20
-
-
-class _Fs:
-    """An open directory of a btrfs filesystem, for ioctls. INO_LOOKUP answers are the
-    caller's to cache (``RootTree`` asks once per directory)."""
-
-    __slots__ = ("fd", "path")
-
-    def __init__(self, path: str) -> None:
-        self.path = _arg(path)
-        self.fd = -1
-
-    def __enter__(self) -> _Fs:
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise BtrfsIoctlError("open", self.path, e) from e
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def ioctl(self, name: str, request: int, args: bytearray) -> None:
-        try:
-            fcntl.ioctl(self.fd, request, args, True)
-        except OSError as e:
-            if e.errno in (errno.EPERM, errno.EACCES):
-                raise BtrfsUnavailable(
-                    f"{name} on {self.path}: {e.strerror} (btrfs's tree search needs"
-                    " CAP_SYS_ADMIN, as btrfs subvolume list does)"
-                ) from e
-            if e.errno == errno.ENOTTY:
-                raise BtrfsIoctlError(
-                    name, self.path, e, f"not a btrfs filesystem: {self.path} ({name}: ENOTTY)"
-                ) from e
-            raise BtrfsIoctlError(name, self.path, e) from e
-
-    def ino_lookup(self, tree_id: int, dirid: int) -> bytes | None:
-        """The path of directory ``dirid`` inside tree ``tree_id`` ("a/b/"), or None when
-        the kernel cannot give it (ENAMETOOLONG past 4079 bytes, a tree being dropped)."""
-        args = bytearray(_INO_LOOKUP_SIZE)
-        struct.pack_into("=2Q", args, 0, tree_id, dirid)
-        try:
-            self.ioctl("BTRFS_IOC_INO_LOOKUP", BTRFS_IOC_INO_LOOKUP, args)
-        except BtrfsIoctlError:
-            return None
-        return tree.decode_ino_lookup(memoryview(args)[16:])
-
-
-class _SearchV1:
-    """BTRFS_IOC_TREE_SEARCH: every kernel with btrfs; 3992 bytes of results a call."""
-
-    __slots__ = ("args", "fs")
-
-    def __init__(self, fs: _Fs) -> None:
-        self.fs = fs
-        self.args = bytearray(_SEARCH_ARGS_SIZE)
-
-    def __call__(self, key: bytes) -> tuple[memoryview, int]:
-        args = self.args
-        args[: len(key)] = key
-        self.fs.ioctl("BTRFS_IOC_TREE_SEARCH", BTRFS_IOC_TREE_SEARCH, args)
-        (found,) = struct.unpack_from("=I", args, 64)
-        return memoryview(args)[tree.SEARCH_KEY.size :], found
-
-
-class _SearchV2:
-    """BTRFS_IOC_TREE_SEARCH_V2 (Linux 3.15+): up to ``size`` bytes of results a call.
-    An item larger than the buffer (EOVERFLOW, the kernel says how much it needs) grows
-    it, up to the kernel's 16 MiB cap."""
-
-    __slots__ = ("args", "calls", "fs", "size")
-
-    def __init__(self, fs: _Fs, size: int) -> None:
-        self.fs = fs
-        self.size = size
-        self.args = bytearray(_SEARCH_V2_HEAD + size)
-        self.calls = 0
-
-    def __call__(self, key: bytes) -> tuple[memoryview, int]:
-        self.calls += 1
-        while True:
-            args = self.args
-            args[: len(key)] = key
-            struct.pack_into("=Q", args, tree.SEARCH_KEY.size, self.size)
-            try:
-                self.fs.ioctl("BTRFS_IOC_TREE_SEARCH_V2", BTRFS_IOC_TREE_SEARCH_V2, args)
-            except BtrfsIoctlError as e:
-                (needed,) = struct.unpack_from("=Q", args, tree.SEARCH_KEY.size)
-                if e.errno != errno.EOVERFLOW or not self.size < needed <= _SEARCH_MAX_BUFFER:
-                    raise
-                self.size = needed
-                self.args = bytearray(_SEARCH_V2_HEAD + needed)
-                continue
-            (found,) = struct.unpack_from("=I", args, 64)
-            return memoryview(args)[_SEARCH_V2_HEAD:], found
-
-
-# ---------------------------------------------------------------------- subvolume otime
-
-
-def otime_via_subvol_info(fd: int) -> datetime | None:
-    """Creation time of the subvolume open at ``fd`` (kernel >= 4.18, unprivileged)."""
-    buf = bytearray(_SUBVOL_INFO_SIZE)
-    fcntl.ioctl(fd, BTRFS_IOC_GET_SUBVOL_INFO, buf, True)
-    sec, nsec = struct.unpack_from("=QI", buf, _SUBVOL_INFO_OTIME)
-    return tree.timestamp(sec, nsec)
-
-
-def otime_via_tree_search(fd: int) -> datetime | None:
-    """Creation time of the subvolume open at ``fd`` from its root item (any kernel with
-    btrfs; needs CAP_SYS_ADMIN). What btrfs-progs itself does on old kernels: the tree
-    id from BTRFS_IOC_INO_LOOKUP (treeid 0: the fd's own), then the ROOT_ITEM."""
-    lookup = bytearray(_INO_LOOKUP_SIZE)
-    struct.pack_into("=2Q", lookup, 0, 0, SUBVOLUME_ROOT_INO)
-    fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, lookup, True)
-    (tree_id,) = struct.unpack_from("=Q", lookup, 0)
-
-    args = bytearray(_SEARCH_ARGS_SIZE)
-    key = tree.pack_search_key(
-        tree.ROOT_TREE_OBJECTID,
-        (tree_id, tree.ROOT_ITEM_KEY, 0),
-        (tree_id, tree.ROOT_ITEM_KEY, _U64_MAX),
-        16,
-    )
-    args[: len(key)] = key
-    fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH, args, True)
-    (found,) = struct.unpack_from("=I", args, 64)
-    otime: datetime | None = None
-    for item in tree.iter_items(memoryview(args)[tree.SEARCH_KEY.size :], found):
-        if item.objectid == tree_id and item.type == tree.ROOT_ITEM_KEY:
-            info = tree.decode_root_item(item.data)
-            otime = tree.timestamp(*info.otime) if info.otime else None
-    return otime

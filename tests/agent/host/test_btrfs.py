@@ -22,15 +22,10 @@ from pathlib import Path
 
 import pytest
 
-import agent.host.btrfs as agent_btrfs
+import agent.host.btrfs_ioctl as agent_ioctl
 from agent.errors import BtrfsCommandError, BtrfsUnavailable, HostMountsUnavailable
-from agent.host.btrfs import (
-    PROC_PID_INIT_INO,
-    BtrfsTimeout,
-    BtrfsTool,
-    otime_via_subvol_info,
-    otime_via_tree_search,
-)
+from agent.host.btrfs import PROC_PID_INIT_INO, BtrfsTimeout, BtrfsTool
+from agent.host.btrfs_ioctl import otime_via_subvol_info, otime_via_tree_search
 from agent.host.records import DeleteResult, FilesystemIdent, MountEntry, Qgroup
 from tests.agent.conftest import LoopBtrfs
 from tests.agent.host.test_btrfs_parse import CAPTURES, VERSIONS, load_capture
@@ -742,13 +737,13 @@ def test_created_at_on_kernels_without_get_subvol_info(
     def enotty(fd: int) -> None:
         raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
 
-    monkeypatch.setattr(agent_btrfs, "otime_via_subvol_info", enotty)
+    monkeypatch.setattr(agent_ioctl, "otime_via_subvol_info", enotty)
     assert tool.created_at(s) == expected  # through INO_LOOKUP + TREE_SEARCH
 
     def eperm(fd: int) -> None:  # not root on an old kernel
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr(agent_btrfs, "otime_via_tree_search", eperm)
+    monkeypatch.setattr(agent_ioctl, "otime_via_tree_search", eperm)
     assert tool.created_at(s) is None
 
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import agent.host.btrfs as agent_btrfs
+import agent.host.btrfs_ioctl as agent_ioctl
 from agent.errors import BtrfsCommandError
 from agent.host.btrfs import BtrfsIoctlError, BtrfsTool
 from agent.host.records import Qgroup, SubvolumeRecord
@@ -73,7 +73,7 @@ def ioctls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         seen.append(request)
         return real(fd, request, *args)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(agent_btrfs.fcntl, "ioctl", spy)
+    monkeypatch.setattr(agent_ioctl.fcntl, "ioctl", spy)
     yield seen
 
 
@@ -221,7 +221,7 @@ def make_flat(mount: str, parents: int, children: int) -> list[str]:
     varying length so that items straddle the pages differently."""
     made = []
     args = bytearray(4096)  # struct btrfs_ioctl_vol_args {__s64 fd; char name[4088];}
-    create_ioc = agent_btrfs._ioc(agent_btrfs._IOC_WRITE, 14, 4096)
+    create_ioc = agent_ioctl._ioc(agent_ioctl._IOC_WRITE, 14, 4096)
 
     def mk(folder: str, name: str) -> None:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -258,9 +258,9 @@ def test_thousands_of_subvolumes_page_after_page(
     def shape(records: list[SubvolumeRecord]) -> list[tuple[object, ...]]:
         return [(r.id, r.parent_id, r.generation, r.uuid, r.path) for r in records]
 
-    v2 = agent_btrfs.BTRFS_IOC_TREE_SEARCH_V2
-    v1 = agent_btrfs.BTRFS_IOC_TREE_SEARCH
-    lookup = agent_btrfs.BTRFS_IOC_INO_LOOKUP
+    v2 = agent_ioctl.BTRFS_IOC_TREE_SEARCH_V2
+    v1 = agent_ioctl.BTRFS_IOC_TREE_SEARCH
+    lookup = agent_ioctl.BTRFS_IOC_INO_LOOKUP
 
     assert shape(BtrfsTool().list_subvolumes(m)) == expected
     assert 4 <= ioctls.count(v2) <= 12 and v1 not in ioctls
@@ -271,14 +271,14 @@ def test_thousands_of_subvolumes_page_after_page(
     assert ioctls.count(v2) > 300  # 3992 bytes of results a search
 
     ioctls.clear()
-    monkeypatch.setattr(agent_btrfs, "BTRFS_IOC_TREE_SEARCH_V2", agent_btrfs._ioc(3, 250, 112))
+    monkeypatch.setattr(agent_ioctl, "BTRFS_IOC_TREE_SEARCH_V2", agent_ioctl._ioc(3, 250, 112))
     old_kernel = BtrfsTool()
     assert shape(old_kernel.list_subvolumes(m)) == expected
-    assert ioctls.count(agent_btrfs._ioc(3, 250, 112)) == 1  # tried once, then v1 only
+    assert ioctls.count(agent_ioctl._ioc(3, 250, 112)) == 1  # tried once, then v1 only
     assert ioctls.count(v1) > 300
     ioctls.clear()
     assert shape(old_kernel.list_subvolumes(m)) == expected
-    assert agent_btrfs._ioc(3, 250, 112) not in ioctls
+    assert agent_ioctl._ioc(3, 250, 112) not in ioctls
 
 
 @lab
