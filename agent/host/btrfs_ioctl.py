@@ -27,6 +27,7 @@ from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable
 from agent.host import btrfs_tree as tree
+from agent.host.btrfs_listing import QuotaTree, RootTree
 from agent.host.records import QgroupReport, SubvolumeRecord
 
 __all__ = ["BtrfsIoctlError", "Ioctls", "otime_via_subvol_info", "otime_via_tree_search"]
@@ -249,7 +250,7 @@ class Ioctls:
         backref any more) is not listed. See ``agent.host.btrfs_tree.RootTree``.
         """
         with _Fs(mount) as fs:
-            listing = tree.RootTree()
+            listing = RootTree()
             self._walk(
                 fs,
                 tree.ROOT_TREE_OBJECTID,
@@ -264,7 +265,7 @@ class Ioctls:
         status, from the quota tree; None when quotas are off (no quota tree: ENOENT).
         Never enables quotas."""
         with _Fs(mount) as fs:
-            quota = tree.QuotaTree()
+            quota = QuotaTree()
             try:
                 self._walk(
                     fs,

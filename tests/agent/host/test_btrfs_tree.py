@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from agent.errors import ToolFailed
 from agent.host import btrfs_tree as tree
+from agent.host.btrfs_listing import QuotaTree, RootTree
 from agent.host.btrfs_tree import (
     BTRFS_LAST_FREE_OBJECTID,
     QGROUP_INFO_KEY,
@@ -34,12 +35,11 @@ from agent.host.btrfs_tree import (
     ROOT_ITEM_KEY,
     ROOT_SUBVOL_RDONLY,
     Key,
-    QuotaTree,
-    RootTree,
     SearchItem,
     TreeFormatError,
 )
 from agent.host.records import Qgroup, QgroupReport, SubvolumeRecord
+from tests.agent.host import btrfs_encode as enc
 from tests.strategies import SAMPLE_HOSTILE_NAMES, hostile_names
 
 U64 = 2**64 - 1
@@ -81,7 +81,7 @@ class EmulatedTree:
             used += 32 + len(data)
             i += 1
         # the rest of the buffer is whatever was there: garbage must not be read
-        return tree.encode_items(out) + b"\xa5" * (self.buf_size - used), len(out)
+        return enc.encode_items(out) + b"\xa5" * (self.buf_size - used), len(out)
 
 
 Lookups = dict[tuple[int, int], bytes | None]
@@ -104,7 +104,7 @@ def list_tree(
 
 
 def root_item(gen: int = 10, **kw: object) -> bytes:
-    return tree.encode_root_item(generation=gen, **kw)  # type: ignore[arg-type]
+    return enc.encode_root_item(generation=gen, **kw)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- keys and pages
@@ -135,7 +135,7 @@ def test_a_malformed_result_is_a_tool_failure() -> None:
 
 def test_items_round_trip_and_truncation_is_refused() -> None:
     items = [SearchItem(300, 132, 0, 9, b"x" * 439), SearchItem(300, 144, 5, 9, b"")]
-    buf = tree.encode_items(items)
+    buf = enc.encode_items(items)
     assert list(tree.iter_items(buf, 2)) == items
     with pytest.raises(TreeFormatError):
         list(tree.iter_items(buf[:-1] if buf[-1:] else buf[:40], 3))
@@ -271,7 +271,7 @@ class Model:
             gen, flags=ROOT_SUBVOL_RDONLY if ro else 0, uuid=uuid, parent_uuid=puuid,
             ctransid=gen, ctime=ctime, otime=otime,
         )  # fmt: skip
-        ref = tree.encode_root_backref(dirid, name)
+        ref = enc.encode_root_backref(dirid, name)
         self.items[(sid, ROOT_BACKREF_KEY, parent)] = ref
         self.items[(parent, ROOT_REF_KEY, sid)] = ref  # the forward ref, in the range too
         if dirid != 256:
@@ -395,15 +395,15 @@ def test_a_failed_lookup_leaves_the_path_unknown_below_it_only() -> None:
 def test_no_guess_on_two_backrefs_a_bad_name_or_a_missing_parent() -> None:
     m = Model()
     m.add(256, 5, b"twice")
-    m.items[(256, ROOT_BACKREF_KEY, 300)] = tree.encode_root_backref(256, b"again")
+    m.items[(256, ROOT_BACKREF_KEY, 300)] = enc.encode_root_backref(256, b"again")
     m.add(257, 5, b"bad")
-    m.items[(257, ROOT_BACKREF_KEY, 5)] = tree.encode_root_backref(256, b"a/b")
+    m.items[(257, ROOT_BACKREF_KEY, 5)] = enc.encode_root_backref(256, b"a/b")
     m.add(258, 5, b"orphan")
     del m.items[(258, ROOT_BACKREF_KEY, 5)]
-    m.items[(258, ROOT_BACKREF_KEY, 777)] = tree.encode_root_backref(256, b"orphan")
+    m.items[(258, ROOT_BACKREF_KEY, 777)] = enc.encode_root_backref(256, b"orphan")
     m.add(259, 5, b"fine")
     m.add(260, 259, b"short")
-    m.items[(260, ROOT_BACKREF_KEY, 259)] = tree.encode_root_backref(256, b"short")[:-2]
+    m.items[(260, ROOT_BACKREF_KEY, 259)] = enc.encode_root_backref(256, b"short")[:-2]
     records, _ = list_tree(m.items, m.lookups)
     paths = {r.id: r.path for r in records}
     assert paths == {256: None, 257: None, 258: None, 259: "fine", 260: None}
@@ -448,11 +448,11 @@ def quota_tree(items: dict[Key, bytes]) -> QgroupReport:
 
 def test_qgroups_of_level_0_stale_ones_included() -> None:
     items = {
-        (0, QGROUP_STATUS_KEY, 0): tree.encode_qgroup_status(QGROUP_STATUS_FLAG_ON),
-        (0, QGROUP_INFO_KEY, 5): tree.encode_qgroup_info(16384, 16384),
-        (0, QGROUP_INFO_KEY, 256): tree.encode_qgroup_info(3 << 20, 1 << 20),
-        (0, QGROUP_INFO_KEY, 999): tree.encode_qgroup_info(0, 0),  # its subvolume is gone
-        (0, QGROUP_INFO_KEY, (1 << 48) | 100): tree.encode_qgroup_info(9, 9),  # 1/100
+        (0, QGROUP_STATUS_KEY, 0): enc.encode_qgroup_status(QGROUP_STATUS_FLAG_ON),
+        (0, QGROUP_INFO_KEY, 5): enc.encode_qgroup_info(16384, 16384),
+        (0, QGROUP_INFO_KEY, 256): enc.encode_qgroup_info(3 << 20, 1 << 20),
+        (0, QGROUP_INFO_KEY, 999): enc.encode_qgroup_info(0, 0),  # its subvolume is gone
+        (0, QGROUP_INFO_KEY, (1 << 48) | 100): enc.encode_qgroup_info(9, 9),  # 1/100
         (0, 244, 256): b"\0" * 40,  # a limit item: outside the range
         (256, 246, (1 << 48) | 100): b"",  # a relation: outside the range
     }
@@ -478,9 +478,9 @@ def test_qgroups_of_level_0_stale_ones_included() -> None:
     ],
 )
 def test_quota_status(flags: int | None, inconsistent: bool, rescanning: bool) -> None:
-    items = {(0, QGROUP_INFO_KEY, 5): tree.encode_qgroup_info(1, 1)}
+    items = {(0, QGROUP_INFO_KEY, 5): enc.encode_qgroup_info(1, 1)}
     if flags is not None:
-        items[(0, QGROUP_STATUS_KEY, 0)] = tree.encode_qgroup_status(flags)
+        items[(0, QGROUP_STATUS_KEY, 0)] = enc.encode_qgroup_status(flags)
     report = quota_tree(items)
     assert (report.inconsistent, report.rescanning) == (inconsistent, rescanning)
     assert report == QgroupReport(
