@@ -247,7 +247,7 @@ class Ioctls:
 
         The root tree is the whole filesystem's, whatever subvolume is mounted at
         ``mount``: paths are relative to the top level. A subvolume being dropped (no
-        backref any more) is not listed. See ``agent.host.btrfs_tree.RootTree``.
+        backref any more) is not listed. See ``agent.host.btrfs_listing.RootTree``.
         """
         with _Fs(mount) as fs:
             listing = RootTree()

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 
 class SubvolumeRecord(NamedTuple):
-    """One subvolume, as the kernel's root tree describes it (``agent.host.btrfs_tree``).
+    """One subvolume, as the kernel's root tree describes it (``agent.host.btrfs_listing``).
 
     A named tuple: immutable, and small and quick to build by the ten thousand.
     ``generation``, ``ctransid`` and the times are those of the last committed
