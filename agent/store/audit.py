@@ -41,8 +41,8 @@ Anyone who can write the database file can also rewrite the chain from the edit 
 and the head record with it: a hash chain kept in one place cannot stop that. Such a
 rewrite, or a truncation that also rewrites the head record, shows only to someone who
 remembered an earlier ``(seq, hash)``: that is why the controller pulls entries, keeps
-the head it last saw and checks it again (``verify_entries`` does the checking on
-entries pulled over the API).
+the head it last saw and checks it again (with ``shared.auditchain.ChainCheck``, the walk
+this log's ``verify`` uses too).
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ import os
 import sqlite3
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from agent.errors import AgentError, AuditUnavailable
 from agent.store.sqlite import SqliteFile, read_transaction, storage_errors
-from shared.auditchain import GENESIS, canonical_json, entry_hash
+from shared.auditchain import GENESIS, ChainCheck, canonical_json, entry_hash
 from shared.wirepath import safe_json, safe_text
 
 __all__ = [
@@ -72,7 +72,6 @@ __all__ = [
     "entry_hash",
     "format_time",
     "parse_time",
-    "verify_entries",
 ]
 
 SCHEMA_VERSION = 1
@@ -201,61 +200,6 @@ class VerifyResult:
     head: str
     first_bad_seq: int | None
     reason: str | None = None
-
-
-class _ChainCheck:
-    """Walks entries in ``seq`` order and remembers the first break."""
-
-    def __init__(self, *, after_seq: int, after_hash: str) -> None:
-        self.last_seq = after_seq
-        self.head = after_hash
-        self.count = 0
-        self.first_bad: int | None = None
-        self.reason: str | None = None
-
-    def bad(self, seq: int, reason: str) -> None:
-        if self.first_bad is None:
-            self.first_bad, self.reason = seq, reason
-
-    def feed(self, *, seq: int, prev_hash: str, stored_hash: str, content_ok: bool) -> None:
-        self.count += 1
-        expected = self.last_seq + 1
-        if seq != expected:
-            # Reported at the first entry that does not follow, so the number always
-            # names an entry that can be fetched.
-            missing = f"entries {expected}..{seq - 1} are missing" if seq > expected else ""
-            self.bad(seq, missing or f"entry {seq} is out of order (expected {expected})")
-        elif prev_hash != self.head:
-            self.bad(seq, f"entry {seq} does not link to entry {seq - 1}")
-        elif not content_ok:
-            self.bad(seq, f"entry {seq} does not match its hash")
-        self.last_seq, self.head = seq, stored_hash
-
-    def result(self) -> VerifyResult:
-        return VerifyResult(
-            ok=self.first_bad is None,
-            count=self.count,
-            head=self.head,
-            first_bad_seq=self.first_bad,
-            reason=self.reason,
-        )
-
-
-def verify_entries(
-    entries: Iterable[AuditEntry], *, after_seq: int = 0, after_hash: str = GENESIS
-) -> VerifyResult:
-    """Check entries (in ``seq`` order) as pulled from ``GET /v1/audit``, continuing from a
-    remembered head ``(after_seq, after_hash)``: each must follow the one before and match
-    its own hash. ``count`` counts the entries given."""
-    check = _ChainCheck(after_seq=after_seq, after_hash=after_hash)
-    for entry in entries:
-        check.feed(
-            seq=entry.seq,
-            prev_hash=entry.prev_hash,
-            stored_hash=entry.hash,
-            content_ok=entry.computed_hash() == entry.hash,
-        )
-    return check.result()
 
 
 # --- storage ------------------------------------------------------------------------
@@ -487,7 +431,7 @@ class AuditLog(SqliteFile):
         try:
             conn.execute("PRAGMA query_only = ON")
             with read_transaction(conn):
-                check = _ChainCheck(after_seq=0, after_hash=GENESIS)
+                check = ChainCheck(after_seq=0, after_hash=GENESIS)
                 for row in conn.execute(_SELECT_ROWS + " ORDER BY seq"):
                     _check_row(check, row)
                 recorded = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
@@ -508,7 +452,13 @@ class AuditLog(SqliteFile):
                 check.bad(head_seq + 1, f"entries after the recorded head {head_seq}")
             elif head_hash != check.head:
                 check.bad(check.last_seq, "the last entry differs from the recorded head")
-        return check.result()
+        return VerifyResult(
+            ok=check.ok,
+            count=check.count,
+            head=check.head,
+            first_bad_seq=check.first_bad,
+            reason=check.reason,
+        )
 
 
 def _check_text(name: str, value: str) -> None:
@@ -546,7 +496,7 @@ def _decode_row(row: tuple[Any, ...]) -> AuditEntry:
     )
 
 
-def _check_row(check: _ChainCheck, row: tuple[Any, ...]) -> None:
+def _check_row(check: ChainCheck, row: tuple[Any, ...]) -> None:
     seq, prev_hash, digest = row[0], row[7], row[8]
     try:
         entry = _decode_row(row)

@@ -31,11 +31,27 @@ def chain(n: int) -> list[dict[str, Any]]:
     return items
 
 
-def test_same_definition_as_the_agent() -> None:
-    assert auditchain.GENESIS == agent_audit.GENESIS
-    assert auditchain.canonical_json({"b": [1, "é"], "a": None}) == agent_audit.canonical_json(
-        {"b": [1, "é"], "a": None}
-    )
+def test_what_the_agents_writer_stores_chains_here(tmp_path: Path) -> None:
+    """Entries written by the agent's log and pulled as ``GET /v1/audit`` shows them
+    chain under the shared check, from the start and from a remembered head; an edit or
+    a gap is found at the entry it touches."""
+    log = agent_audit.AuditLog(tmp_path / "audit.db")
+    written = [
+        log.append(actor="ops", action="volume.delete", target=f"v{i}", outcome="deleted",
+                   detail={"n": i, "path": "/v/caf\u00e9\nx"})
+        for i in range(6)
+    ]  # fmt: skip
+    items = [e.to_json() for e in log.page(limit=100)]
+    assert [i["hash"] for i in items] == [e.hash for e in written]
+    assert auditchain.first_bad_seq(items) is None
+    assert auditchain.first_bad_seq(items[2:], after_seq=2, after_hash=items[1]["hash"]) is None
+    assert auditchain.first_bad_seq(items[2:], after_seq=2, after_hash="a" * 64) == 3
+    edited = [dict(i) for i in items]
+    edited[3]["target"] = "/elsewhere"
+    assert auditchain.first_bad_seq(edited) == 4
+    assert auditchain.first_bad_seq(items[:2] + items[3:]) == 4  # entry 3 is missing
+    # the agent's own verify walks the same check
+    assert log.verify().ok and log.verify().head == items[-1]["hash"]
 
 
 @settings(max_examples=60, deadline=None)

@@ -30,7 +30,6 @@ from agent.store.audit import (
     canonical_json,
     entry_hash,
     format_time,
-    verify_entries,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -324,23 +323,6 @@ def test_a_row_beyond_the_recorded_head_stops_appends(db: Path, log: AuditLog) -
     assert log.verify().first_bad_seq == 3
     with pytest.raises(AuditCorrupt):
         fill(log, 1)
-
-
-def test_verify_entries_checks_a_pulled_page_from_a_remembered_head(log: AuditLog) -> None:
-    entries = fill(log, 6)
-    pulled = log.page(after_seq=2)
-    ok = verify_entries(pulled, after_seq=2, after_hash=entries[1].hash)
-    assert (ok.ok, ok.count, ok.head) == (True, 4, entries[-1].hash)
-
-    wrong_start = verify_entries(pulled, after_seq=2, after_hash="a" * 64)
-    assert (wrong_start.ok, wrong_start.first_bad_seq) == (False, 3)
-
-    edited = list(pulled)
-    edited[1] = AuditEntry(**{**edited[1].__dict__, "target": "/elsewhere"})
-    assert verify_entries(edited, after_seq=2, after_hash=entries[1].hash).first_bad_seq == 4
-
-    dropped = pulled[:1] + pulled[2:]
-    assert verify_entries(dropped, after_seq=2, after_hash=entries[1].hash).first_bad_seq == 5
 
 
 # --- properties --------------------------------------------------------------------
