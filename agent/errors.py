@@ -1,5 +1,5 @@
 """The agent's one error tree. Every error the API can show is an ``AgentError``;
-``agent.problems`` turns it into RFC 9457 problem+json in one place.
+``agent.http.problems`` builds its RFC 9457 problem+json (``agent.http.api`` renders it).
 
     AgentError                       (500 internal)
     ├── Unauthorized                 (401 unauthorized, WWW-Authenticate: Bearer)

@@ -24,28 +24,13 @@ from werkzeug.exceptions import HTTPException
 
 from agent.errors import AgentError, Unauthorized, Unavailable
 from agent.http.context import http as http_context
+from agent.http.problems import PROBLEM_JSON, problem_body, status_code
 from shared.schemas import ProblemSchema
 
 log = logging.getLogger("nas_janitor.agent")
-PROBLEM_JSON = "application/problem+json"
 F = TypeVar("F", bound=Callable[..., Any])
 
 _LOCATIONS = frozenset({"query", "json", "view_args", "headers"})
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    409: "conflict",
-    413: "too_large",
-    415: "unsupported_media_type",
-    422: "validation_failed",
-    429: "too_many_requests",
-    500: "internal",
-    503: "unavailable",
-}
 
 
 def problem_response(
@@ -57,15 +42,7 @@ def problem_response(
     extra: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body: dict[str, Any] = {
-        "type": f"https://nas-janitor.dev/problems/{code}",
-        "title": title or http.HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
-    if extra:
-        body.update(extra)
+    body = problem_body(status, code, detail, title=title, extra=extra)
     resp = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
     if status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="nas-janitor"'
@@ -121,7 +98,7 @@ class Api(SmorestApi):  # type: ignore[misc]
         allow = {k: v for k, v in error.get_headers() if k.lower() == "allow"}
         return problem_response(
             status,
-            _HTTP_CODES.get(status, "error"),
+            status_code(status),
             str(detail),
             extra=extra or None,
             headers=allow if status == 405 else None,

@@ -10,44 +10,23 @@ process) makes gunicorn write those answers as problems, with the same ``type``,
 
 from __future__ import annotations
 
-import http
 import json
 from typing import Any
 
-_CODES = {
-    400: "bad_request",
-    403: "forbidden",
-    408: "request_timeout",
-    414: "uri_too_long",
-    417: "expectation_failed",
-    431: "headers_too_large",
-    500: "internal",
-    501: "not_implemented",
-}
+from agent.http.problems import PROBLEM_JSON, problem_body, status_title
 
 
 def problem_page(status: int, reason: str, message: str) -> bytes:
-    """A complete HTTP/1.1 answer (the connection is closed after it)."""
-    code = _CODES.get(status, "bad_request" if status < 500 else "internal")
-    try:
-        title = http.HTTPStatus(status).phrase
-    except ValueError:
-        title = reason
+    """A complete HTTP/1.1 answer (the connection is closed after it). gunicorn's
+    message says which limit or what was malformed; it never holds a stack trace (500
+    comes with an empty one)."""
     body = json.dumps(
-        {
-            "type": f"https://nas-janitor.dev/problems/{code}",
-            "title": title,
-            "status": status,
-            # gunicorn's message says which limit or what was malformed; it never holds
-            # a stack trace (500 comes with an empty one)
-            "detail": (message or title)[:300],
-            "code": code,
-        }
+        problem_body(status, detail=message[:300] or None, title=status_title(status, reason))
     ).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
         "Connection: close\r\n"
-        "Content-Type: application/problem+json\r\n"
+        f"Content-Type: {PROBLEM_JSON}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("latin-1") + body
