@@ -368,12 +368,6 @@ class Lab:
         data: list[dict[str, Any]] = json.loads(out)
         return data
 
-    def docker_client(self) -> Any:
-        """A Docker SDK client for this lab's daemon."""
-        import docker
-
-        return docker.DockerClient(base_url=self.docker_host, version="auto")
-
     # --- what Docker itself records about btrfs layers ----------------------------------
     def layer_refs(self, data_root: Path | None = None) -> set[str]:
         """Names under ``btrfs/subvolumes/`` that the daemon's layerdb references."""

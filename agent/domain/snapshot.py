@@ -261,15 +261,6 @@ class Snapshot:
     def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView | None:
         return self.subvolumes.get(fs_uuid, {}).get(sub_id)
 
-    def subvolume_at(self, host_path: str) -> SubvolView | None:
-        fs = self.fs_for_host_path(host_path)
-        if fs is None:
-            return None
-        for sv in self.subvolumes.get(fs.uuid, {}).values():
-            if sv.path == host_path:
-                return sv
-        return None
-
     def children(self, fs_uuid: str, sub_id: int) -> list[int]:
         if not self._children:
             for uuid, subs in self.subvolumes.items():

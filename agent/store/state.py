@@ -34,13 +34,12 @@ file see each write whole or not at all.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agent.errors import Conflict, NotFound, TooMany, ValidationFailed
+from agent.errors import Conflict, NotFound, TooMany
 from agent.store.audit import canonical_json, format_time, normalize_json_object, parse_time
 from agent.store.sqlite import SqliteFile
 
@@ -177,25 +176,6 @@ class StateStore(SqliteFile):
         with self._reading() as conn:
             row = conn.execute(_PLAN_COLUMNS + " WHERE id = ?", (id,)).fetchone()
         return None if row is None else _plan(row)
-
-    def list_plans(self, *, after_id: str | None = None, limit: int = 500) -> list[StoredPlan]:
-        """Plans oldest first (by ``created_at``, then id), ``limit`` at a time; pass the
-        last id seen as ``after_id`` for the next page."""
-        _check_limit(limit)
-        with self._snapshot() as conn:
-            rows = _page(conn, "plans", _PLAN_COLUMNS, [], [], after_id, limit)
-        return [_plan(row) for row in rows]
-
-    def purge_expired_plans(self, now: datetime) -> int:
-        """Delete plans that expired at or before ``now`` and have no job (a job's plan
-        is kept: applying it again finishes the job). Returns how many went."""
-        with self._writing() as conn:
-            cursor = conn.execute(
-                "DELETE FROM plans WHERE expires_at <= ? "
-                "AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.plan_id = plans.id)",
-                (format_time(now),),
-            )
-            return cursor.rowcount
 
     def reserve_plan_slot(
         self, now: datetime, *, max_plans: int, purge_batch: int = PURGE_BATCH
@@ -359,31 +339,6 @@ class StateStore(SqliteFile):
             )
         return _job((row[0], row[1], row[2], state, body_text, row[5], now))
 
-    def list_jobs(
-        self,
-        *,
-        states: Collection[str] | None = None,
-        plan_id: str | None = None,
-        after_id: str | None = None,
-        limit: int = 500,
-    ) -> list[StoredJob]:
-        """Jobs oldest first (by ``created_at``, then id), optionally only those in
-        ``states`` or of ``plan_id``; pass the last id seen as ``after_id`` for the next
-        page."""
-        _check_limit(limit)
-        where: list[str] = []
-        params: list[Any] = []
-        wanted = _states(states)
-        if wanted is not None:
-            where.append(f"state IN ({', '.join('?' * len(wanted))})")
-            params.extend(sorted(wanted))
-        if plan_id is not None:
-            where.append("plan_id = ?")
-            params.append(plan_id)
-        with self._snapshot() as conn:
-            rows = _page(conn, "jobs", _JOB_COLUMNS, where, params, after_id, limit)
-        return [_job(row) for row in rows]
-
     def mark_interrupted(self) -> list[str]:
         """At start-up, before any job runs: every ``queued`` or ``running`` job becomes
         ``interrupted``. Returns their ids, oldest first. Call it once per agent start,
@@ -444,13 +399,6 @@ class StateStore(SqliteFile):
                 )
         return inserted
 
-    def get_result(self, job_id: str, seq: int) -> StoredResult | None:
-        with self._reading() as conn:
-            row = conn.execute(
-                _RESULT_COLUMNS + " WHERE job_id = ? AND seq = ?", (job_id, seq)
-            ).fetchone()
-        return None if row is None else _result(row)
-
     def results(self, job_id: str) -> list[StoredResult]:
         """The job's recorded results in ``seq`` order (empty for an unknown job)."""
         with self._reading() as conn:
@@ -488,39 +436,8 @@ def _states(states: str | Collection[str] | None) -> frozenset[str] | None:
     return wanted
 
 
-def _check_limit(limit: int) -> None:
-    if limit < 1:
-        raise ValueError("limit must be at least 1")
-
-
 def _body_text(body: Mapping[str, Any]) -> str:
     return canonical_json(normalize_json_object(body, what="body"))
-
-
-def _page(
-    conn: sqlite3.Connection,
-    table: str,
-    select: str,
-    where: list[str],
-    params: list[Any],
-    after_id: str | None,
-    limit: int,
-) -> list[Any]:
-    """One page of ``select`` ordered by ``(created_at, id)``, after the row ``after_id``."""
-    where, params = list(where), list(params)
-    if after_id is not None:
-        # table is one of two literals chosen in this module, never input.
-        row = conn.execute(
-            f"SELECT created_at, id FROM {table} WHERE id = ?",  # noqa: S608
-            (after_id,),
-        ).fetchone()
-        if row is None:
-            raise ValidationFailed("unknown cursor", errors={"cursor": ["unknown cursor"]})
-        where.append("(created_at, id) > (?, ?)")
-        params.extend(row)
-    sql = select + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY created_at, id LIMIT ?"
-    return conn.execute(sql, (*params, limit)).fetchall()
 
 
 def _plan(row: tuple[Any, ...]) -> StoredPlan:
