@@ -31,7 +31,8 @@ from agent.errors import (
     Unavailable,
     ValidationFailed,
 )
-from agent.store.audit import AuditEntry, AuditLog
+from agent.store.audit import AuditLog
+from agent.store.entries import AuditEntry
 from shared.policy import DEFAULT_PROTECT_LABELS
 from shared.wirepath import path_fields
 

@@ -17,7 +17,8 @@ from shared.models import TERMINAL_JOB_STATES
 from shared.policy import FINDING_KINDS
 
 if TYPE_CHECKING:
-    from agent.store.audit import AuditLog, VerifyResult
+    from agent.store.audit import AuditLog
+    from agent.store.entries import VerifyResult
 
 # Label values come from the agent, never from the request: a method outside these is
 # counted as "other", a path no route matches as "unmatched" (a route's rule otherwise),

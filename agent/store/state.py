@@ -40,8 +40,9 @@ from datetime import datetime
 from typing import Any
 
 from agent.errors import Conflict, NotFound, TooMany
-from agent.store.audit import canonical_json, format_time, normalize_json_object, parse_time
+from agent.store.entries import format_time, normalize_json_object, parse_time
 from agent.store.sqlite import SqliteFile
+from shared.auditchain import canonical_json
 
 __all__ = [
     "ACTIVE_JOB_STATES",

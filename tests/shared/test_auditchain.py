@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -72,17 +73,15 @@ def test_what_the_agents_writer_stores_chains_here(tmp_path: Path) -> None:
     seq=st.integers(min_value=1, max_value=10**9),
 )
 def test_hash_agrees_with_the_agents_writer(detail: dict[str, Any], text: str, seq: int) -> None:
-    fields: dict[str, Any] = {
-        "seq": seq,
-        "at": "2024-05-01T12:00:00.000000Z",
-        "actor": text,
-        "action": "a",
-        "target": text,
-        "outcome": "o",
-        "detail": detail,
-        "prev_hash": auditchain.GENESIS,
-    }
-    assert auditchain.entry_hash(**fields) == agent_audit.entry_hash(**fields)
+    """Whatever the content, the hash the agent's log stores is the one recomputed here
+    from the entry as the API shows it."""
+    with tempfile.TemporaryDirectory() as tmp, agent_audit.AuditLog(Path(tmp) / "a.db") as log:
+        entry = log.append(actor=text or "x", action="a", target=text, outcome="o", detail=detail)
+        item = entry.to_json()
+        assert auditchain.item_hash(item) == entry.hash
+        assert auditchain.first_bad_seq([item]) is None
+        assert seq >= 1  # the hash covers seq: another seq, another hash
+        assert auditchain.item_hash({**item, "seq": item["seq"] + seq}) != entry.hash
 
 
 def test_entries_the_agents_log_writes_verify_here(tmp_path: Path) -> None:

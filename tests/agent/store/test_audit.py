@@ -22,15 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.store.audit import (
-    GENESIS,
-    AuditCorrupt,
-    AuditEntry,
-    AuditLog,
-    canonical_json,
-    entry_hash,
-    format_time,
-)
+from agent.store.audit import AuditCorrupt, AuditLog
+from agent.store.entries import AuditEntry, format_time
+from shared.auditchain import GENESIS, canonical_json, entry_hash
 
 REPO = Path(__file__).resolve().parents[3]
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
