@@ -18,6 +18,8 @@ import yaml
 
 from agent import __version__
 from agent.config import SCOPES, AgentConfig, ConfigError, load_config
+from agent.domain.inventory import resolve_roots
+from agent.domain.paths import PathMap
 from agent.http.auth import hash_token, new_token
 from agent.http.gunicorn import use_problem_pages
 from agent.http.worker import buffering_worker
@@ -206,6 +208,8 @@ def check_config(config_path: str | None) -> None:
         },
         "tokens": [{"id": t.id, "scopes": sorted(t.scopes)} for t in config.tokens],
         "roots": list(config.roots) or "(the Docker data root)",
+        # a root through a symlink is resolved once at start: the agent acts under this
+        "roots_resolved": dict(resolve_roots(config.roots, PathMap(config.host_prefix))[1]),
         "state_dir": config.state_dir,
         "docker_host": config.docker_host,
         "host_prefix": config.host_prefix,

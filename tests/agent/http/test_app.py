@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.agent.http.apphelpers import BOTH, CLEAN, READ, AgentUnderTest, auth, build
-from tests.fakes import make_leak_scenario
+from tests.fakes import DEFAULT_NOW, FakeBtrfs, FakeDocker, LeakScenario, make_leak_scenario
 
 
 @pytest.fixture
@@ -388,16 +388,46 @@ def test_traversal_vectors_get_4xx_and_change_nothing(agent: AgentUnderTest, vec
     assert agent.sc.btrfs.subvolume_paths() == before
 
 
-def test_symlinked_root_is_refused(tmp_path: Path) -> None:
-    # roots resolved without following symlinks out of a root
-    real = tmp_path / "real"
-    real.mkdir()
-    link = tmp_path / "link"
-    link.symlink_to(real)
-    sc = make_leak_scenario()
+def _on_real_paths(tmp_path: Path) -> LeakScenario:
+    """The leak scenario on a fake filesystem mounted at a real folder, so that symlinks
+    made there for real are what the symlink checks meet."""
+    vol = tmp_path / "volume1"
+    (vol / "docker").mkdir(parents=True)
+    fs = FakeBtrfs(now=DEFAULT_NOW)
+    filesystem = fs.add_filesystem(mount=str(vol))
+    fs.create_subvolume(f"{vol}/docker")
+    docker = FakeDocker(btrfs=fs, data_root=f"{vol}/docker")
+    leaked = docker.add_volume(created_at=DEFAULT_NOW - timedelta(days=3))
+    fs.create_subvolume(f"{leaked.mountpoint}/btrfs/subvolumes/{'a' * 64}")
+    return LeakScenario(  # only what these tests read
+        **{**make_leak_scenario().__dict__, "btrfs": fs, "docker": docker,
+           "fs_uuid": filesystem.uuid, "data_root": f"{vol}/docker",
+           "dind_volume": leaked.name, "dind_mountpoint": leaked.mountpoint},
+    )  # fmt: skip
+
+
+def test_a_root_through_a_symlink_is_resolved_once(tmp_path: Path) -> None:
+    sc = _on_real_paths(tmp_path)
+    link = tmp_path / "packages-docker"
+    link.symlink_to(sc.data_root)  # DSM 7: /var/packages/ContainerManager/var/docker
     a = build(tmp_path / "s", sc, roots=[str(link)])
+    assert a.get("/v1/host").get_json()["roots"] == [sc.data_root]  # the real path
+    r = a.client.delete(f"/v1/volumes/{sc.dind_volume}", headers=auth(CLEAN))
+    assert r.status_code == 200, r.get_json()
+
+
+def test_a_symlink_inside_a_root_is_refused(tmp_path: Path) -> None:
+    sc = _on_real_paths(tmp_path)
+    volumes = Path(sc.data_root) / "volumes"
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / sc.dind_volume / "_data").mkdir(parents=True)
+    volumes.mkdir(parents=True, exist_ok=True)
+    (volumes / sc.dind_volume).symlink_to(elsewhere / sc.dind_volume)
+    a = build(tmp_path / "s", sc)
     r = a.client.delete(f"/v1/volumes/{sc.dind_volume}?dry_run=false", headers=auth(CLEAN))
-    is_problem(r, 409, "outside_roots")
+    body = is_problem(r, 409, "outside_roots")
+    assert "symbolic link" in body["detail"]
+    assert sc.btrfs.calls_to("subvolume delete") == []
 
 
 # -- plans and jobs ------------------------------------------------------------------------
