@@ -9,6 +9,7 @@ taken for it (``fresh_snapshot``); the kept pages of a listing are never used to
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import platform
 import threading
@@ -28,6 +29,7 @@ from agent.host.records import DockerInfo
 from shared.policy import DEFAULT_MIN_AGE_SECONDS, DEFAULT_PROTECT_LABELS, FINDING_KINDS
 
 Clock = Callable[[], datetime]
+log = logging.getLogger("nas_janitor.agent.inventory")
 
 # How long the pages after the first of a subvolume listing reuse the first page's
 # snapshot (seconds).
@@ -36,6 +38,23 @@ PAGE_SNAPSHOT_SECONDS = 30.0
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def resolve_roots(roots: Sequence[str], pathmap: PathMap) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The roots with every symlink on their way resolved (host paths), and which were
+    resolved (configured path -> real path). A root whose real path lies outside the
+    host's view (under a prefix the agent cannot see) is kept as configured: everything
+    under it is then refused as reached through a symlink."""
+    out: list[str] = []
+    links: dict[str, str] = {}
+    for root in roots:
+        real = pathmap.to_host(os.path.realpath(pathmap.to_local(root)))
+        if real is None or real == root:
+            out.append(root)
+            continue
+        links[root] = real
+        out.append(real)
+    return tuple(dict.fromkeys(out)), links
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,13 @@ class Inventory:
         self.docker = docker
         self.clock = clock
         self.pathmap = PathMap(config.host_prefix)
+        # A configured root reached through a symlink (DSM 7's
+        # /var/packages/ContainerManager/var/docker -> /volume1/@docker) is resolved once,
+        # here: the agent acts under, and reports, the real path. A symlink on the way
+        # from a root to a target stays refused (agent.domain.safety).
+        self.roots, self.root_links = resolve_roots(config.roots, self.pathmap)
+        for link, real in self.root_links.items():
+            log.warning("root %s is a symbolic link: acting under its real path %s", link, real)
         self._fs_cache: dict[str, tuple[str, str | None]] = {}
         # A subvolume's creation time never changes: keep it by (filesystem, subvolume
         # uuid), so a listing asks the kernel once per subvolume, not once per request.
@@ -97,7 +123,7 @@ class Inventory:
             self.btrfs,
             self.docker,
             now=self.clock(),
-            roots=self.config.roots,
+            roots=self.roots,
             pathmap=self.pathmap,
             fs_cache=self._fs_cache,
         )
@@ -150,7 +176,7 @@ class Inventory:
             rmdir_deletes_subvolumes=self.btrfs.rmdir_deletes_subvolumes(),
             btrfs_progs_version=self.btrfs.version(),
             docker=info,
-            roots=tuple(self.config.roots or (info.data_root,)),
+            roots=tuple(self.roots or (info.data_root,)),
         )
 
     def filesystems(self) -> list[FsView]:
