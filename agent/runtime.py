@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from agent.clean.deletes import ActionHook, Deletes
 from agent.clean.executor import Executor
 from agent.clean.jobs import Jobs
+from agent.clean.pending import PendingSpace
 from agent.clean.planner import Planner
 from agent.clean.qgroups import QgroupSweeper
 from agent.config import AgentConfig
@@ -70,6 +71,7 @@ class Runtime:
     jobs: Jobs
     audit: AuditLog
     state: StateStore
+    pending: PendingSpace
 
 
 def build_runtime(
@@ -94,10 +96,12 @@ def build_runtime(
     audit = AuditLog(os.path.join(config.state_dir, "audit.db"))
     state = StateStore(os.path.join(config.state_dir, "state.db"))
     sweeper = QgroupSweeper(executor, audit)
+    pending = PendingSpace(backends.btrfs, inventory.local_mount)
     jobs = Jobs(
         inventory,
         executor,
         sweeper,
+        pending=pending,
         audit=audit,
         state=state,
         on_action=on_action,
@@ -115,7 +119,7 @@ def build_runtime(
         backends=backends,
         inventory=inventory,
         executor=executor,
-        deletes=Deletes(inventory, executor, audit, sweeper, on_action=on_action),
+        deletes=Deletes(inventory, executor, audit, sweeper, pending, on_action=on_action),
         planner=Planner(
             inventory,
             state,
@@ -126,4 +130,5 @@ def build_runtime(
         jobs=jobs,
         audit=audit,
         state=state,
+        pending=pending,
     )

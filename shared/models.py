@@ -172,6 +172,7 @@ class Deleted:
     id: int
     path: str
     path_b64: str | None = None
+    bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ class Job:
     reclaimed_bytes: int
     started_at: datetime | None
     finished_at: datetime | None
+    pending_bytes: int | None = None
 
     @property
     def finished(self) -> bool:

@@ -200,6 +200,11 @@ class DeletedSchema(Base):
     id = fields.Integer(required=True)
     path = fields.String(required=True)
     path_b64 = fields.String(allow_none=True, load_default=None, metadata=PATH_B64)
+    bytes = fields.Integer(
+        allow_none=True,
+        load_default=None,
+        metadata={"description": "its exclusive size when deleted (null: quotas off)"},
+    )
 
 
 class DeleteResultSchema(Base):
@@ -294,6 +299,15 @@ class JobSchema(Base):
     progress = fields.Nested(ProgressSchema, required=True)
     results = fields.List(fields.Nested(ActionResultSchema), required=True)
     reclaimed_bytes = fields.Integer(required=True)
+    pending_bytes = fields.Integer(
+        allow_none=True,
+        load_default=None,
+        metadata={
+            "description": "of what the job deleted, the bytes the kernel has not freed "
+            "yet (its cleaner drops deleted subvolumes in the background); null when not "
+            "known"
+        },
+    )
     started_at = fields.DateTime(required=True, allow_none=True)
     finished_at = fields.DateTime(required=True, allow_none=True)
 

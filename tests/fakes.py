@@ -47,7 +47,7 @@ import posixpath
 import re
 import threading
 import uuid as uuidlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -192,6 +192,7 @@ class FakeFilesystem:
     generation: int = 7
     next_id: int = FIRST_ID
     pending_free_bytes: int = 0  # deleted but not cleaned yet (``lazy_free``)
+    dropping: set[int] = field(default_factory=set)  # their ids: root items still there
     subvolumes: dict[int, FakeSubvolume] = field(default_factory=dict)
     by_path: dict[str, int] = field(default_factory=dict)
     directories: set[str] = field(default_factory=set)  # plain folders, top-level-relative
@@ -688,7 +689,14 @@ class FakeBtrfs:
 
     def sync(self, mount: str) -> None:
         with self._lock:
-            self._fs_for("subvolume sync", mount).pending_free_bytes = 0
+            fs = self._fs_for("subvolume sync", mount)
+            fs.pending_free_bytes = 0
+            fs.dropping.clear()
+
+    def still_dropping(self, mount: str, ids: Collection[int]) -> set[int]:
+        with self._lock:
+            fs = self._resolve(mount)[0]  # a tree search: no process
+            return fs.dropping & set(ids)
 
     def commit(self, mount: str) -> None:
         with self._lock:
@@ -812,6 +820,7 @@ class FakeBtrfs:
         ]
         if self.lazy_free:
             fs.pending_free_bytes += sub.exclusive_bytes
+            fs.dropping.add(sub.id)
         if fs.quota_enabled and not self.kernel_drops_qgroups():
             # The cleaner frees the extents; the qgroup stays, counting nothing.
             fs.stale_qgroups[sub.id] = Qgroup(sub.id, 0, 0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.clean.executor import ExecResult, Executor
+from agent.clean.pending import PendingSpace
 from agent.clean.qgroups import QgroupSweeper
 from agent.domain.inventory import Inventory
 from agent.domain.plans import Deleted
@@ -51,7 +52,7 @@ class DeleteAnswer:
 
 
 def deleted_json(items: Sequence[Deleted]) -> list[dict[str, Any]]:
-    return [{"id": d.id, **path_fields(d.path)} for d in items]
+    return [{"id": d.id, **path_fields(d.path), "bytes": d.bytes} for d in items]
 
 
 # Faults of the agent's own stores: an action that meets one is neither done nor failed
@@ -150,6 +151,7 @@ class Deletes:
         executor: Executor,
         audit: AuditLog,
         sweeper: QgroupSweeper,
+        pending: PendingSpace,
         *,
         on_action: ActionHook = lambda op, outcome, size: None,
     ) -> None:
@@ -157,6 +159,7 @@ class Deletes:
         self.executor = executor
         self.audit = audit
         self.sweeper = sweeper
+        self.pending = pending
         self._on_action = on_action
 
     def subvolume(self, fs_uuid: str, sub_id: int, *, dry_run: bool, actor: str) -> DeleteAnswer:
@@ -263,6 +266,7 @@ class Deletes:
             )
         fs = snap.filesystems.get(ds.fs_uuid)
         if fs is not None and res.deleted:
+            self.pending.add(fs.uuid, res.deleted)
             self.sweeper.after_delete(
                 fs_uuid=fs.uuid,
                 mount=fs.local_mount,

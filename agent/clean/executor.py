@@ -176,7 +176,7 @@ class Executor:
                 for res in self.btrfs.delete(list(by_path)):
                     sv = by_path.get(res.path)
                     if res.ok and sv is not None:
-                        run.deleted.append(Deleted(sv.id, sv.path))
+                        run.deleted.append(Deleted(sv.id, sv.path, sv.exclusive_bytes))
                     elif not res.ok:
                         where = sv.path if sv is not None and sv.path else res.path
                         run.fail(where, res.error or "failed")

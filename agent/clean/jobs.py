@@ -29,9 +29,10 @@ from typing import Any
 
 from agent.clean.deletes import STORE_FAULTS, ActionHook, audited_run
 from agent.clean.executor import Executor
+from agent.clean.pending import PendingSpace, pending_bytes
 from agent.clean.qgroups import QgroupSweeper
 from agent.domain.inventory import Inventory
-from agent.domain.plans import Action, ActionResult, Deleted, Plan, job_state
+from agent.domain.plans import Action, ActionResult, Plan, job_state
 from agent.domain.safety import (
     DeleteSet,
     plan_folder_delete,
@@ -72,6 +73,7 @@ class JobView:
     results: tuple[ActionResult, ...]
     started_at: datetime | None
     finished_at: datetime | None
+    pending_bytes: int | None = None  # of what it deleted, what the kernel has not freed
 
     @property
     def reclaimed_bytes(self) -> int:
@@ -90,6 +92,7 @@ class Jobs:
         executor: Executor,
         sweeper: QgroupSweeper,
         *,
+        pending: PendingSpace,
         audit: AuditLog,
         state: StateStore,
         on_action: ActionHook = lambda op, outcome, size: None,
@@ -98,6 +101,7 @@ class Jobs:
         self.inventory = inventory
         self.executor = executor
         self.sweeper = sweeper
+        self.pending = pending
         self.audit = audit
         self.state = state
         self._on_action = on_action
@@ -115,6 +119,7 @@ class Jobs:
     def _view(self, stored: StoredJob) -> JobView:
         results = tuple(ActionResult.from_json(r.body) for r in self.state.results(stored.id))
         return JobView(
+            pending_bytes=self._pending(stored.plan_id, results),
             id=stored.id,
             plan_id=stored.plan_id,
             state=stored.state,
@@ -124,6 +129,18 @@ class Jobs:
             started_at=_time(stored.body.get("started_at")),
             finished_at=_time(stored.body.get("finished_at")),
         )
+
+    def _pending(self, plan_id: str, results: tuple[ActionResult, ...]) -> int | None:
+        deleted = [r for r in results if r.deleted]
+        if not deleted:
+            return 0
+        stored = self.state.get_plan(plan_id)
+        if stored is None:
+            return None
+        plan = Plan.from_json(stored.body)
+        fs_of = {a.seq: a.filesystem_uuid for a in plan.actions}
+        pairs = [(fs_of.get(r.seq) or "", d) for r in deleted for d in r.deleted]
+        return pending_bytes(self.executor.btrfs, self.inventory.local_mount, pairs)
 
     # -- applying ------------------------------------------------------------------------
     def apply(self, plan_id: str, *, idempotency_key: str | None, actor: str) -> str:
@@ -357,6 +374,7 @@ class Jobs:
                 return ActionResult(action.seq, outcome, f"{exc.code}: {exc.detail}")
         fs = snap.filesystems.get(checked.fs_uuid)
         if fs is not None and res.deleted:
+            self.pending.add(fs.uuid, res.deleted)
             self.sweeper.after_delete(
                 fs_uuid=fs.uuid,
                 mount=fs.local_mount,
@@ -371,7 +389,7 @@ class Jobs:
             outcome="deleted" if res.ok else "failed",
             detail=detail,
             reclaimed_bytes=res.reclaimed_bytes,
-            deleted=tuple(Deleted(d.id, d.path) for d in res.deleted),
+            deleted=res.deleted,
         )
 
     # -- start-up --------------------------------------------------------------------------

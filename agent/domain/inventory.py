@@ -144,6 +144,17 @@ class Inventory:
             self._paged = (now, snap)
         return snap
 
+    def local_mount(self, fs_uuid: str) -> str | None:
+        """Where this process sees filesystem ``fs_uuid`` (a mount of its top level when
+        there is one), without a snapshot; None when it was never seen."""
+        found: str | None = None
+        for m in self.btrfs.mounts():
+            if m.fstype == "btrfs" and self._fs_cache.get(m.source, (None, None))[0] == fs_uuid:
+                if m.root == "/":
+                    return m.mountpoint
+                found = found or m.mountpoint
+        return found
+
     def forget_kept(self) -> None:
         """Something changed: drop what is kept between requests."""
         with self._lock:

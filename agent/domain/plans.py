@@ -204,6 +204,7 @@ def build_plan(
 class Deleted:
     id: int
     path: str | None
+    bytes: int | None = None  # its exclusive size when deleted (None: quotas off)
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class ActionResult:
             "outcome": self.outcome,
             "detail": self.detail,
             "reclaimed_bytes": self.reclaimed_bytes,
-            "deleted": [{"id": d.id, "path": d.path} for d in self.deleted],
+            "deleted": [{"id": d.id, "path": d.path, "bytes": d.bytes} for d in self.deleted],
         }
 
     @classmethod
@@ -237,7 +238,10 @@ class ActionResult:
             outcome=str(data["outcome"]),
             detail=str(data.get("detail") or ""),
             reclaimed_bytes=data.get("reclaimed_bytes"),
-            deleted=tuple(Deleted(int(d["id"]), d.get("path")) for d in data.get("deleted") or ()),
+            deleted=tuple(
+                Deleted(int(d["id"]), d.get("path"), d.get("bytes"))
+                for d in data.get("deleted") or ()
+            ),
         )
 
 

@@ -10,7 +10,7 @@ Docker object.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -77,6 +77,10 @@ class Btrfs(Protocol):
     def delete(self, paths: Sequence[str]) -> list[DeleteResult]:
         """``btrfs subvolume delete`` for a whole batch in one process. The caller
         orders it (children first); the result says what happened to each path."""
+
+    def still_dropping(self, mount: str, ids: Collection[int]) -> set[int]:
+        """Which of the deleted subvolumes ``ids`` the kernel's cleaner has not dropped
+        yet: their space is not free yet."""
 
     def commit(self, mount: str) -> None:
         """Commit the filesystem's transaction now (what ``btrfs filesystem sync`` does):

@@ -31,7 +31,7 @@ import shutil
 import signal
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable, HostMountsUnavailable
@@ -263,6 +263,9 @@ class BtrfsTool:
 
     def created_at(self, path: str) -> datetime | None:
         return self._ioctls.created_at(path)
+
+    def still_dropping(self, mount: str, ids: Collection[int]) -> set[int]:
+        return self._ioctls.still_dropping(_arg(mount), ids)
 
     def default_subvolume(self, mount: str) -> int:
         out = self._output(["subvolume", "get-default", _arg(mount)])

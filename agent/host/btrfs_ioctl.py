@@ -23,6 +23,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Collection
 from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable
@@ -259,6 +260,23 @@ class Ioctls:
                 listing.page,
             )
             return listing.records(fs.ino_lookup)
+
+    def still_dropping(self, mount: str, ids: Collection[int]) -> set[int]:
+        """Which of the deleted subvolumes ``ids`` the kernel is still cleaning (their
+        root item stays until the cleaner has freed their space): a search of the root
+        tree over their id range only."""
+        if not ids:
+            return set()
+        with _Fs(mount) as fs:
+            listing = RootTree()
+            self._walk(
+                fs,
+                tree.ROOT_TREE_OBJECTID,
+                (min(ids), tree.ROOT_ITEM_KEY, 0),
+                (max(ids), tree.ROOT_BACKREF_KEY, _U64_MAX),
+                listing.page,
+            )
+            return listing.dropping() & set(ids)
 
     def qgroups(self, mount: str) -> QgroupReport | None:
         """Every level-0 qgroup by subvolume id (stale ones included) and the quota

@@ -127,6 +127,11 @@ class RootTree:
             raise TreeFormatError(f"search result truncated: {pos} of {len(data)} bytes")
         return (objectid, kind, offset)
 
+    def dropping(self) -> set[int]:
+        """Ids with a root item and no backref: subvolumes deleted whose space the
+        kernel's cleaner has not given back yet (what ``btrfs subvolume list -d`` lists)."""
+        return set(self._roots) - set(self._backrefs)
+
     def paths(self, lookup: LookupFn) -> dict[int, bytes | None]:
         """The path of every listed subvolume, relative to the top level, as bytes,
         by id. ``lookup`` is asked once per (tree, directory) whose tree's path is

@@ -67,6 +67,7 @@ def create_app(
         on_job_end=metrics.count_job,
     )
     metrics.watch_findings(lambda: [wire.finding(f) for f in rt.inventory.findings()])
+    metrics.watch_pending(rt.pending.bytes_by_filesystem)
     broken = check_continuity(rt.audit, rt.state)
     if broken is not None:
         log.error("audit log refused, no mutation until it is back: %s", broken)

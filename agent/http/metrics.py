@@ -30,6 +30,24 @@ def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "other"
 
 
+class PendingCollector(Collector):
+    """``nas_janitor_pending_bytes{filesystem}``: what the agent deleted and the kernel
+    has not freed yet (asked about those subvolumes only, at each scrape)."""
+
+    def __init__(self, compute: Callable[[], dict[str, int]]) -> None:
+        self._compute = compute
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "nas_janitor_pending_bytes",
+            "Bytes the agent deleted that the kernel's cleaner has not freed yet",
+            labels=["filesystem"],
+        )
+        for fs_uuid, size in sorted(self._compute().items()):
+            gauge.add_metric([fs_uuid], size)
+        yield gauge
+
+
 class FindingsCollector(Collector):
     def __init__(self, compute: Callable[[], list[dict[str, Any]]]) -> None:
         self._compute = compute
@@ -128,6 +146,9 @@ class Metrics:
 
     def watch_findings(self, compute: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(FindingsCollector(compute))
+
+    def watch_pending(self, compute: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(PendingCollector(compute))
 
     def init_app(self, app: Flask) -> None:
         @app.before_request

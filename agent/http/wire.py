@@ -149,6 +149,7 @@ def job(j: JobView) -> dict[str, Any]:
         "progress": {"done": j.done, "total": j.total},
         "results": [action_result(r) for r in j.results],
         "reclaimed_bytes": j.reclaimed_bytes,
+        "pending_bytes": j.pending_bytes,
         "started_at": j.started_at,
         "finished_at": j.finished_at,
     }

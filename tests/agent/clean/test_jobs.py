@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.errors import ToolFailed
 from tests.agent.http.apphelpers import AgentUnderTest, auth, build
@@ -353,3 +354,31 @@ def test_an_orphan_changed_within_the_floor_is_skipped_at_apply(tmp_path: Path) 
     (result,) = run(agent, p["id"])["results"]
     assert result["outcome"] == "skipped" and result["detail"].startswith("too_young:")
     assert sc.btrfs.exists(sc.orphan_layer)
+
+
+# --------------------------------------------------------------------------- deleted, not freed
+
+
+def pending_metric(agent: AgentUnderTest, fs_uuid: str) -> float | None:
+    text = agent.get("/metrics").get_data(as_text=True)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nas_janitor_pending_bytes" and sample.labels == {
+                "filesystem": fs_uuid
+            }:
+                return float(sample.value)
+    return None
+
+
+def test_a_job_says_what_is_deleted_but_not_freed_yet(agent: AgentUnderTest) -> None:
+    sc = agent.sc
+    sc.btrfs.lazy_free = True  # the kernel's cleaner gives the space back later
+    job = run(agent, plan(agent, kinds=["dind-volume"])["id"])
+    assert job["state"] == "succeeded"
+    assert job["reclaimed_bytes"] > 0
+    assert job["pending_bytes"] == job["reclaimed_bytes"]  # nothing freed yet
+    assert pending_metric(agent, sc.fs_uuid) == job["pending_bytes"]
+    sc.btrfs.sync(sc.mount)  # the cleaner is done
+    assert agent.get(f"/v1/jobs/{job['id']}").get_json()["pending_bytes"] == 0
+    assert pending_metric(agent, sc.fs_uuid) == 0  # freed: said once, then forgotten
+    assert pending_metric(agent, sc.fs_uuid) is None
