@@ -56,6 +56,7 @@ class AgentRun:
             failed=job.count("failed") if job else 0,
             reclaimable_bytes=self.plan.reclaimable_bytes if self.plan else None,
             reclaimed_bytes=job.reclaimed_bytes if job else 0,
+            pending_bytes=job.pending_bytes if job else None,
             audit_ok=audit_ok,
         )
 
@@ -68,9 +69,11 @@ def run_agent(
     job_timeout: float,
     poll: float,
     on_progress: ProgressFn | None = None,
+    freed_timeout: float = 0.0,
 ) -> AgentRun:
     """Findings, a plan under ``policy``, and unless ``apply`` is false, the plan applied
-    and waited for. A plan with no action is not applied."""
+    and waited for (and then, up to ``freed_timeout``, the space it deleted freed). A
+    plan with no action is not applied."""
     run = AgentRun(agent=client.name, reachable=False)
     try:
         run = AgentRun(agent=client.name, findings=tuple(client.findings()))
@@ -81,7 +84,13 @@ def run_agent(
     if not (apply and plan.actions):
         return run
     return _apply_and_wait(
-        client, run, plan, job_timeout=job_timeout, poll=poll, on_progress=on_progress
+        client,
+        run,
+        plan,
+        job_timeout=job_timeout,
+        poll=poll,
+        on_progress=on_progress,
+        freed_timeout=freed_timeout,
     )
 
 
@@ -113,6 +122,7 @@ def _apply_and_wait(
     job_timeout: float,
     poll: float,
     on_progress: ProgressFn | None,
+    freed_timeout: float = 0.0,
 ) -> AgentRun:
     last: Job | None = None
 
@@ -125,6 +135,8 @@ def _apply_and_wait(
     try:
         started = client.apply_plan(plan.id)
         job = client.wait_job(started.job_id, poll=poll, timeout=job_timeout, on_progress=seen)
+        if freed_timeout > 0:
+            job = client.wait_freed(job, poll=poll, timeout=freed_timeout)
     except ControllerError as exc:
         # Keep the last state seen: it says what was done before the agent was lost.
         return replace(run, job=last, error=exc)

@@ -52,6 +52,7 @@ from controller.errors import (
     AgentUnreachable,
     AnswerTooLarge,
     ConfigError,
+    ControllerError,
     DeadlineExceeded,
     JobTimeout,
     ProtocolError,
@@ -431,6 +432,25 @@ class AgentClient:
                     )
                 raise JobTimeout(self.name, f"{state} after {timeout:g}s", job=job)
             self._sleep(min(poll, remaining))
+
+    def wait_freed(self, job: Job, *, poll: float = 2.0, timeout: float = 300.0) -> Job:
+        """After a job: poll it until the kernel has freed what it deleted
+        (``pending_bytes`` 0), for at most ``timeout`` seconds (and never past the
+        ``time_limit``); the last state seen, pending or not. An agent that does not say
+        (``pending_bytes`` null) is not waited for."""
+        deadline = self._clock() + timeout
+        if self._limit_end is not None:
+            deadline = min(deadline, self._limit_end)
+        while job.pending_bytes:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return job
+            self._sleep(min(poll, remaining))
+            try:
+                job = self.get_job(job.id)
+            except ControllerError:
+                return job  # the deletes are done; only the wait is cut short
+        return job
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@
       job: 3600                 # waiting for one agent's job to finish (default 3600)
       agent: 4500               # all a command does with one agent (default job + 900)
       poll: 2                   # between two looks at a running job (default 2)
+      freed: 300                # after a job, waiting for the kernel to free what it
+                                # deleted (0: do not wait; default 300)
       notify: 10                # one notification, whole (default 10)
     limits:
       answer_bytes: 16777216    # the largest answer read from an agent (default 16 MiB)
@@ -80,6 +82,7 @@ class Timeouts:
     agent: float = 3600.0 + AGENT_TIME_OVER_JOB
     poll: float = 2.0
     notify: float = 10.0
+    freed: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,10 @@ class _TimeoutsSchema(_Strict):
     agent = fields.Float(validate=_positive("agent"))  # default: job + AGENT_TIME_OVER_JOB
     poll = fields.Float(load_default=Timeouts.poll, validate=_positive("poll"))
     notify = fields.Float(load_default=Timeouts.notify, validate=_positive("notify"))
+    freed = fields.Float(
+        load_default=Timeouts.freed,
+        validate=validate.Range(min=0, error="freed must be >= 0"),
+    )
 
 
 class _LimitsSchema(_Strict):

@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS run_agents (
     reclaimable_bytes INTEGER,
     reclaimed_bytes INTEGER NOT NULL DEFAULT 0,
     audit_ok INTEGER,
+    pending_bytes INTEGER,
     PRIMARY KEY (run_id, agent)
 );
 CREATE TABLE IF NOT EXISTS plans (
@@ -139,6 +140,13 @@ class AuditEvent:
     detail: str
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Columns added since a store was made (kept on a volume from run to run)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(run_agents)")}
+    if "pending_bytes" not in have:
+        conn.execute("ALTER TABLE run_agents ADD COLUMN pending_bytes INTEGER")
+
+
 @dataclass(frozen=True)
 class AgentRunRecord:
     """One agent's part of a run, as ``run_agents`` keeps it."""
@@ -159,6 +167,7 @@ class AgentRunRecord:
     reclaimable_bytes: int | None = None
     reclaimed_bytes: int = 0
     audit_ok: bool | None = None
+    pending_bytes: int | None = None  # of what was deleted, not freed yet when it ended
 
 
 @dataclass(frozen=True)
@@ -217,6 +226,7 @@ class Store:
                 )
             with conn:
                 conn.executescript(_SCHEMA)
+                _add_missing_columns(conn)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the store: {exc}", where=str(target)) from exc

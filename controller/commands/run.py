@@ -101,6 +101,13 @@ def show_summary(
     session.out.print(table(title, SUMMARY_COLUMNS, summary_rows(records)))
     total = sum(r.reclaimed_bytes for r in records)
     session.out.print(f"reclaimed in all: {bytes_exact(total)}", highlight=False)
+    for r in records:
+        if r.pending_bytes:
+            session.out.print(
+                f"{r.agent}: {bytes_exact(r.pending_bytes)} deleted but not freed yet "
+                "(the kernel frees it in the background)",
+                highlight=False,
+            )
 
 
 def run_outcomes(
@@ -121,6 +128,7 @@ def run_outcomes(
             job_timeout=timeouts.job,
             poll=timeouts.poll,
             on_progress=progress.for_agent(client.name),
+            freed_timeout=timeouts.freed,
         )
         if not _worth_auditing(run):
             return run, None

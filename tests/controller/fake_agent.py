@@ -88,6 +88,9 @@ class FakeAgent:
         self.page_limit_cap: int | None = None  # answer shorter pages than asked
         self.extra_fields = False  # add fields the contract may grow
         self.jobs_stuck = False  # jobs never move
+        # after a job ends: how many more looks at it still find its space not freed
+        # (None: the agent does not say, as one before pending_bytes)
+        self.freed_after_looks: int | None = 0
         self.t0 = T0  # time of the first audit entry; one second more for each next one
         self._ids = itertools.count(256)
         self._plan_ids = itertools.count(1)
@@ -287,7 +290,7 @@ class FakeAgent:
                 if jid not in self.jobs:
                     return problem(404, "not_found", f"no job {jid}")
                 self.step(jid)
-                return ok(self.jobs[jid])
+                return ok({k: v for k, v in self.jobs[jid].items() if k != "looks_to_free"})
             case "GET", ["audit"]:
                 after = int(q.get("after_seq", "0"))
                 limit = int(q.get("limit", "500"))
@@ -471,7 +474,10 @@ class FakeAgent:
     def step(self, jid: str) -> None:
         """One action per look at the job."""
         job = self.jobs[jid]
-        if self.jobs_stuck or job["state"] in ("succeeded", "partial", "failed", "interrupted"):
+        if job["state"] in ("succeeded", "partial", "failed", "interrupted"):
+            self._free(job)
+            return
+        if self.jobs_stuck:
             return
         if job["state"] == "queued":
             job["state"], job["started_at"] = "running", "2024-05-01T12:00:01Z"
@@ -491,6 +497,17 @@ class FakeAgent:
             else:
                 job["state"] = "succeeded"
             job["finished_at"] = "2024-05-01T12:00:09Z"
+            job["looks_to_free"] = self.freed_after_looks
+            self._free(job)
+
+    def _free(self, job: dict[str, Any]) -> None:
+        """The kernel frees the space a look at a time."""
+        looks = job.get("looks_to_free")
+        if looks is None:
+            job.pop("pending_bytes", None)
+            return
+        job["pending_bytes"] = job["reclaimed_bytes"] if looks > 0 else 0
+        job["looks_to_free"] = looks - 1
 
     def run_action(self, a: dict[str, Any]) -> dict[str, Any]:
         name = a["target"]["name"]

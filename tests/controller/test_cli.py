@@ -228,6 +228,38 @@ def test_run_all_well(make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str])
         assert store.audit_entries("nas1") == fleet.fakes["nas1"].audit
 
 
+def test_run_waits_for_the_space_to_be_freed(
+    make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = make_fleet("nas1")
+    fleet.fakes["nas1"].freed_after_looks = 3  # the kernel frees it three looks later
+    assert fleet.cli("--json", "run") == 0
+    (nas1,) = json.loads(capsys.readouterr().out)["agents"]
+    assert nas1["pending_bytes"] == 0 and nas1["reclaimed_bytes"] > 0
+    with store_of(fleet) as store:
+        assert store.run_agents(1)[0].pending_bytes == 0
+
+
+def test_run_says_what_is_not_freed_when_the_wait_runs_out(
+    make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = make_fleet("nas1", extra={"timeouts": {"poll": 0.001, "job": 30, "freed": 0.05}})
+    fleet.fakes["nas1"].freed_after_looks = 10**9  # a slow cleaner
+    assert fleet.cli("run") == 0  # the deletes are done: not a failure
+    out = capsys.readouterr().out
+    assert "nas1: 3.0 GiB (3222274048) deleted but not freed yet" in out
+    with store_of(fleet) as store:
+        assert store.run_agents(1)[0].pending_bytes == 3222274048
+
+
+def test_run_does_not_wait_on_an_agent_that_does_not_say(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet("nas1")
+    fleet.fakes["nas1"].freed_after_looks = None  # an older agent: no pending_bytes
+    assert fleet.cli("run") == 0
+    with store_of(fleet) as store:
+        assert store.run_agents(1)[0].pending_bytes is None
+
+
 def test_run_dry_run_changes_nothing(
     make_fleet: MakeFleet, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -109,3 +109,17 @@ def test_report_sums_per_agent_per_day(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             store.report(by="week")
         assert store.report(since=clock.now + timedelta(days=1)) == []
+
+
+def test_a_store_made_before_pending_bytes_gets_the_column(tmp_path: Path) -> None:
+    """A k3s store lives on a volume from version to version: an older file opens, and
+    keeps its runs."""
+    path = tmp_path / "old.db"
+    with Store.open(path) as store:
+        run = store.start_run("run", dry_run=False, policy=None)
+        store.add_run_agent(run, AgentRunRecord(agent="nas1", reachable=True, deleted=2))
+    with sqlite3.connect(path) as conn:  # as the store was before the column
+        conn.execute("ALTER TABLE run_agents DROP COLUMN pending_bytes")
+    with Store.open(path) as store:
+        (old,) = store.run_agents(run)
+        assert old.deleted == 2 and old.pending_bytes is None
