@@ -101,8 +101,10 @@ def apply_recorded(
     job_timeout: float,
     poll: float,
     on_progress: ProgressFn | None = None,
+    freed_timeout: float = 0.0,
 ) -> AgentRun:
-    """Apply a plan made earlier (by ``plan``) and wait for its job."""
+    """Apply a plan made earlier (by ``plan``) and wait for its job (and then, up to
+    ``freed_timeout``, the space it deleted freed)."""
     run = AgentRun(agent=client.name, reachable=False)
     try:
         plan = client.get_plan(plan_id)
@@ -110,7 +112,13 @@ def apply_recorded(
         return _failed(run, exc)
     run = AgentRun(agent=client.name, plan=plan)
     return _apply_and_wait(
-        client, run, plan, job_timeout=job_timeout, poll=poll, on_progress=on_progress
+        client,
+        run,
+        plan,
+        job_timeout=job_timeout,
+        poll=poll,
+        on_progress=on_progress,
+        freed_timeout=freed_timeout,
     )
 
 

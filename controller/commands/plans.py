@@ -148,6 +148,7 @@ def apply(session: Session, plan_ids: tuple[str, ...], yes: bool) -> int:
                     job_timeout=timeouts.job,
                     poll=timeouts.poll,
                     on_progress=progress.for_agent(c.name),
+                    freed_timeout=timeouts.freed,
                 ),
             )
     records = []
