@@ -418,3 +418,23 @@ def test_qgroups_say_when_the_numbers_are_inconsistent(
     groups = tool.qgroups(m)
     assert groups is not None and not groups.inconsistent
     assert groups[b_id] == Qgroup(b_id, groups[b_id].referenced, groups[b_id].exclusive)
+
+
+# --------------------------------------------------------------------------- deleted, not freed
+
+
+def test_a_deleted_subvolume_is_dropping_until_the_cleaner_is_done(loop_btrfs: LoopBtrfs) -> None:
+    m = loop_btrfs.mount
+    sh("btrfs", "subvolume", "create", f"{m}/big")
+    for i in range(200):  # some work for the cleaner
+        with open(f"{m}/big/f{i}", "wb") as f:
+            f.write(b"x" * 4096)
+    sh("btrfs", "filesystem", "sync", m)
+    tool = BtrfsTool()
+    (big,) = [r.id for r in tool.list_subvolumes(m) if r.path == "big"]
+    assert tool.still_dropping(m, [big]) == set()  # alive: not being dropped
+    sh("btrfs", "subvolume", "delete", f"{m}/big")  # no commit: the cleaner has not run
+    assert tool.still_dropping(m, [big, big + 1000]) == {big}
+    assert big not in {r.id for r in tool.list_subvolumes(m)}
+    sh("btrfs", "subvolume", "sync", m)  # waits for the cleaner
+    assert tool.still_dropping(m, [big]) == set()
