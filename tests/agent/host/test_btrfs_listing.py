@@ -436,5 +436,5 @@ def test_a_deleted_subvolume_is_dropping_until_the_cleaner_is_done(loop_btrfs: L
     sh("btrfs", "subvolume", "delete", f"{m}/big")  # no commit: the cleaner has not run
     assert tool.still_dropping(m, [big, big + 1000]) == {big}
     assert big not in {r.id for r in tool.list_subvolumes(m)}
-    sh("btrfs", "subvolume", "sync", m)  # waits for the cleaner
+    tool.sync(m)  # commits (which wakes the cleaner), then waits for it
     assert tool.still_dropping(m, [big]) == set()
