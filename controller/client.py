@@ -1,5 +1,4 @@
-"""A typed client for one agent's HTTP API (version 1, ``/work/shared/spec/agent-api.md``
-in the project's spec).
+"""A typed client for one agent's HTTP API (version 1, ``docs/agent-api.md``).
 
     with AgentClient("https://nas1:8443", token=token_from_file(path), ca="ca.pem") as agent:
         plan = agent.create_plan(Policy(min_age_seconds=3600))

@@ -372,7 +372,7 @@ class FullMatch(validate.Regexp):
 
 # A path component: not empty, no "/" or NUL, not "." or "..".
 _COMPONENT = r"([^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)"
-# What ``agent.paths.check_abs`` accepts: "/", or an absolute path in normal form
+# What ``agent.domain.paths.check_abs`` accepts: "/", or an absolute path in normal form
 # (trailing slashes allowed; two leading slashes are kept by POSIX normpath).
 ABSOLUTE_PATH_PATTERN = rf"^(/|//?{_COMPONENT}(/{_COMPONENT})*/*)$"
 

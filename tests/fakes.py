@@ -1,7 +1,9 @@
-"""Stateful fakes of ``agent.backend.Btrfs`` and ``agent.backend.Docker`` for unit tests.
+"""Stateful fakes of ``agent.host.backend.Btrfs`` and ``agent.host.backend.Docker`` for unit
+tests.
 
-They keep state and behave like the real tools as the lab showed them (see
-``/work/shared/lab.md`` and the captures of btrfs-progs output):
+They keep state and behave like the real tools as the lab showed them (the lab tests in
+``tests/lab`` and ``tests/agent`` check the same behaviour on the real ones, and the
+captures of btrfs-progs output in ``tests/agent/captures``):
 
 - ``FakeBtrfs`` holds one or more filesystems, each with its subvolumes (ids from 256,
   parent ids, generations, uuids, read-only flags), quotas on or off, a default subvolume,
@@ -82,7 +84,7 @@ from agent.host.records import (
 TOP_LEVEL = 5  # btrfs' FS_TREE: the top-level subvolume of every filesystem
 FIRST_ID = 256
 
-# Why ``delete`` failed for one path: the reasons ``agent.btrfs`` reads from btrfs' output.
+# Why ``delete`` failed for one path: the reasons ``agent.host.btrfs`` reads from btrfs' output.
 ENOENT = "No such file or directory"
 ENOTEMPTY = "Directory not empty"
 EROFS = "Read-only file system"
@@ -232,7 +234,7 @@ class FakeFilesystem:
 
 
 class FakeBtrfs:
-    """``agent.backend.Btrfs`` over in-memory filesystems.
+    """``agent.host.backend.Btrfs`` over in-memory filesystems.
 
     Switches: ``missing`` (every btrfs process raises ``BtrfsUnavailable``), ``lazy_free``
     (deleted bytes stay used until ``sync``, as on a real filesystem), ``kernel`` (e.g.
@@ -598,7 +600,7 @@ class FakeBtrfs:
         """The argument tuples of every ``op`` process run so far."""
         return [c.args for c in self.calls if c.op == op]
 
-    # ----------------------------------------------------------------- agent.backend.Btrfs
+    # ----------------------------------------------------------------- agent.host.backend.Btrfs
 
     def version(self) -> str:
         self._process("version")
@@ -968,7 +970,7 @@ class FakeContainer:
 
 
 class FakeDocker:
-    """``agent.backend.Docker`` over in-memory images, containers and volumes.
+    """``agent.host.backend.Docker`` over in-memory images, containers and volumes.
 
     Linked to a ``FakeBtrfs`` (``btrfs=fs``), the data root must lie on one of its
     filesystems: volumes get their ``_data`` folder there, images and containers their
@@ -1154,7 +1156,7 @@ class FakeDocker:
         refs = self._own_refs()
         return sorted(f"{self.data_root}/btrfs/subvolumes/{name}" for name in refs.all)
 
-    # ----------------------------------------------------------------- agent.backend.Docker
+    # ----------------------------------------------------------------- agent.host.backend.Docker
 
     def ping(self) -> None:
         self._api("ping")

@@ -1,5 +1,5 @@
-"""The two interfaces the domain depends on. ``agent.btrfs.BtrfsTool`` and
-``agent.dockerd.DockerClient`` implement them for real; the tests' fakes keep state.
+"""The two interfaces the domain depends on. ``agent.host.btrfs.BtrfsTool`` and
+``agent.host.dockerd.DockerClient`` implement them for real; the tests' fakes keep state.
 
 All paths are local paths (as this process sees them). Errors: methods raise
 ``BtrfsUnavailable`` / ``DockerUnavailable`` when the tool or daemon cannot be reached

@@ -81,7 +81,7 @@ class BtrfsTimeout(BtrfsCommandError):
 
 
 class BtrfsTool:
-    """``agent.backend.Btrfs`` on the real system.
+    """``agent.host.backend.Btrfs`` on the real system.
 
     ``proc_root`` and ``sys_root`` let tests point the file-reading parts at fixtures.
     ``timeout`` bounds every command but ``sync``, which waits for the kernel's cleaner
@@ -313,7 +313,7 @@ class BtrfsTool:
         run each path is lstat'ed (missing? a subvolume root, i.e. a directory with inode
         256?) and resolved (realpath); after it, a path that was a subvolume and no longer
         exists was deleted. The messages btrfs printed only supply the reason of the
-        failures (see ``agent.btrfs_parse.delete_results``).
+        failures (see ``agent.host.btrfs_parse.delete_results``).
 
         A path that resolves elsewhere through a symlink is not handed to btrfs (which
         would delete the symlink's target) and fails with the reason. Paths must be

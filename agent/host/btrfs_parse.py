@@ -2,7 +2,7 @@
 
 Every function takes text and returns model values; nothing here runs a process or
 touches a file, so the tests feed them the captured output of both btrfs-progs
-generations (``tests/agent/captures/btrfs-progs/``). ``agent.btrfs`` runs the commands.
+generations (``tests/agent/captures/btrfs-progs/``). ``agent.host.btrfs`` runs the commands.
 
 Output that does not have the expected shape raises :class:`BtrfsParseError`, naming the
 command and the offending line, never a half-parsed result.
@@ -173,7 +173,7 @@ def parse_get_default(stdout: str) -> int:
 # subvolume/snapshot: Directory not empty").
 #
 # So the outcome of each path is decided by the filesystem, not by the text: the caller
-# (agent.btrfs) records what each path was before the batch and whether it is gone after
+# (agent.host.btrfs) records what each path was before the batch and whether it is gone after
 # (``PathFacts``). The messages only supply the reason for the paths that failed:
 # a message naming a path goes to that path; the others go, in order, to the failed paths
 # of their stage: destroy errors to failed paths that were announced on stdout, check

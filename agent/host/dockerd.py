@@ -1,4 +1,4 @@
-"""The real ``agent.backend.Docker``: the Docker Engine API through the Docker SDK.
+"""The real ``agent.host.backend.Docker``: the Docker Engine API through the Docker SDK.
 
 Only this module touches the SDK. Its errors are converted once, in ``_boundary``:
 
@@ -54,7 +54,7 @@ _CONTAINER_IDS = re.compile(r"\[([0-9a-f ,]*)\]")
 
 
 class DockerClient:
-    """``agent.backend.Docker`` over the Docker SDK, talking to ``base_url``
+    """``agent.host.backend.Docker`` over the Docker SDK, talking to ``base_url``
     (``unix:///var/run/docker.sock``, ``tcp://host:2375``) with ``timeout`` seconds
     for each request, ``remove_timeout`` for a volume removal (Docker deletes the
     volume's remaining files before it answers).

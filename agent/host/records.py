@@ -6,7 +6,7 @@ them from the kernel's answers, tool output or the Docker API, the fakes in the 
 build them by hand, and nothing else needs to know where they came from.
 
 Paths in these records are *local* paths, as this process sees them. When the agent
-runs in a container with the host mounted under a prefix, ``agent.paths`` maps them
+runs in a container with the host mounted under a prefix, ``agent.domain.paths`` maps them
 to and from host paths; everything the API shows is a host path.
 """
 

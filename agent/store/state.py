@@ -25,7 +25,7 @@ The ``state`` column is the job's state of record; the store never looks inside
 ``body``, so a ``state`` the domain keeps in the body is not rewritten by
 ``mark_interrupted``.
 
-Durability and concurrency are those of ``agent.sqlite``: WAL with ``synchronous=FULL``,
+Durability and concurrency are those of ``agent.store.sqlite``: WAL with ``synchronous=FULL``,
 every write committed before the method returns, a process-local lock plus
 ``BEGIN IMMEDIATE`` around each read-check-write, so threads and processes sharing the
 file see each write whole or not at all.

@@ -317,7 +317,7 @@ def processes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
         calls.append(list(args))
         return _real_run(args, *a, **kw)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(subprocess, "run", spy)  # the module agent.btrfs calls
+    monkeypatch.setattr(subprocess, "run", spy)  # the module agent.host.btrfs calls
     return calls
 
 

@@ -1,4 +1,4 @@
-"""``agent.dockerd.DockerClient``.
+"""``agent.host.dockerd.DockerClient``.
 
 The first part needs no daemon: payloads as dockerd 20.10 really sent them (captured from
 a lab daemon), Docker's time format, its layer records in a folder, sockets where no

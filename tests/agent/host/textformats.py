@@ -81,7 +81,7 @@ def _uuid_or_none(value: str, what: str, line: str) -> str | None:
 def _list_path(raw: str) -> str:
     # With -a, every path is the full one from the top level, and btrfs-progs prefixes
     # with <FS_TREE>/ those not directly below the listed subvolume. Without -a the paths
-    # below the listed subvolume are relative to it: agent.btrfs always passes -a.
+    # below the listed subvolume are relative to it: agent.host.btrfs always passes -a.
     return raw.removeprefix("<FS_TREE>/")
 
 
