@@ -146,7 +146,10 @@ class Inventory:
 
     def local_mount(self, fs_uuid: str) -> str | None:
         """Where this process sees filesystem ``fs_uuid`` (a mount of its top level when
-        there is one), without a snapshot; None when it was never seen."""
+        there is one); a snapshot is taken only to learn a filesystem not seen before.
+        None when there is no such filesystem."""
+        if fs_uuid not in {u for u, _ in self._fs_cache.values()}:
+            self.take()  # learns every filesystem the agent looks at
         found: str | None = None
         for m in self.btrfs.mounts():
             if m.fstype == "btrfs" and self._fs_cache.get(m.source, (None, None))[0] == fs_uuid:
