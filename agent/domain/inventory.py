@@ -23,7 +23,7 @@ from agent.config import AgentConfig
 from agent.domain.findings import Finding, compute_findings
 from agent.domain.paths import PathMap, PathRefused, check_abs, is_under
 from agent.domain.snapshot import FsView, Snapshot, SubvolView, VolumeView, take_snapshot
-from agent.errors import NotFound, Unavailable, ValidationFailed
+from agent.errors import AgentError, NotFound, Unavailable, ValidationFailed
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import DockerInfo
 from shared.policy import DEFAULT_MIN_AGE_SECONDS, DEFAULT_PROTECT_LABELS, FINDING_KINDS
@@ -149,7 +149,10 @@ class Inventory:
         there is one); a snapshot is taken only to learn a filesystem not seen before.
         None when there is no such filesystem."""
         if fs_uuid not in {u for u, _ in self._fs_cache.values()}:
-            self.take()  # learns every filesystem the agent looks at
+            try:
+                self.take()  # learns every filesystem the agent looks at
+            except AgentError:
+                return None
         found: str | None = None
         for m in self.btrfs.mounts():
             if m.fstype == "btrfs" and self._fs_cache.get(m.source, (None, None))[0] == fs_uuid:
