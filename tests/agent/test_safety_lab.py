@@ -195,6 +195,8 @@ def make_app(lab: Lab, state_dir: Path, btrfs_binary: str = "btrfs", **cfg: Any)
 class Api:
     client: FlaskClient
     lab: Lab
+    plans: list[str] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)
 
     def get(self, url: str, **query: Any) -> Any:
         r = self.client.get(url, query_string=query, headers=auth(BOTH))
@@ -214,12 +216,14 @@ class Api:
         r = self.client.post("/v1/plans", json=policy, headers=auth(CLEAN))
         assert r.status_code == 201, r.get_data(as_text=True)
         body: dict[str, Any] = r.get_json()
+        self.plans.append(body["id"])
         return body
 
     def apply(self, plan: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
         r = self.client.post(f"/v1/plans/{plan['id']}/apply", headers=auth(CLEAN))
         assert r.status_code == 202, r.get_data(as_text=True)
         job_id = r.get_json()["job_id"]
+        self.jobs.append(job_id)
         deadline = time.monotonic() + timeout
         while True:
             job: dict[str, Any] = self.get(f"/v1/jobs/{job_id}")
@@ -262,6 +266,56 @@ class Api:
 
     def audit(self) -> list[dict[str, Any]]:
         return list(self.get("/v1/audit", limit=5000)["items"])
+
+    def walk_every_endpoint(self) -> int:
+        """GET every endpoint the app serves, with every subvolume id, volume name, plan
+        and job it knows; dry-run DELETE every subvolume and volume. Fails on any 5xx.
+        Returns the number of requests."""
+        app = self.client.application
+        fs = self.fs_uuid
+        ids = [s["id"] for s in self.subvolumes()]
+        names = [v["name"] for v in self.get("/v1/volumes")["items"]]
+        fill = {
+            "fs_uuid": [fs],
+            "sub_id": [str(i) for i in ids],
+            "name": names,
+            "plan_id": self.plans,
+            "job_id": self.jobs,
+        }
+        urls: list[str] = []
+        for rule in app.url_map.iter_rules():
+            if "GET" not in (rule.methods or ()) or rule.rule.startswith(("/static", "/docs/")):
+                continue
+            todo = [rule.rule]
+            for arg in rule.arguments:
+                todo = [
+                    u.replace(f"<{conv}:{arg}>", value)
+                    for u in todo
+                    for conv in ("string", "int")
+                    for value in fill[arg]
+                    if f"<{conv}:{arg}>" in u
+                ]
+            urls.extend(todo)
+        urls += [
+            "/v1/findings?min_age_seconds=0",
+            "/v1/findings?min_age_seconds=0&" + "&".join(f"kind={k}" for k in FINDING_KINDS),
+            f"/v1/filesystems/{fs}/subvolumes?limit=1",
+            "/v1/audit?limit=5000",
+        ]
+        asked = 0
+        for url in urls:
+            r = self.client.get(url, headers=auth(BOTH))
+            assert r.status_code < 500, (url, r.status_code, r.get_data(as_text=True))
+            asked += 1
+        for i in ids:
+            r = self.client.delete(f"/v1/filesystems/{fs}/subvolumes/{i}", headers=auth(CLEAN))
+            assert r.status_code < 500, (i, r.status_code, r.get_data(as_text=True))
+            asked += 1
+        for n in names:
+            r = self.client.delete(f"/v1/volumes/{n}", headers=auth(CLEAN))
+            assert r.status_code < 500, (n, r.status_code, r.get_data(as_text=True))
+            asked += 1
+        return asked
 
 
 def refused(answer: tuple[int, Any], code: str, *needles: str) -> None:
@@ -462,3 +516,160 @@ def test_class3_containers_bind_mounts_are_use(
         assert not leak_orphan.exists()
     finally:
         slab.docker("rm", "-f", *names, check=False)
+
+
+# =========================================================================== classes 4-6
+
+
+def listed_right(api: Api, *paths: bytes) -> dict[bytes, dict[str, Any]]:
+    """Each subvolume at ``paths`` is listed by its id with exactly its bytes
+    (``path`` + ``path_b64``); the items by path."""
+    by_id = {s["id"]: s for s in api.subvolumes()}
+    out = {}
+    for p in paths:
+        item = by_id[rootid(p)]
+        assert os.fsencode(from_wire(item["path"], item["path_b64"])) == p, (p, item)
+        try:
+            p.decode("utf-8")
+        except UnicodeDecodeError:
+            assert item["path_b64"] == base64.b64encode(p).decode()
+        else:
+            assert item["path_b64"] is None and item["path"] == p.decode()
+        out[p] = item
+    return out
+
+
+def deleted_paths(items: list[dict[str, Any]]) -> set[bytes]:
+    return {os.fsencode(from_wire(d["path"], d["path_b64"])) for d in items}
+
+
+def audit_shows(api: Api, *, job_id: str) -> list[dict[str, Any]]:
+    entries = [e for e in api.audit() if e["detail"].get("job_id") == job_id]
+    finish = [e for e in api.audit() if e["action"] == "job.finish" and job_id in e["target"]]
+    assert len(finish) == 1, finish
+    assert api.get("/v1/audit/verify")["ok"] is True
+    return entries
+
+
+@pytest.fixture
+def roots_api(slab: Lab, tmp_path: Path, btrfs_binary: str) -> Api:
+    """The agent with its roots covering the filesystem's top level."""
+    app = make_app(slab, tmp_path / "state", btrfs_binary, roots=[str(slab.mnt)])
+    return Api(app.test_client(), slab)
+
+
+@pytest.fixture
+def odd_api(slab: Lab, tmp_path: Path, btrfs_binary: str) -> Api:
+    return Api(make_app(slab, tmp_path / "state", btrfs_binary).test_client(), slab)
+
+
+def test_class4_a_newline_cannot_forge_a_subvolume(
+    slab: Lab, roots_api: Api, guarded: Guarded
+) -> None:
+    """Roots cover the top level. A nested subvolume of a leaked volume whose name holds
+    a newline and a whole ``btrfs subvolume list`` line naming a subvolume outside the
+    volume: listed as itself, planned and deleted as itself (plan, and direct DELETE of
+    another such one); the subvolume it names is untouched; every endpoint answers."""
+    api = roots_api
+    tag = secrets.token_hex(3)
+    precious = subvolume(slab.mnt / f"precious-{tag}")
+    pid = rootid(precious)
+    line = b"ID %d gen 7 top level 5 path precious-%s" % (pid, tag.encode())
+    leak = slab.seed_dind_volume()
+    other = slab.seed_dind_volume()
+    forge = subvolume(os.fsencode(leak.mountpoint / "btrfs" / "subvolumes") + b"/x\n" + line)
+    forge2 = subvolume(os.fsencode(other.mountpoint) + b"/\n" + line + b"\n")
+    outside = subvolume(os.fsencode(slab.mnt) + b"/odd\n" + line)
+    guarded.add(precious, outside)
+    slab.settle()
+    listed_right(api, forge, forge2, outside, precious)
+    assert api.walk_every_endpoint() > 0
+
+    status, body = api.delete_volume(leak.volume, dry_run=True)
+    assert status == 200
+    assert forge in deleted_paths(body["deleted"])
+    assert pid not in {d["id"] for d in body["deleted"]}
+    status, body = api.delete_subvolume(rootid(forge2))
+    assert status == 200, body
+    assert deleted_paths(body["deleted"]) == {forge2}
+    assert not os.path.lexists(forge2)
+
+    plan, job = api.broad()
+    action = action_for(plan, leak.volume)
+    assert action is not None and rootid(precious) not in action["subvolume_ids"]
+    result = result_for(job, plan, leak.volume)
+    assert result["outcome"] == "deleted", result
+    assert forge in deleted_paths(result["deleted"])
+    assert result_for(job, plan, other.volume)["outcome"] == "deleted"
+    assert_dind_gone(slab, leak)
+    assert_dind_gone(slab, other)
+    guarded.assert_intact()
+    audit_shows(api, job_id=job["id"])
+    assert api.walk_every_endpoint() > 0
+
+
+ODD_NAMES = (b"caf\xe9\xff", b"tab\there", b"back\\slash", b"-rf", b"--help", b"\xfe\n\tx\\")
+
+
+def test_class5_names_that_are_not_utf8_and_other_odd_bytes(
+    slab: Lab, odd_api: Api, guarded: Guarded
+) -> None:
+    """Nested subvolumes, orphan layers and an orphan layer folder named with bytes that
+    are not UTF-8, tabs, backslashes, leading dashes: listed with their exact bytes,
+    dry-run and real DELETEs answer (never 500), planned, deleted and audited; a
+    subvolume so named outside every leftover is untouched."""
+    api = odd_api
+    leak = slab.seed_dind_volume()
+    layers = os.fsencode(slab.layer_dir)
+    nested = [
+        subvolume(os.fsencode(leak.mountpoint / "btrfs" / "subvolumes") + b"/" + n)
+        for n in ODD_NAMES
+    ]
+    orphans = [subvolume(layers + b"/" + n) for n in ODD_NAMES]
+    folder = layers + b"/folder-\xff\x01"
+    os.mkdir(folder)
+    with open(folder + b"/\xe9", "wb") as f:
+        f.write(b"left by a copy")
+    outside = subvolume(os.fsencode(slab.mnt) + b"/keep-\xff\n" + secrets.token_hex(3).encode())
+    guarded.add(outside)
+    slab.settle()
+    listed_right(api, *nested, *orphans, outside)
+    assert api.walk_every_endpoint() > 0
+
+    # direct DELETEs, dry run then real, of one nested and one orphan
+    for target in (nested[0], orphans[0]):
+        status, body = api.delete_subvolume(rootid(target), dry_run=True)
+        assert status == 200 and deleted_paths(body["deleted"]) == {target}, body
+    status, body = api.delete_volume(leak.volume, dry_run=True)
+    assert status == 200 and set(nested) <= deleted_paths(body["deleted"])
+    status, body = api.delete_subvolume(rootid(orphans[0]))
+    assert status == 200 and deleted_paths(body["deleted"]) == {orphans[0]}, body
+    assert not os.path.lexists(orphans[0])
+    audit = api.audit()
+    assert audit[-1]["outcome"] == "deleted" and "\ufffd" in str(audit[-1]["detail"])
+
+    plan, job = api.broad()
+    assert job["state"] == "succeeded", job
+    result = result_for(job, plan, leak.volume)
+    assert set(nested) <= deleted_paths(result["deleted"])
+    for p in orphans[1:]:
+        name = os.fsdecode(os.path.basename(p))
+        action = next(
+            a
+            for a in plan["actions"]
+            if a["target"]["id"] is not None
+            and os.fsencode(from_wire(a["target"]["path"], a["target"]["path_b64"])) == p
+        )
+        got = next(r for r in job["results"] if r["seq"] == action["seq"])
+        assert got["outcome"] == "deleted" and deleted_paths(got["deleted"]) == {p}, name
+        assert not os.path.lexists(p)
+    folder_action = next(a for a in plan["actions"] if a["op"] == "remove_folder")
+    assert os.fsencode(
+        from_wire(folder_action["target"]["path"], folder_action["target"]["path_b64"])
+    ) == folder
+    assert not os.path.lexists(folder)
+    assert_dind_gone(slab, leak)
+    entries = audit_shows(api, job_id=job["id"])
+    assert {e["outcome"] for e in entries if "seq" in e["detail"]} == {"started", "deleted"}
+    guarded.assert_intact()
+    assert api.walk_every_endpoint() > 0
