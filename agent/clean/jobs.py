@@ -43,6 +43,7 @@ from agent.errors import AgentError, Conflict, NotFound, PlanExpired, Refused, V
 from agent.store.audit import AuditLog
 from agent.store.state import StateStore, StoredJob
 from shared.policy import ORPHAN_MIN_AGE_FLOOR_SECONDS
+from shared.wirepath import safe_text
 
 log = logging.getLogger("nas_janitor.agent.jobs")
 AGENT_ACTOR = "agent"
@@ -188,7 +189,7 @@ class Jobs:
             stored = self.state.get_job(job_id)
             body = dict(stored.body) if stored else {}
             body["finished_at"] = self.inventory.clock().isoformat()
-            body["error"] = str(exc)[:500]
+            body["error"] = safe_text(str(exc)[:500])
             try:
                 self.state.update_job(job_id, state="interrupted", body=body)
             except Exception:

@@ -48,6 +48,7 @@ from shared.policy import (
     FINDING_KINDS,
     ORPHAN_MIN_AGE_FLOOR_SECONDS,
 )
+from shared.wirepath import from_wire, path_fields
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,28 @@ class Target:
     path: str | None  # host path
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "name": self.name, "id": self.id, "path": self.path}
+        """Name and path as ``shared.wirepath`` puts them (text + base64 of the exact
+        bytes when they are not UTF-8): what JSON, and so the state store, can hold."""
+        return {
+            "type": self.type,
+            **path_fields(self.name, "name"),
+            "id": self.id,
+            **path_fields(self.path),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Target:
         return cls(
             type=str(data["type"]),
-            name=data.get("name"),
+            name=_unwire(data, "name"),
             id=data.get("id"),
-            path=data.get("path"),
+            path=_unwire(data, "path"),
         )
+
+
+def _unwire(data: Mapping[str, Any], key: str) -> str | None:
+    text = data.get(key)
+    return None if text is None else from_wire(text, data.get(f"{key}_b64"))
 
 
 @dataclass(frozen=True)
