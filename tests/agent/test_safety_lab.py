@@ -182,7 +182,11 @@ def assert_dind_gone(lab: Lab, dind: SeededDind) -> None:
 
 
 def make_app(lab: Lab, state_dir: Path, btrfs_binary: str = "btrfs", **cfg: Any) -> Flask:
-    cfg.setdefault("orphan_min_age_seconds", 0)  # the lab's orphans are seconds old
+    # the lab's orphans are seconds old: no age floor, unless the test keeps the agent's
+    # own default (None)
+    floor = cfg.pop("orphan_min_age_seconds", 0)
+    if floor is not None:
+        cfg["orphan_min_age_seconds"] = floor
     config = agent_config(
         state_dir, docker_host=lab.docker_host, btrfs_binary=btrfs_binary, **cfg
     )
@@ -673,3 +677,125 @@ def test_class5_names_that_are_not_utf8_and_other_odd_bytes(
     assert {e["outcome"] for e in entries if "seq" in e["detail"]} == {"started", "deleted"}
     guarded.assert_intact()
     assert api.walk_every_endpoint() > 0
+
+
+def test_class6_a_real_folder_named_fs_tree(
+    slab: Lab, odd_api: Api, guarded: Guarded
+) -> None:
+    """A real folder ``<FS_TREE>`` at the top level holding a subvolume at a path that
+    mimics one inside a leaked volume, and one inside the leaked volume holding a
+    nested subvolume: the mimic is not the volume's and stays; the volume goes whole."""
+    api = odd_api
+    leak = slab.seed_dind_volume()
+    rel = leak.mountpoint.relative_to(slab.mnt)
+    mimic_dir = slab.mnt / "<FS_TREE>" / rel / "btrfs" / "subvolumes"
+    mimic_dir.mkdir(parents=True)
+    mimic = subvolume(mimic_dir / "mimic")
+    (leak.mountpoint / "<FS_TREE>").mkdir()
+    inner = subvolume(leak.mountpoint / "<FS_TREE>" / "inner")
+    guarded.add(mimic)
+    slab.settle()
+    items = listed_right(api, mimic, inner)
+    assert items[mimic]["owner"]["kind"] == "other"
+    assert items[inner]["owner"] == {"kind": "docker-volume", "ref": leak.volume}
+    assert api.walk_every_endpoint() > 0
+
+    refused(api.delete_subvolume(rootid(mimic)), "outside_roots")
+    status, body = api.delete_volume(leak.volume, dry_run=True)
+    assert status == 200 and inner in deleted_paths(body["deleted"])
+    assert mimic not in deleted_paths(body["deleted"])
+
+    inner_id, mimic_id = rootid(inner), rootid(mimic)
+    plan, job = api.broad()
+    action = action_for(plan, leak.volume)
+    assert action is not None
+    assert inner_id in action["subvolume_ids"] and mimic_id not in action["subvolume_ids"]
+    result = result_for(job, plan, leak.volume)
+    assert result["outcome"] == "deleted", result
+    assert inner in deleted_paths(result["deleted"])
+    assert_dind_gone(slab, leak)  # whole: not half-deleted
+    guarded.assert_intact()
+    audit_shows(api, job_id=job["id"])
+
+
+# =========================================================================== class 7
+
+
+@contextlib.contextmanager
+def importing(lab: Lab, image: str, data: bytes) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``docker import`` of a tar holding ``data`` as the file ``big``, stopped half way
+    through its input: yields (the import, the name of the layer subvolume Docker is
+    writing); the rest is sent when the block ends."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("big")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    tar = buf.getvalue()
+    before = set(os.listdir(lab.layer_dir))
+    proc = subprocess.Popen(
+        ["docker", "import", "-", image],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=lab.env,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(tar[: len(tar) // 2])
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while True:
+            new = set(os.listdir(lab.layer_dir)) - before
+            if new and (lab.layer_dir / next(iter(new)) / "big").exists():
+                break
+            assert time.monotonic() < deadline, "Docker made no layer subvolume"
+            time.sleep(0.05)
+        assert len(new) == 1, new
+        lab.settle()
+        yield proc, new.pop()
+        out, err = proc.communicate(tar[len(tar) // 2 :], timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_class7_a_layer_docker_is_importing_is_never_an_orphan(
+    slab: Lab, tmp_path: Path, guarded: Guarded
+) -> None:
+    """While ``docker import`` writes a layer: the agent's default floor (one hour,
+    ``orphan_min_age_seconds`` 3600) blocks it even at ``min_age_seconds`` 0, a broad
+    plan skips it, a direct DELETE is refused; an agent without a floor may plan it,
+    but the layer records read again right before the action find it recorded by then
+    and the action is skipped. The import completes, byte for byte; the plain orphan
+    next to it goes."""
+    default = Api(make_app(slab, tmp_path / "d", orphan_min_age_seconds=None).test_client(), slab)
+    no_floor = Api(make_app(slab, tmp_path / "z").test_client(), slab)
+    data = secrets.token_bytes(24 << 20)
+    image = f"inflight-{secrets.token_hex(3)}"
+    leak = slab.seed_orphan_subvolume()
+    with importing(slab, image, data) as (proc, name):
+        assert proc.poll() is None, "the import must still be running"
+        layer = slab.layer_dir / name
+        f = finding_for(default, name)
+        assert f["kind"] == "orphan-layer"
+        assert any(b.startswith("too_young:") for b in f["blocked_by"]), f["blocked_by"]
+        plan = default.plan(**BROAD)
+        assert skip_for(plan, f).startswith("too_young:")
+        refused(default.delete_subvolume(rootid(layer)), "too_young")
+        early = no_floor.plan(**{**BROAD, "finding_ids": [finding_for(no_floor, name)["id"]]})
+        assert action_for(early, name) is not None
+        leak_plan = no_floor.plan(**{**BROAD, "finding_ids": [finding_for(no_floor, leak.name)["id"]]})
+    # the import is done: Docker has recorded the layer
+    assert name in slab.layer_refs()
+    job = no_floor.apply(early)
+    result = job["results"][0]
+    assert result["outcome"] == "skipped" and result["detail"].startswith("protected:"), job
+    assert job["state"] == "skipped"
+    assert (layer / "big").read_bytes() == data
+    assert no_floor.apply(leak_plan)["state"] == "succeeded"
+    assert not leak.exists()
+    guarded.assert_intact()
+    slab.docker("image", "rm", image)
