@@ -307,7 +307,10 @@ def _orphan_finding(ctx: _Ctx, sv: SubvolView, created_fallback: datetime | None
     subtree = ctx.snap.subtree(sv.fs_uuid, sv.id)
     reclaimable: int | None = None
     try:
-        ds = plan_subvolume_delete(ctx.snap, sv.fs_uuid, sv.id, protect_labels=ctx.protect_labels)
+        # the finding blocks on its age itself (the policy's and the floor, below)
+        ds = plan_subvolume_delete(
+            ctx.snap, sv.fs_uuid, sv.id, protect_labels=ctx.protect_labels, orphan_floor=0
+        )
         reclaimable = ds.reclaimable_bytes
         subtree = list(ds.subvolumes)
     except (Refused, Unavailable) as exc:

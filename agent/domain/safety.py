@@ -44,9 +44,10 @@ from agent.errors import (
     NotFound,
     OutsideRoots,
     Protected,
+    TooYoung,
     ValidationFailed,
 )
-from shared.policy import protected_reason
+from shared.policy import ORPHAN_MIN_AGE_FLOOR_SECONDS, protected_reason
 
 
 @dataclass(frozen=True)
@@ -210,10 +211,38 @@ def _readonly_parents(snap: Snapshot, subs: Sequence[SubvolView]) -> tuple[Subvo
 # ---------------------------------------------------------------------- deletes
 
 
+def check_orphan_age(snap: Snapshot, sv: SubvolView, floor: int) -> None:
+    """An orphan layer (a subvolume in the daemon's ``btrfs/subvolumes/`` that no layer
+    record names) goes only once it has not changed for ``floor`` seconds: Docker
+    creates a layer's subvolume first and records it when the layer is complete, so a
+    layer being pulled, imported or built looks orphaned meanwhile (``TooYoung``)."""
+    if sv.owner_kind != "orphan-layer" or floor <= 0:
+        return
+    times = [t for t in (sv.created_at, sv.changed_at) if t is not None]
+    if not times:
+        raise TooYoung(
+            f"{sv.path}: when this orphan layer last changed cannot be told, and a layer "
+            "Docker is still writing looks orphaned"
+        )
+    age = int((snap.taken_at - max(times)).total_seconds())
+    if age < floor:
+        raise TooYoung(
+            f"{sv.path}: an orphan layer that changed {max(age, 0)} s ago, less than "
+            f"{floor} s: Docker may be writing it"
+        )
+
+
 def plan_subvolume_delete(
-    snap: Snapshot, fs_uuid: str, sub_id: int, *, protect_labels: Sequence[str]
+    snap: Snapshot,
+    fs_uuid: str,
+    sub_id: int,
+    *,
+    protect_labels: Sequence[str],
+    orphan_floor: int = ORPHAN_MIN_AGE_FLOOR_SECONDS,
 ) -> DeleteSet:
-    """Check every rule for deleting a subvolume and all nested in it."""
+    """Check every rule for deleting a subvolume and all nested in it; an orphan layer
+    among them must not have changed for ``orphan_floor`` seconds (the agent's
+    ``orphan_min_age_seconds``; never a request's)."""
     if fs_uuid not in snap.filesystems:
         raise NotFound(f"no btrfs filesystem with uuid {fs_uuid}")
     sv = snap.subvolume(fs_uuid, sub_id)
@@ -234,6 +263,8 @@ def plan_subvolume_delete(
         # The parent stays, but a read-only parent refuses the delete (EROFS): its flag
         # is cleared for the delete and set again afterwards; it must itself be ours.
         _check_path(snap, parent)
+    for member in ordered:
+        check_orphan_age(snap, member, orphan_floor)
     return DeleteSet(
         fs_uuid=fs_uuid,
         subvolumes=ordered,

@@ -194,17 +194,20 @@ def test_an_orphan_changed_after_the_plan_is_left_alone(tmp_path: Path) -> None:
     assert sc.btrfs.exists(sc.orphan_layer)
 
 
-def test_a_young_orphan_is_never_planned_whatever_the_request(tmp_path: Path) -> None:
+def test_a_young_orphan_is_never_deleted_whatever_the_request(tmp_path: Path) -> None:
     agent = build(tmp_path / "state", make_leak_scenario(age=timedelta(minutes=10)))
     p = plan(agent, kinds=["orphan-layer"], min_age_seconds=0)
     assert p["actions"] == []
     assert p["skipped"] and p["skipped"][0]["reason"].startswith("too_young:")
-    r = agent.client.delete(
-        f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes/"
-        f"{agent.sc.btrfs.subvolume(agent.sc.orphan_layer).id}?dry_run=true",  # type: ignore[union-attr]
-        headers=auth(),
-    )
-    assert r.status_code == 200  # a direct delete names its target: the age is a plan's rule
+    # a direct delete is a request too: a layer Docker is writing looks just like this
+    for dry_run in ("true", "false"):
+        r = agent.client.delete(
+            f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes/"
+            f"{agent.sc.btrfs.subvolume(agent.sc.orphan_layer).id}?dry_run={dry_run}",  # type: ignore[union-attr]
+            headers=auth(),
+        )
+        assert r.status_code == 409 and r.get_json()["code"] == "too_young", r.get_json()
+    assert agent.sc.btrfs.exists(agent.sc.orphan_layer)
 
 
 # --------------------------------------------------------------------------- named volumes
