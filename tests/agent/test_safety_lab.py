@@ -799,3 +799,42 @@ def test_class7_a_layer_docker_is_importing_is_never_an_orphan(
     assert not leak.exists()
     guarded.assert_intact()
     slab.docker("image", "rm", image)
+
+
+# =========================================================================== class 8
+
+
+def test_class8_a_write_between_plan_and_apply_is_seen(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """After the plan, a file is written into a planned orphan and into a nested
+    subvolume of a planned volume, with no sync: btrfs has not committed it when the
+    job starts, yet both actions are skipped as changed; the untouched leak next to
+    them goes."""
+    written_orphan = slab.seed_orphan_subvolume()
+    written_dind = slab.seed_dind_volume()
+    leak = slab.seed_dind_volume()
+    leak_orphan = slab.seed_orphan_subvolume()
+    # the written ones first: a delete before them would make btrfs commit (its cleaner
+    # does), and hide whether the job commits itself
+    names = (written_orphan.name, written_dind.volume, leak.volume, leak_orphan.name)
+    ids = [finding_for(api, n)["id"] for n in names]
+    plan = api.plan(**{**BROAD, "finding_ids": ids})
+    assert [a["target"]["name"] for a in plan["actions"]] == list(names)
+    for target in (written_orphan, written_dind.inner_container_subvolumes[1]):
+        fd = os.open(target / "late-write", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, secrets.token_bytes(4096))
+        os.close(fd)  # no fsync, no sync: still in the running transaction
+    guarded.add(written_orphan, written_dind.mountpoint)
+    job = api.apply(plan)
+    for name in (written_orphan.name, written_dind.volume):
+        result = result_for(job, plan, name)
+        assert result["outcome"] == "skipped", result
+        assert result["detail"].startswith("changed:") and "generation moved" in result["detail"]
+    assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+    assert result_for(job, plan, leak_orphan.name)["outcome"] == "deleted"
+    assert job["state"] == "succeeded"
+    guarded.assert_intact()
+    assert written_dind.volume in volume_names(slab)
+    assert_dind_gone(slab, leak)
+    assert not leak_orphan.exists()
