@@ -28,6 +28,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -838,3 +839,47 @@ def test_class8_a_write_between_plan_and_apply_is_seen(
     assert written_dind.volume in volume_names(slab)
     assert_dind_gone(slab, leak)
     assert not leak_orphan.exists()
+
+
+# =========================================================================== class 9
+
+
+def test_class9_a_named_volume_holding_subvolumes(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """``docker volume create ci-dind-cache`` used as a dind container's data root, the
+    container then removed: a dind-volume finding with ``named`` true, never planned
+    unless the plan includes named volumes or names it, and aged from its last write
+    (a layer the inner daemon made seconds later), not from what Docker calls its
+    creation (the change time of ``_data``); the anonymous leak next to it goes."""
+    name = f"ci-dind-cache-{secrets.token_hex(3)}"
+    slab.docker("volume", "create", name)
+    cache = slab.seed_dind_volume(volume=name)
+    leak = slab.seed_dind_volume()
+    assert cache.volume == name
+    time.sleep(3)
+    later = subvolume(cache.mountpoint / "btrfs" / "subvolumes" / "a-later-layer")
+    slab.settle()
+    guarded.add(cache.mountpoint)
+
+    f = finding_for(api, name)
+    assert f["kind"] == "dind-volume" and f["named"] is True and f["blocked_by"] == []
+    assert rootid(later) in f["subvolume_ids"]
+    created = datetime.fromisoformat(api.get(f"/v1/volumes/{name}")["created_at"])
+    docker_age = (datetime.now(UTC) - created).total_seconds()
+    assert f["age_seconds"] is not None and f["age_seconds"] + 2 <= docker_age, (f, created)
+    assert any("last write" in e for e in f["evidence"]), f["evidence"]
+
+    # every kind, any age, but named volumes not asked for: skipped as named
+    plan, job = api.broad(include_named_volumes=False)
+    assert skip_for(plan, f).startswith("named:")
+    assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+    # named volumes asked for, with an age its creation has and its last write has not
+    plan = api.plan(**{**BROAD, "min_age_seconds": int(docker_age) - 1})
+    assert skip_for(plan, finding_for(api, name)).startswith("too_young:")
+    guarded.assert_intact()
+    assert name in volume_names(slab)
+    assert_dind_gone(slab, leak)
+    # named by its finding id, it is planned (a person chose it)
+    chosen = api.plan(**{**BROAD, "include_named_volumes": False, "finding_ids": [f["id"]]})
+    assert action_for(chosen, name) is not None
