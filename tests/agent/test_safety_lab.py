@@ -188,9 +188,7 @@ def make_app(lab: Lab, state_dir: Path, btrfs_binary: str = "btrfs", **cfg: Any)
     floor = cfg.pop("orphan_min_age_seconds", 0)
     if floor is not None:
         cfg["orphan_min_age_seconds"] = floor
-    config = agent_config(
-        state_dir, docker_host=lab.docker_host, btrfs_binary=btrfs_binary, **cfg
-    )
+    config = agent_config(state_dir, docker_host=lab.docker_host, btrfs_binary=btrfs_binary, **cfg)
     app = create_app(config, backend=real_backends(config))
     app.testing = True
     return app
@@ -480,9 +478,7 @@ def test_class2_nested_subvolume_mounted_elsewhere(
 # =========================================================================== class 3
 
 
-def test_class3_containers_bind_mounts_are_use(
-    slab: Lab, api: Api, guarded: Guarded
-) -> None:
+def test_class3_containers_bind_mounts_are_use(slab: Lab, api: Api, guarded: Guarded) -> None:
     """A running container bind-mounting a nested subvolume of a leaked volume, a
     created (never started) one bind-mounting an orphan layer: both in use; the plain
     leak goes."""
@@ -669,9 +665,10 @@ def test_class5_names_that_are_not_utf8_and_other_odd_bytes(
         assert got["outcome"] == "deleted" and deleted_paths(got["deleted"]) == {p}, name
         assert not os.path.lexists(p)
     folder_action = next(a for a in plan["actions"] if a["op"] == "remove_folder")
-    assert os.fsencode(
-        from_wire(folder_action["target"]["path"], folder_action["target"]["path_b64"])
-    ) == folder
+    assert (
+        os.fsencode(from_wire(folder_action["target"]["path"], folder_action["target"]["path_b64"]))
+        == folder
+    )
     assert not os.path.lexists(folder)
     assert_dind_gone(slab, leak)
     entries = audit_shows(api, job_id=job["id"])
@@ -680,9 +677,7 @@ def test_class5_names_that_are_not_utf8_and_other_odd_bytes(
     assert api.walk_every_endpoint() > 0
 
 
-def test_class6_a_real_folder_named_fs_tree(
-    slab: Lab, odd_api: Api, guarded: Guarded
-) -> None:
+def test_class6_a_real_folder_named_fs_tree(slab: Lab, odd_api: Api, guarded: Guarded) -> None:
     """A real folder ``<FS_TREE>`` at the top level holding a subvolume at a path that
     mimics one inside a leaked volume, and one inside the leaked volume holding a
     nested subvolume: the mimic is not the volume's and stays; the volume goes whole."""
@@ -755,7 +750,7 @@ def importing(lab: Lab, image: str, data: bytes) -> Iterator[tuple[subprocess.Po
         assert len(new) == 1, new
         lab.settle()
         yield proc, new.pop()
-        out, err = proc.communicate(tar[len(tar) // 2 :], timeout=60)
+        _, err = proc.communicate(tar[len(tar) // 2 :], timeout=60)
         assert proc.returncode == 0, err
     finally:
         if proc.poll() is None:
@@ -788,7 +783,9 @@ def test_class7_a_layer_docker_is_importing_is_never_an_orphan(
         refused(default.delete_subvolume(rootid(layer)), "too_young")
         early = no_floor.plan(**{**BROAD, "finding_ids": [finding_for(no_floor, name)["id"]]})
         assert action_for(early, name) is not None
-        leak_plan = no_floor.plan(**{**BROAD, "finding_ids": [finding_for(no_floor, leak.name)["id"]]})
+        leak_plan = no_floor.plan(
+            **{**BROAD, "finding_ids": [finding_for(no_floor, leak.name)["id"]]}
+        )
     # the import is done: Docker has recorded the layer
     assert name in slab.layer_refs()
     job = no_floor.apply(early)
@@ -844,9 +841,7 @@ def test_class8_a_write_between_plan_and_apply_is_seen(
 # =========================================================================== class 9
 
 
-def test_class9_a_named_volume_holding_subvolumes(
-    slab: Lab, api: Api, guarded: Guarded
-) -> None:
+def test_class9_a_named_volume_holding_subvolumes(slab: Lab, api: Api, guarded: Guarded) -> None:
     """``docker volume create ci-dind-cache`` used as a dind container's data root, the
     container then removed: a dind-volume finding with ``named`` true, never planned
     unless the plan includes named volumes or names it, and aged from its last write
@@ -883,3 +878,98 @@ def test_class9_a_named_volume_holding_subvolumes(
     # named by its finding id, it is planned (a person chose it)
     chosen = api.plan(**{**BROAD, "include_named_volumes": False, "finding_ids": [f["id"]]})
     assert action_for(chosen, name) is not None
+
+
+# =========================================================================== class 10
+
+
+def test_class10_partial_failures_are_told(slab: Lab, api: Api, guarded: Guarded) -> None:
+    """Steps that fail for real part way: a nested subvolume the kernel refuses to
+    delete (immutable: EPERM), a file in ``_data`` that cannot be unlinked (immutable).
+    The job goes on with the other actions; each failed action's result, its audit
+    entry and the job's reclaimed bytes list what it destroyed before it stopped; a
+    direct DELETE that fails part way answers 409 with the same; a job with nothing
+    done reads ``skipped``."""
+    slab.enable_quotas()
+    p = slab.seed_dind_volume()
+    q = slab.seed_dind_volume()
+    p2 = slab.seed_dind_volume()
+    r = slab.seed_orphan_subvolume()
+    s = slab.seed_dind_volume()
+    stuck, stuck2 = p.inner_container_subvolumes[1], p2.inner_container_subvolumes[1]
+    pinned = q.mountpoint / "pinned"
+    pinned.write_bytes(secrets.token_bytes(2048))
+    immutable = [stuck, stuck2, pinned]
+    try:
+        for path in immutable:
+            run("chattr", "+i", path)
+        slab.settle()
+        run("btrfs", "quota", "rescan", "-w", slab.mnt)
+        guarded.add(stuck, stuck2)
+        names = (p.volume, q.volume, r.name, s.volume)
+        plan = api.plan(**{**BROAD, "finding_ids": [finding_for(api, n)["id"] for n in names]})
+        assert [a["target"]["name"] for a in plan["actions"]] == list(names)
+        job = api.apply(plan)
+        assert job["state"] == "partial", job
+
+        got_p = result_for(job, plan, p.volume)
+        assert got_p["outcome"] == "failed" and "Operation not permitted" in got_p["detail"]
+        p_gone = {os.fsencode(x) for x in p.subvolumes if x != stuck}
+        assert deleted_paths(got_p["deleted"]) == p_gone
+        assert not any(os.path.lexists(x) for x in p_gone) and stuck.exists()
+        assert got_p["reclaimed_bytes"] and got_p["reclaimed_bytes"] > 0
+        assert p.volume in volume_names(slab)
+
+        got_q = result_for(job, plan, q.volume)
+        assert got_q["outcome"] == "failed" and "pinned" in got_q["detail"], got_q
+        assert deleted_paths(got_q["deleted"]) == {os.fsencode(x) for x in q.subvolumes}
+        assert got_q["reclaimed_bytes"] and got_q["reclaimed_bytes"] > 0
+        assert pinned.exists() and q.volume in volume_names(slab)
+
+        assert result_for(job, plan, r.name)["outcome"] == "deleted" and not r.exists()
+        assert result_for(job, plan, s.volume)["outcome"] == "deleted"
+        assert_dind_gone(slab, s)
+        assert job["reclaimed_bytes"] == sum(x["reclaimed_bytes"] or 0 for x in job["results"])
+        assert job["reclaimed_bytes"] >= got_p["reclaimed_bytes"] + got_q["reclaimed_bytes"]
+
+        entries = audit_shows(api, job_id=job["id"])
+        for got, vol in ((got_p, p), (got_q, q)):
+            entry = next(
+                e
+                for e in entries
+                if e["target"] == f"volume {vol.volume}" and e["outcome"] == "failed"
+            )
+            assert {d["path"] for d in entry["detail"]["deleted"]} == {
+                d["path"] for d in got["deleted"]
+            }
+            assert entry["detail"]["reclaimed_bytes"] == got["reclaimed_bytes"]
+            assert entry["detail"]["failed"], entry
+        finish = next(
+            e for e in api.audit() if e["action"] == "job.finish" and job["id"] in e["target"]
+        )
+        assert finish["outcome"] == "partial"
+        assert finish["detail"]["reclaimed_bytes"] == job["reclaimed_bytes"]
+
+        status, body = api.delete_volume(p2.volume)
+        assert status == 409 and body["code"] == "conflict", body
+        assert deleted_paths(body["deleted"]) == {
+            os.fsencode(x) for x in p2.subvolumes if x != stuck2
+        }
+        assert body["reclaimed_bytes"] and body["audit_seq"]
+        entry = next(e for e in api.audit() if e["seq"] == body["audit_seq"])
+        assert entry["outcome"] == "failed" and len(entry["detail"]["deleted"]) == len(
+            body["deleted"]
+        )
+
+        # nothing done at all: skipped
+        t = slab.seed_orphan_subvolume()
+        only = api.plan(**{**BROAD, "finding_ids": [finding_for(api, t.name)["id"]]})
+        (t / "late").write_bytes(b"written after the plan")
+        nothing = api.apply(only)
+        assert nothing["state"] == "skipped", nothing
+        assert nothing["reclaimed_bytes"] == 0 and t.exists()
+        guarded.assert_intact()
+    finally:
+        for path in immutable:
+            run("chattr", "-i", path, check=False)
+        slab.disable_quotas()
