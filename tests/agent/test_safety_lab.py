@@ -973,3 +973,59 @@ def test_class10_partial_failures_are_told(slab: Lab, api: Api, guarded: Guarded
         for path in immutable:
             run("chattr", "-i", path, check=False)
         slab.disable_quotas()
+
+
+# =========================================================================== attacks
+
+
+def test_attack_a_subvolume_moved_after_the_plan(
+    slab: Lab, roots_api: Api, mounts: Mounts, guarded: Guarded
+) -> None:
+    """Roots cover the top level. After the plan, the planned orphan layer is renamed
+    to a folder of someone's next to it (a rename keeps the moved subvolume's id and its
+    generation), a nested subvolume is moved out of a planned volume, and another
+    subvolume is moved into a second planned volume: none of the three actions runs;
+    the plain leak goes. (The last two renames go through a mount of the top level, as
+    a person on the NAS sees it: the daemon's own mounts of its data root refuse a
+    rename across them, EXDEV.) Files are read for their checksums before the plan:
+    a first read updates their access time, which moves the generation."""
+    api = roots_api
+    tag = secrets.token_hex(3)
+    top = Path(os.fsdecode(mounts.subvol("/", slab.root / f"top-{tag}")))
+
+    def via_top(p: Path) -> Path:
+        return top / p.relative_to(slab.mnt)
+
+    orphan = slab.seed_orphan_subvolume()
+    emptied = slab.seed_dind_volume()
+    filled = slab.seed_dind_volume()
+    leak = slab.seed_orphan_subvolume()
+    mine = slab.mnt / f"photos-{tag}"
+    mine.mkdir()
+    stranger = Path(os.fsdecode(subvolume(mine / "album")))
+    nested = emptied.inner_container_subvolumes[1]
+    before = {p: digest(p) for p in (orphan, nested, stranger)}
+    slab.settle()
+    names = (orphan.name, emptied.volume, filled.volume, leak.name)
+    plan = api.plan(**{**BROAD, "finding_ids": [finding_for(api, n)["id"] for n in names]})
+    assert [a["target"]["name"] for a in plan["actions"]] == list(names)
+    kept = slab.data_root / "btrfs" / f"kept-{tag}"
+    kept.mkdir()
+    moved = kept / "moved-layer"
+    orphan_id = rootid(orphan)
+    gen = api.get(f"/v1/filesystems/{api.fs_uuid}/subvolumes/{orphan_id}")["generation"]
+    os.rename(orphan, moved)
+    out = mine / "moved-nested"
+    os.rename(via_top(nested), via_top(out))
+    into = filled.mountpoint / "moved-in"
+    os.rename(via_top(stranger), via_top(into))
+    slab.settle()
+    assert api.get(f"/v1/filesystems/{api.fs_uuid}/subvolumes/{orphan_id}")["generation"] == gen
+    job = api.apply(plan)
+    for name in names[:3]:
+        result = result_for(job, plan, name)
+        assert result["outcome"] == "skipped" and result["detail"].startswith("changed:"), result
+    assert result_for(job, plan, leak.name)["outcome"] == "deleted" and not leak.exists()
+    assert {p: digest(q) for p, q in ((orphan, moved), (nested, out), (stranger, into))} == before
+    guarded.assert_intact()
+    assert {emptied.volume, filled.volume} <= volume_names(slab)
