@@ -381,6 +381,17 @@ def recheck(
         return Skipped("gone", exc.detail)
     except (Refused, ValidationFailed) as exc:
         return Skipped(exc.code, exc.detail)
+    if action.op == "delete_subvolumes":
+        # By id, a subvolume renamed elsewhere since the plan would still be found, with
+        # the same generation (a rename inside one subvolume leaves it alone): it is the
+        # planned target only where it was planned.
+        now = snap.subvolume(str(action.filesystem_uuid), int(target.id or 0))
+        if now is None or now.path != target.path or now.owner_kind != action.kind:
+            where = now.path if now is not None else None
+            return Skipped(
+                "changed",
+                safe_text(f"subvolume {target.id} moved from {target.path} to {where}"),
+            )
     if action.kind == "orphan-layer-folder":
         young = _still_young(snap, action, orphan_floor)
         if young is not None:
