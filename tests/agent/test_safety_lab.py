@@ -1029,3 +1029,63 @@ def test_attack_a_subvolume_moved_after_the_plan(
     assert {p: digest(q) for p, q in ((orphan, moved), (nested, out), (stranger, into))} == before
     guarded.assert_intact()
     assert {emptied.volume, filled.volume} <= volume_names(slab)
+
+
+@contextlib.contextmanager
+def private_namespace_tmpfs(*points: Path) -> Iterator[tuple[int, list[Path]]]:
+    """A process in a mount namespace of its own (``unshare -m``, private propagation:
+    a service with private mounts) with a tmpfs holding a file at each of ``points``:
+    invisible in the host's mount table and the agent's. Yields (its pid, the paths
+    through which its files are read from here)."""
+    script = "".join(
+        f"mount -t tmpfs -o size=4m tmpfs '{p}' && head -c 3000 /dev/urandom > '{p}/only-here' && "
+        for p in points
+    )
+    for p in points:
+        p.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script + "echo ready && exec sleep 600",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        seen = [Path(f"/proc/{proc.pid}/root{p}") for p in points]
+        assert all((s / "only-here").exists() for s in seen)
+        assert not any((p / "only-here").exists() for p in points)  # not here
+        yield proc.pid, seen
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_attack_a_mount_in_another_mount_namespace(slab: Lab, api: Api, guarded: Guarded) -> None:
+    """A tmpfs mounted inside a leaked volume's data, and one inside an orphan layer, by
+    a process in a mount namespace of its own: the host's mount table and the agent's
+    do not show them, but removing the folder (or deleting the subvolume) they sit on
+    would detach them there and their files would be gone. Both are in use; the plain
+    leak goes."""
+    vol = slab.seed_dind_volume()
+    orphan = slab.seed_orphan_subvolume()
+    leak = slab.seed_dind_volume()
+    leak_orphan = slab.seed_orphan_subvolume()
+    with private_namespace_tmpfs(vol.mountpoint / "private", orphan / "private") as (pid, seen):
+        guarded.add(*seen)
+        plan, job = api.broad()
+        for name in (vol.volume, orphan.name):
+            reason = skip_for(plan, finding_for(api, name))
+            assert reason.startswith("in_use:") and f"pid {pid}" in reason, reason
+        assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+        assert result_for(job, plan, leak_orphan.name)["outcome"] == "deleted"
+        refused(api.delete_volume(vol.volume), "in_use", f"pid {pid}")
+        refused(api.delete_subvolume(rootid(orphan)), "in_use", f"pid {pid}")
+        guarded.assert_intact()
+    assert vol.volume in volume_names(slab) and orphan.exists()
+    assert_dind_gone(slab, leak)
