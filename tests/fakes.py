@@ -73,6 +73,7 @@ from agent.host.records import (
     FsUsage,
     LayerRefs,
     MountEntry,
+    NamespaceTable,
     Qgroup,
     QgroupReport,
     SubvolumeRecord,
@@ -261,6 +262,13 @@ class FakeBtrfs:
         # mounts that are not this fake's btrfs (tmpfs, ext4, ...): (entry, host only)
         self._other_mounts: list[tuple[MountEntry, bool]] = []
         self.host_mounts_error: str | None = None  # host_mounts() raises with it
+        # mounts made in mount namespaces of their own: (table, filesystem, the
+        # top-level-relative folder the mount sits on); namespace_mounts() shows them
+        self._private: list[tuple[NamespaceTable, FakeFilesystem, str]] = []
+        self.namespace_mounts_error: str | None = None  # namespace_mounts() raises with it
+        # private mounts whose folder was removed under them: the kernel detaches them
+        # in their namespace (Linux 3.18+), and what they held is gone
+        self.detached: list[NamespaceTable] = []
         # mount points whose other filesystem a RemoveAll emptied (what must never happen)
         self.emptied_mounts: list[str] = []
         self.qgroup_busy = 0  # the next N qgroup destroys fail with "busy"
@@ -357,6 +365,35 @@ class FakeBtrfs:
             )
             self._other_mounts.append((entry, host_only))
             return entry
+
+    def add_private_mount(
+        self, path: str, *, pid: int = 4242, fstype: str = "tmpfs", source: str = "tmpfs"
+    ) -> NamespaceTable:
+        """A mount on the folder at local ``path`` (on a fake btrfs) made by process
+        ``pid`` in a mount namespace of its own (``unshare -m``, private propagation):
+        neither the host's table nor the agent's shows it. That process sees the
+        filesystem's top level at ``/`` and the mount at the folder's place below it."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            if not fs.exists(rel):
+                raise FileNotFoundError(path)
+            self._next_mount_id += 2
+            root_id, mount_id = self._next_mount_id - 1, self._next_mount_id
+            top = MountEntry("/", "/", fs.device, "rw", "btrfs", fs.dev, root_id, root_id)
+            on = MountEntry(
+                "/" + rel, "/", source, "rw", fstype, f"0:{300 + mount_id}", mount_id, root_id
+            )
+            table = NamespaceTable(pid, (top, on))
+            self._private.append((table, fs, rel))
+            return table
+
+    def _detach_gone(self) -> None:
+        """Private mounts whose folder is gone are detached (and lost)."""
+        for item in list(self._private):
+            table, fs, rel = item
+            if not fs.exists(rel):
+                self._private.remove(item)
+                self.detached.append(table)
 
     def unmount(self, mountpoint: str) -> None:
         """Take away whatever is mounted on local ``mountpoint`` (the last mount there)."""
@@ -553,6 +590,7 @@ class FakeBtrfs:
             fs.directories = {
                 d for d in fs.directories if not _under(d, top) or any(_under(p, d) for p in left)
             }
+            self._detach_gone()
             return first_error
 
     # ----------------------------------------------------------------- inspecting
@@ -621,6 +659,14 @@ class FakeBtrfs:
             if self.host_mounts_error is not None:
                 raise HostMountsUnavailable(self.host_mounts_error)
             return [entry for entry, _ in self._mounts] + [e for e, _ in self._other_mounts]
+
+    def namespace_mounts(self) -> list[NamespaceTable]:
+        with self._lock:
+            if self.namespace_mounts_error is not None:
+                raise HostMountsUnavailable(self.namespace_mounts_error)
+            if self.host_mounts_error is not None:
+                raise HostMountsUnavailable(self.host_mounts_error)
+            return [table for table, _, _ in self._private]
 
     def filesystem(self, mount: str) -> FilesystemIdent:
         with self._lock:
@@ -745,6 +791,7 @@ class FakeBtrfs:
             dirs = {d for d in fs.directories if _under(d, top) and (d != top or not keep_top)}
             fs.files -= files
             fs.directories -= dirs
+            self._detach_gone()
             return TreeRemoval(path, len(files), len(dirs))
 
     def last_change(self, path: str) -> datetime | None:
@@ -820,6 +867,7 @@ class FakeBtrfs:
         gen = fs.commit()
         if holder is not None:
             holder.changed(gen, self.now)
+        self._detach_gone()
 
     def _process(self, op: str, args: tuple[str, ...] = (), *, ioctl: bool = False) -> None:
         """Bookkeeping for one btrfs process (or ioctl, which needs no binary: the

@@ -8,7 +8,9 @@ Rules (the contract's numbering):
    labels protect it (``keep`` and ``nas-janitor.keep`` always do), or a named volume
    that holds no subvolume. Never anything in use:
    - nothing mounted at or inside the target, of any filesystem type, in the host's
-     mount namespace or the agent's (``check_no_mounts``);
+     mount namespace, the agent's, or any other (a service with private mounts, a
+     container: removing the folder a mount sits on detaches it there)
+     (``check_no_mounts``);
    - nothing of the target mounted elsewhere: a ``subvol=`` or bind mount of it or of
      anything inside it (found by what each mount of the same filesystem shows);
    - no container, running or stopped, that mounts the target, something inside it,
@@ -103,10 +105,11 @@ def check_no_mounts(
     mounts: MountIndex, path: str, *, dev: str, in_fs: str | None, what: str | None = None
 ) -> None:
     """Nothing is mounted at or inside ``path`` (a host path), in the host's mount
-    namespace or this process's, whatever the filesystem type; and nothing of it is
-    mounted elsewhere (a ``subvol=`` or bind mount of it or of anything inside it, found
-    by what each mount of the same filesystem ``dev`` shows: ``in_fs`` is the path's
-    place inside that filesystem)."""
+    namespace or this process's, whatever the filesystem type, nor in any other mount
+    namespace (found by what each of its mounts sits on: ``in_fs`` is the path's place
+    inside filesystem ``dev``); and nothing of it is mounted elsewhere, in any
+    namespace (a ``subvol=`` or bind mount of it or of anything inside it, found by
+    what each mount of the same filesystem shows)."""
     what = what or path
     if not mounts.known:
         raise HostMountsUnavailable(
@@ -119,9 +122,11 @@ def check_no_mounts(
     if in_fs is None:
         raise Protected(f"{what}: where it lies inside its filesystem is not known")
     if dev:
-        for m in mounts.exposing(dev, in_fs):
-            shown = "it" if m.root.rstrip("/") == in_fs.rstrip("/") else m.root
-            raise Protected(f"{what} is also mounted elsewhere: {shown} at {m.mountpoint}")
+        for f in mounts.sitting_in(dev, in_fs):
+            raise InUse(f"{f.describe()} is mounted inside {what}")
+        for shower in mounts.exposing(dev, in_fs):
+            shown = "it" if shower.root.rstrip("/") == in_fs.rstrip("/") else shower.root
+            raise Protected(f"{what} is also mounted elsewhere: {shown} at {shower.place()}")
 
 
 def check_no_container_uses(uses: UseIndex, path: str, *, wide: Sequence[str]) -> None:

@@ -58,6 +58,27 @@ def findings(agent: AgentUnderTest, kind: str) -> list[dict[str, Any]]:
     return list(items)
 
 
+# --------------------------------------------------------------------------- other namespaces
+
+
+def test_a_mount_made_in_another_namespace_after_the_plan_stops_the_action(
+    agent: AgentUnderTest,
+) -> None:
+    """A process with a mount namespace of its own mounts a tmpfs inside the planned
+    volume: removing the folder it sits on would detach it there (its files lost)."""
+    sc = agent.sc
+    p = plan(agent, kinds=["dind-volume"])
+    assert len(p["actions"]) == 1
+    at = f"{sc.data_root}/volumes/{sc.dind_volume}/_data/private"
+    sc.btrfs.make_dirs(at)
+    sc.btrfs.add_private_mount(at, pid=4242)
+    job = run(agent, p["id"])
+    (result,) = job["results"]
+    assert result["outcome"] == "skipped" and result["detail"].startswith("in_use:"), result
+    assert "pid 4242" in result["detail"]
+    assert sc.btrfs.detached == [] and sc.docker.volume(sc.dind_volume) is not None
+
+
 # --------------------------------------------------------------------------- honest failures
 
 
