@@ -146,11 +146,12 @@ def check_guard(
     mounts: MountIndex,
     uses: UseIndex | None = None,
 ) -> None:
-    """Every guarded path holds no mount and no container use, against ``mounts`` and
-    ``uses`` (read right now; the snapshot's uses by default)."""
+    """Every guarded path holds no container use and no mount, against ``uses`` and
+    ``mounts`` (read right now; the snapshot's uses by default). Containers first: a
+    container's bind mount is also a mount of its namespace, and its name says more."""
     for path, dev, in_fs in guard:
-        check_no_mounts(mounts, path, dev=dev, in_fs=in_fs)
         check_no_container_uses(uses or snap.uses, path, wide=snap.wide_paths())
+        check_no_mounts(mounts, path, dev=dev, in_fs=in_fs)
 
 
 def _guard_entry(snap: Snapshot, fs_uuid: str, path: str) -> tuple[str, str, str | None]:
