@@ -1089,3 +1089,92 @@ def test_attack_a_mount_in_another_mount_namespace(slab: Lab, api: Api, guarded:
         guarded.assert_intact()
     assert vol.volume in volume_names(slab) and orphan.exists()
     assert_dind_gone(slab, leak)
+
+
+def test_attacks_that_hold(slab: Lab, api: Api, mounts: Mounts, guarded: Guarded) -> None:
+    """What else was tried, in one broad run: a hard link from a leaked volume to a file
+    outside it, a symlink in a leaked volume to a host folder, a folder of a planned
+    volume swapped for a symlink to a host folder between plan and apply, a volume whose
+    ``_data`` is itself a mount point, the data root bind-mounted into a leaked volume,
+    plain folders in the daemon's ``btrfs/subvolumes/`` holding a subvolume or a mount.
+    The leaked volumes that hold nothing foreign go (their links as links); everything
+    they pointed at stays; the others are refused with the reason."""
+    tag = secrets.token_hex(3)
+    linked = slab.seed_dind_volume()
+    swapped = slab.seed_dind_volume()
+    mounted = slab.seed_dind_volume()
+    rooted = slab.seed_dind_volume()
+    # a hard link: the same file under a name outside the volume (same subvolume)
+    keep = slab.data_root / f"keep-{tag}"
+    keep.mkdir()
+    (linked.mountpoint / "shared.bin").write_bytes(secrets.token_bytes(5000))
+    os.link(linked.mountpoint / "shared.bin", keep / "shared.bin")
+    outside = Path(os.fsdecode(host_folder(slab)))
+    (linked.mountpoint / "to-host").symlink_to(outside)
+    (swapped.mountpoint / "sub").mkdir()
+    (swapped.mountpoint / "sub" / "x").write_bytes(b"x")
+    at_data = mounts.tmpfs(mounted.mountpoint)
+    at_root = mounts.bind(slab.data_root, rooted.mountpoint / "root-view")
+    holds_sub = slab.layer_dir / f"folder-sub-{tag}"
+    holds_sub.mkdir()
+    subvolume(holds_sub / "inner")
+    holds_mount = slab.layer_dir / f"folder-mount-{tag}"
+    holds_mount.mkdir()
+    at_folder = mounts.tmpfs(holds_mount / "m")
+    guarded.add(keep, outside, at_data, holds_sub, at_folder)
+    slab.settle()
+
+    plan = api.plan(**BROAD)
+    assert action_for(plan, linked.volume) is not None
+    assert action_for(plan, swapped.volume) is not None
+    assert os.fsdecode(at_data) in skip_for(plan, finding_for(api, mounted.volume))
+    reason = skip_for(plan, finding_for(api, rooted.volume))
+    assert reason.startswith("in_use:") and os.fsdecode(at_root) in reason
+    folders = {f["target"]["path"]: f for f in api.findings() if f["kind"] == "orphan-layer-folder"}
+    assert skip_for(plan, folders[str(holds_sub)]).startswith("protected:")
+    assert skip_for(plan, folders[str(holds_mount)]).startswith("in_use:")
+    # between plan and apply, a planned folder becomes a symlink to a host folder
+    shutil_target = swapped.mountpoint / "sub"
+    for child in shutil_target.iterdir():
+        child.unlink()
+    shutil_target.rmdir()
+    shutil_target.symlink_to(outside)
+    job = api.apply(plan)
+    assert result_for(job, plan, linked.volume)["outcome"] == "deleted"
+    assert result_for(job, plan, swapped.volume)["outcome"] == "deleted"
+    assert_dind_gone(slab, linked)
+    assert_dind_gone(slab, swapped)
+    assert os.stat(keep / "shared.bin").st_nlink == 1
+    refused(api.delete_volume(mounted.volume), "in_use", os.fsdecode(at_data))
+    refused(api.delete_volume(rooted.volume), "in_use", os.fsdecode(at_root))
+    guarded.assert_intact()
+    assert {mounted.volume, rooted.volume} <= volume_names(slab)
+
+
+def test_attack_a_container_made_after_the_plan(slab: Lab, api: Api, guarded: Guarded) -> None:
+    """A container created after the plan that bind-mounts a nested subvolume of a
+    planned volume, another that uses a planned volume by name: both actions skipped as
+    in use when they come; the plain leak goes."""
+    bound = slab.seed_dind_volume()
+    used = slab.seed_dind_volume()
+    leak = slab.seed_orphan_subvolume()
+    names = (bound.volume, used.volume, leak.name)
+    plan = api.plan(**{**BROAD, "finding_ids": [finding_for(api, n)["id"] for n in names]})
+    tag = secrets.token_hex(3)
+    made = [f"late-bind-{tag}", f"late-use-{tag}"]
+    try:
+        nested = bound.inner_container_subvolumes[1]
+        slab.docker("create", "--name", made[0], "-v", f"{nested}:/d", BUSYBOX_IMAGE, "true")
+        late = slab.docker(
+            "create", "--name", made[1], "-v", f"{used.volume}:/d", BUSYBOX_IMAGE, "true"
+        ).stdout.strip()
+        guarded.add(bound.mountpoint, used.mountpoint)
+        job = api.apply(plan)
+        for name, who in zip(names[:2], (made[0], late[:12]), strict=True):
+            result = result_for(job, plan, name)
+            assert result["outcome"] == "skipped" and result["detail"].startswith("in_use:"), result
+            assert who in result["detail"], result
+        assert result_for(job, plan, leak.name)["outcome"] == "deleted"
+        guarded.assert_intact()
+    finally:
+        slab.docker("rm", "-f", *made, check=False)
