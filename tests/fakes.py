@@ -492,6 +492,48 @@ class FakeBtrfs:
             sub.referenced_bytes += add_bytes
             return sub.generation
 
+    def rename(self, old: str, new: str) -> None:
+        """``mv old new`` of a subvolume (with what is nested in it) to a folder of the
+        same filesystem, as the lab showed it on Linux 6.x: the moved subvolume keeps
+        its id and its generation (the folders that lose and gain the name are in the
+        subvolume(s) holding them, whose generations move)."""
+        with self._lock:
+            fs, src = self._resolve(old)
+            fs2, dst = self._resolve(new)
+            if fs2 is not fs:
+                raise OSError(18, "Invalid cross-device link")
+            if src not in fs.by_path or fs.exists(dst):
+                raise FileNotFoundError(old) if src not in fs.by_path else FileExistsError(new)
+            if not fs.exists(posixpath.dirname(dst)) and posixpath.dirname(dst):
+                raise FileNotFoundError(posixpath.dirname(dst))
+            moved = fs.subvolumes[fs.by_path[src]]
+            source_holder = (
+                fs.containing(posixpath.dirname(src))
+                if posixpath.dirname(src)
+                else fs.subvolumes[TOP_LEVEL]
+            )
+            target_holder = (
+                fs.containing(posixpath.dirname(dst))
+                if posixpath.dirname(dst)
+                else fs.subvolumes[TOP_LEVEL]
+            )
+
+            def moved_path(p: str) -> str:
+                return dst + p[len(src) :] if _under(p, src) else p
+
+            fs.by_path = {moved_path(p): i for p, i in fs.by_path.items()}
+            for sub in fs.subvolumes.values():
+                sub.path = moved_path(sub.path)
+            fs.directories = {moved_path(d) for d in fs.directories}
+            fs.files = {moved_path(f) for f in fs.files}
+            moved.parent_id = target_holder.id
+            gen = fs.commit()
+            for holder in {
+                source_holder.id: source_holder,
+                target_holder.id: target_holder,
+            }.values():
+                holder.changed(gen, self.now)
+
     def set_default(self, path: str) -> None:
         """``btrfs subvolume set-default`` (a builder: not logged in ``calls``)."""
         with self._lock:

@@ -79,6 +79,28 @@ def test_a_mount_made_in_another_namespace_after_the_plan_stops_the_action(
     assert sc.btrfs.detached == [] and sc.docker.volume(sc.dind_volume) is not None
 
 
+def test_a_planned_orphan_renamed_elsewhere_is_left_alone(tmp_path: Path) -> None:
+    """Renamed into someone's folder next to it after the plan, the orphan keeps its id
+    and its generation: the action must not follow it there."""
+    sc = make_leak_scenario(age=timedelta(hours=2))
+    agent = build(tmp_path / "state", sc)
+    p = plan(agent, kinds=["orphan-layer"])
+    assert len(p["actions"]) == 1
+    before = sc.btrfs.subvolume(sc.orphan_layer)
+    assert before is not None
+    ident = (before.id, before.generation)
+    kept = f"{sc.data_root}/btrfs/kept"
+    sc.btrfs.make_dirs(kept)
+    sc.btrfs.rename(sc.orphan_layer, f"{kept}/moved")
+    after = sc.btrfs.subvolume(f"{kept}/moved")
+    assert after is not None and (after.id, after.generation) == ident
+    job = run(agent, p["id"])
+    (result,) = job["results"]
+    assert result["outcome"] == "skipped" and result["detail"].startswith("changed:"), result
+    assert "moved" in result["detail"]
+    assert sc.btrfs.exists(f"{kept}/moved")
+
+
 # --------------------------------------------------------------------------- honest failures
 
 
