@@ -88,6 +88,10 @@ class InUse(Refused):
     code, title = "in_use", "Target in use"
 
 
+class TooYoung(Refused):
+    code, title = "too_young", "Target too young"
+
+
 class OutsideRoots(Refused):
     code, title = "outside_roots", "Target outside the configured roots"
 

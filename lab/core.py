@@ -456,7 +456,12 @@ class Lab:
         )
 
     def seed_dind_volume(
-        self, *, containers: int = 2, files_per_subvolume: int = 0, timeout: float = 60.0
+        self,
+        *,
+        containers: int = 2,
+        files_per_subvolume: int = 0,
+        timeout: float = 60.0,
+        volume: str | None = None,
     ) -> SeededDind:
         """Reproduce the leak: run a docker-in-docker container, let its daemon make btrfs
         subvolumes in its anonymous /var/lib/docker volume (import an image, create
@@ -465,7 +470,9 @@ class Lab:
         a child subvolume, as snapshot tools leave them.
 
         ``files_per_subvolume`` adds that many small files to every nested subvolume first
-        (for benchmarks of big volumes).
+        (for benchmarks of big volumes). ``volume``: the inner daemon's data root is this
+        named volume (``-v NAME:/var/lib/docker``, created when missing) instead of the
+        image's anonymous one.
         """
         quotas_before = self.quotas_enabled()
         tag = secrets.token_hex(4)
@@ -475,7 +482,7 @@ class Lab:
         inner_sock = run_dir / "docker.sock"
         container_id = self.docker(
             "run", "-d", "--name", name, *DIND_RUN_FLAGS, "-v", f"{run_dir}:/var/run",
-            images.DIND_IMAGE,
+            *(["-v", f"{volume}:/var/lib/docker"] if volume else []), images.DIND_IMAGE,
         ).stdout.strip()  # fmt: skip
         try:
             deadline = time.monotonic() + timeout

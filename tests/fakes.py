@@ -75,6 +75,7 @@ from agent.host.records import (
     FsUsage,
     LayerRefs,
     MountEntry,
+    NamespaceTable,
     Qgroup,
     QgroupReport,
     SubvolumeRecord,
@@ -264,6 +265,13 @@ class FakeBtrfs:
         # mounts that are not this fake's btrfs (tmpfs, ext4, ...): (entry, host only)
         self._other_mounts: list[tuple[MountEntry, bool]] = []
         self.host_mounts_error: str | None = None  # host_mounts() raises with it
+        # mounts made in mount namespaces of their own: (table, filesystem, the
+        # top-level-relative folder the mount sits on); namespace_mounts() shows them
+        self._private: list[tuple[NamespaceTable, FakeFilesystem, str]] = []
+        self.namespace_mounts_error: str | None = None  # namespace_mounts() raises with it
+        # private mounts whose folder was removed under them: the kernel detaches them
+        # in their namespace (Linux 3.18+), and what they held is gone
+        self.detached: list[NamespaceTable] = []
         # mount points whose other filesystem a RemoveAll emptied (what must never happen)
         self.emptied_mounts: list[str] = []
         self.qgroup_busy = 0  # the next N qgroup destroys fail with "busy"
@@ -361,6 +369,35 @@ class FakeBtrfs:
             self._other_mounts.append((entry, host_only))
             return entry
 
+    def add_private_mount(
+        self, path: str, *, pid: int = 4242, fstype: str = "tmpfs", source: str = "tmpfs"
+    ) -> NamespaceTable:
+        """A mount on the folder at local ``path`` (on a fake btrfs) made by process
+        ``pid`` in a mount namespace of its own (``unshare -m``, private propagation):
+        neither the host's table nor the agent's shows it. That process sees the
+        filesystem's top level at ``/`` and the mount at the folder's place below it."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            if not fs.exists(rel):
+                raise FileNotFoundError(path)
+            self._next_mount_id += 2
+            root_id, mount_id = self._next_mount_id - 1, self._next_mount_id
+            top = MountEntry("/", "/", fs.device, "rw", "btrfs", fs.dev, root_id, root_id)
+            on = MountEntry(
+                "/" + rel, "/", source, "rw", fstype, f"0:{300 + mount_id}", mount_id, root_id
+            )
+            table = NamespaceTable(pid, (top, on))
+            self._private.append((table, fs, rel))
+            return table
+
+    def _detach_gone(self) -> None:
+        """Private mounts whose folder is gone are detached (and lost)."""
+        for item in list(self._private):
+            table, fs, rel = item
+            if not fs.exists(rel):
+                self._private.remove(item)
+                self.detached.append(table)
+
     def unmount(self, mountpoint: str) -> None:
         """Take away whatever is mounted on local ``mountpoint`` (the last mount there)."""
         with self._lock:
@@ -457,6 +494,48 @@ class FakeBtrfs:
             sub.exclusive_bytes += add_bytes
             sub.referenced_bytes += add_bytes
             return sub.generation
+
+    def rename(self, old: str, new: str) -> None:
+        """``mv old new`` of a subvolume (with what is nested in it) to a folder of the
+        same filesystem, as the lab showed it on Linux 6.x: the moved subvolume keeps
+        its id and its generation (the folders that lose and gain the name are in the
+        subvolume(s) holding them, whose generations move)."""
+        with self._lock:
+            fs, src = self._resolve(old)
+            fs2, dst = self._resolve(new)
+            if fs2 is not fs:
+                raise OSError(18, "Invalid cross-device link")
+            if src not in fs.by_path or fs.exists(dst):
+                raise FileNotFoundError(old) if src not in fs.by_path else FileExistsError(new)
+            if not fs.exists(posixpath.dirname(dst)) and posixpath.dirname(dst):
+                raise FileNotFoundError(posixpath.dirname(dst))
+            moved = fs.subvolumes[fs.by_path[src]]
+            source_holder = (
+                fs.containing(posixpath.dirname(src))
+                if posixpath.dirname(src)
+                else fs.subvolumes[TOP_LEVEL]
+            )
+            target_holder = (
+                fs.containing(posixpath.dirname(dst))
+                if posixpath.dirname(dst)
+                else fs.subvolumes[TOP_LEVEL]
+            )
+
+            def moved_path(p: str) -> str:
+                return dst + p[len(src) :] if _under(p, src) else p
+
+            fs.by_path = {moved_path(p): i for p, i in fs.by_path.items()}
+            for sub in fs.subvolumes.values():
+                sub.path = moved_path(sub.path)
+            fs.directories = {moved_path(d) for d in fs.directories}
+            fs.files = {moved_path(f) for f in fs.files}
+            moved.parent_id = target_holder.id
+            gen = fs.commit()
+            for holder in {
+                source_holder.id: source_holder,
+                target_holder.id: target_holder,
+            }.values():
+                holder.changed(gen, self.now)
 
     def set_default(self, path: str) -> None:
         """``btrfs subvolume set-default`` (a builder: not logged in ``calls``)."""
@@ -556,6 +635,7 @@ class FakeBtrfs:
             fs.directories = {
                 d for d in fs.directories if not _under(d, top) or any(_under(p, d) for p in left)
             }
+            self._detach_gone()
             return first_error
 
     # ----------------------------------------------------------------- inspecting
@@ -624,6 +704,14 @@ class FakeBtrfs:
             if self.host_mounts_error is not None:
                 raise HostMountsUnavailable(self.host_mounts_error)
             return [entry for entry, _ in self._mounts] + [e for e, _ in self._other_mounts]
+
+    def namespace_mounts(self) -> list[NamespaceTable]:
+        with self._lock:
+            if self.namespace_mounts_error is not None:
+                raise HostMountsUnavailable(self.namespace_mounts_error)
+            if self.host_mounts_error is not None:
+                raise HostMountsUnavailable(self.host_mounts_error)
+            return [table for table, _, _ in self._private]
 
     def filesystem(self, mount: str) -> FilesystemIdent:
         with self._lock:
@@ -755,6 +843,7 @@ class FakeBtrfs:
             dirs = {d for d in fs.directories if _under(d, top) and (d != top or not keep_top)}
             fs.files -= files
             fs.directories -= dirs
+            self._detach_gone()
             return TreeRemoval(path, len(files), len(dirs))
 
     def last_change(self, path: str) -> datetime | None:
@@ -831,6 +920,7 @@ class FakeBtrfs:
         gen = fs.commit()
         if holder is not None:
             holder.changed(gen, self.now)
+        self._detach_gone()
 
     def _process(self, op: str, args: tuple[str, ...] = (), *, ioctl: bool = False) -> None:
         """Bookkeeping for one btrfs process (or ioctl, which needs no binary: the

@@ -170,7 +170,11 @@ class Deletes:
             dry_run=dry_run,
             fs_hint=fs_uuid,
             decide=lambda snap: plan_subvolume_delete(
-                snap, fs_uuid, sub_id, protect_labels=DEFAULT_PROTECT_LABELS
+                snap,
+                fs_uuid,
+                sub_id,
+                protect_labels=DEFAULT_PROTECT_LABELS,
+                orphan_floor=self.inventory.config.orphan_min_age_seconds,
             ),
         )
 

@@ -45,6 +45,7 @@ from agent.errors import AgentError, Conflict, NotFound, PlanExpired, Refused, V
 from agent.store.audit import AuditLog
 from agent.store.state import StateStore, StoredJob
 from shared.policy import ORPHAN_MIN_AGE_FLOOR_SECONDS
+from shared.wirepath import safe_text
 
 log = logging.getLogger("nas_janitor.agent.jobs")
 AGENT_ACTOR = "agent"
@@ -240,7 +241,7 @@ class Jobs:
                 stored = self.state.get_job(job_id)
                 body = dict(stored.body) if stored else {}
                 body["finished_at"] = self.inventory.clock().isoformat()
-                body["error"] = why
+                body["error"] = safe_text(why)
                 self.state.update_job(job_id, state="interrupted", body=body)
                 return
             except Exception:
@@ -444,13 +445,28 @@ def recheck(
             ds = plan_qgroup_destroy(snap, str(action.filesystem_uuid), action.qgroup_ids)
         else:
             ds = plan_subvolume_delete(
-                snap, str(action.filesystem_uuid), int(target.id or 0), protect_labels=protect
+                snap,
+                str(action.filesystem_uuid),
+                int(target.id or 0),
+                protect_labels=protect,
+                orphan_floor=orphan_floor,
             )
     except NotFound as exc:
         return Skipped("gone", exc.detail)
     except (Refused, ValidationFailed) as exc:
         return Skipped(exc.code, exc.detail)
-    if action.kind in ("orphan-layer", "orphan-layer-folder"):
+    if action.op == "delete_subvolumes":
+        # By id, a subvolume renamed elsewhere since the plan would still be found, with
+        # the same generation (a rename inside one subvolume leaves it alone): it is the
+        # planned target only where it was planned.
+        now = snap.subvolume(str(action.filesystem_uuid), int(target.id or 0))
+        if now is None or now.path != target.path or now.owner_kind != action.kind:
+            where = now.path if now is not None else None
+            return Skipped(
+                "changed",
+                safe_text(f"subvolume {target.id} moved from {target.path} to {where}"),
+            )
+    if action.kind == "orphan-layer-folder":
         young = _still_young(snap, action, orphan_floor)
         if young is not None:
             return young
@@ -477,14 +493,11 @@ def recheck(
 
 
 def _still_young(snap: Snapshot, action: Action, floor: int) -> Skipped | None:
-    """An orphan that changed within ``floor`` seconds (Docker writing it), or whose last
-    change cannot be told."""
-    if action.kind == "orphan-layer":
-        sv = snap.subvolume(str(action.filesystem_uuid), int(action.target.id or 0))
-        times = [t for t in ((sv.created_at, sv.changed_at) if sv else ()) if t is not None]
-    else:
-        folder = next((f for f in snap.layer_folders if f.path == action.target.path), None)
-        times = [folder.changed_at] if folder is not None and folder.changed_at else []
+    """An orphan layer folder that changed within ``floor`` seconds (Docker writing it),
+    or whose last change cannot be told. (An orphan layer subvolume's age is one of the
+    safety rules: ``agent.domain.safety.check_orphan_age``.)"""
+    folder = next((f for f in snap.layer_folders if f.path == action.target.path), None)
+    times = [folder.changed_at] if folder is not None and folder.changed_at else []
     if not times:
         return Skipped("too_young", "when it last changed cannot be told")
     age = int((snap.taken_at - max(times)).total_seconds())

@@ -48,6 +48,7 @@ from shared.policy import (
     FINDING_KINDS,
     ORPHAN_MIN_AGE_FLOOR_SECONDS,
 )
+from shared.wirepath import from_wire, path_fields
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,28 @@ class Target:
     path: str | None  # host path
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "name": self.name, "id": self.id, "path": self.path}
+        """Name and path as ``shared.wirepath`` puts them (text + base64 of the exact
+        bytes when they are not UTF-8): what JSON, and so the state store, can hold."""
+        return {
+            "type": self.type,
+            **path_fields(self.name, "name"),
+            "id": self.id,
+            **path_fields(self.path),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Target:
         return cls(
             type=str(data["type"]),
-            name=data.get("name"),
+            name=_unwire(data, "name"),
             id=data.get("id"),
-            path=data.get("path"),
+            path=_unwire(data, "path"),
         )
+
+
+def _unwire(data: Mapping[str, Any], key: str) -> str | None:
+    text = data.get(key)
+    return None if text is None else from_wire(text, data.get(f"{key}_b64"))
 
 
 @dataclass(frozen=True)
@@ -294,7 +307,10 @@ def _orphan_finding(ctx: _Ctx, sv: SubvolView, created_fallback: datetime | None
     subtree = ctx.snap.subtree(sv.fs_uuid, sv.id)
     reclaimable: int | None = None
     try:
-        ds = plan_subvolume_delete(ctx.snap, sv.fs_uuid, sv.id, protect_labels=ctx.protect_labels)
+        # the finding blocks on its age itself (the policy's and the floor, below)
+        ds = plan_subvolume_delete(
+            ctx.snap, sv.fs_uuid, sv.id, protect_labels=ctx.protect_labels, orphan_floor=0
+        )
         reclaimable = ds.reclaimable_bytes
         subtree = list(ds.subvolumes)
     except (Refused, Unavailable) as exc:

@@ -6,7 +6,9 @@ skipped. Nothing here reads the system or the clock: the caller passes both in.
 
 A plan is stored as JSON (``Plan.to_json`` / ``Plan.from_json``): besides what the API
 shows, each action keeps what the re-check before it runs compares against (the
-filesystem, the subvolumes' generations when planned).
+filesystem, the subvolumes' generations when planned). Names and paths are stored as
+``shared.wirepath`` puts them on the wire (a name that is not UTF-8 keeps its bytes);
+reasons and details, meant for people, as ``safe_text``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from agent.domain.findings import Finding, Target
 from shared.policy import REPORT_ONLY_KINDS, Policy
+from shared.wirepath import from_wire, path_fields, safe_text
 
 # What each kind's clean-up is.
 OPS = {
@@ -43,7 +46,8 @@ class Action:
     qgroup_ids: tuple[int, ...] = ()  # destroy_qgroups: the level-0 qgroups, when planned
 
     def describe(self) -> str:
-        """The audit log's name for the target."""
+        """The audit log's name for the target (text: a path that is not UTF-8 shows
+        U+FFFD where its bytes are not, as the audit log keeps every name)."""
         t = self.target
         if t.type == "volume":
             return f"volume {t.name}"
@@ -51,7 +55,7 @@ class Action:
             return f"subvolume {self.filesystem_uuid}/{t.id}"
         if t.type == "filesystem":
             return f"filesystem {self.filesystem_uuid}"
-        return f"folder {t.path}"
+        return f"folder {safe_text(t.path or '')}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,7 +122,9 @@ class Plan:
             "created_at": self.created_at.isoformat(),
             "expires_at": self.expires_at.isoformat(),
             "actions": [a.to_json() for a in self.actions],
-            "skipped": [{"finding_id": s.finding_id, "reason": s.reason} for s in self.skipped],
+            "skipped": [
+                {"finding_id": s.finding_id, "reason": safe_text(s.reason)} for s in self.skipped
+            ],
             "reclaimable_bytes": self.reclaimable_bytes,
             "policy": self.policy.to_json(),
         }
@@ -226,9 +232,11 @@ class ActionResult:
         return {
             "seq": self.seq,
             "outcome": self.outcome,
-            "detail": self.detail,
+            "detail": safe_text(self.detail),
             "reclaimed_bytes": self.reclaimed_bytes,
-            "deleted": [{"id": d.id, "path": d.path, "bytes": d.bytes} for d in self.deleted],
+            "deleted": [
+                {"id": d.id, **path_fields(d.path), "bytes": d.bytes} for d in self.deleted
+            ],
         }
 
     @classmethod
@@ -239,7 +247,11 @@ class ActionResult:
             detail=str(data.get("detail") or ""),
             reclaimed_bytes=data.get("reclaimed_bytes"),
             deleted=tuple(
-                Deleted(int(d["id"]), d.get("path"), d.get("bytes"))
+                Deleted(
+                    int(d["id"]),
+                    None if d.get("path") is None else from_wire(d["path"], d.get("path_b64")),
+                    d.get("bytes"),
+                )
                 for d in data.get("deleted") or ()
             ),
         )

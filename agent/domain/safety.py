@@ -8,7 +8,9 @@ Rules (the contract's numbering):
    labels protect it (``keep`` and ``nas-janitor.keep`` always do), or a named volume
    that holds no subvolume. Never anything in use:
    - nothing mounted at or inside the target, of any filesystem type, in the host's
-     mount namespace or the agent's (``check_no_mounts``);
+     mount namespace, the agent's, or any other (a service with private mounts, a
+     container: removing the folder a mount sits on detaches it there)
+     (``check_no_mounts``);
    - nothing of the target mounted elsewhere: a ``subvol=`` or bind mount of it or of
      anything inside it (found by what each mount of the same filesystem shows);
    - no container, running or stopped, that mounts the target, something inside it,
@@ -44,9 +46,10 @@ from agent.errors import (
     NotFound,
     OutsideRoots,
     Protected,
+    TooYoung,
     ValidationFailed,
 )
-from shared.policy import protected_reason
+from shared.policy import ORPHAN_MIN_AGE_FLOOR_SECONDS, protected_reason
 
 
 @dataclass(frozen=True)
@@ -102,10 +105,11 @@ def check_no_mounts(
     mounts: MountIndex, path: str, *, dev: str, in_fs: str | None, what: str | None = None
 ) -> None:
     """Nothing is mounted at or inside ``path`` (a host path), in the host's mount
-    namespace or this process's, whatever the filesystem type; and nothing of it is
-    mounted elsewhere (a ``subvol=`` or bind mount of it or of anything inside it, found
-    by what each mount of the same filesystem ``dev`` shows: ``in_fs`` is the path's
-    place inside that filesystem)."""
+    namespace or this process's, whatever the filesystem type, nor in any other mount
+    namespace (found by what each of its mounts sits on: ``in_fs`` is the path's place
+    inside filesystem ``dev``); and nothing of it is mounted elsewhere, in any
+    namespace (a ``subvol=`` or bind mount of it or of anything inside it, found by
+    what each mount of the same filesystem shows)."""
     what = what or path
     if not mounts.known:
         raise HostMountsUnavailable(
@@ -118,9 +122,11 @@ def check_no_mounts(
     if in_fs is None:
         raise Protected(f"{what}: where it lies inside its filesystem is not known")
     if dev:
-        for m in mounts.exposing(dev, in_fs):
-            shown = "it" if m.root.rstrip("/") == in_fs.rstrip("/") else m.root
-            raise Protected(f"{what} is also mounted elsewhere: {shown} at {m.mountpoint}")
+        for f in mounts.sitting_in(dev, in_fs):
+            raise InUse(f"{f.describe()} is mounted inside {what}")
+        for shower in mounts.exposing(dev, in_fs):
+            shown = "it" if shower.root.rstrip("/") == in_fs.rstrip("/") else shower.root
+            raise Protected(f"{what} is also mounted elsewhere: {shown} at {shower.place()}")
 
 
 def check_no_container_uses(uses: UseIndex, path: str, *, wide: Sequence[str]) -> None:
@@ -140,11 +146,12 @@ def check_guard(
     mounts: MountIndex,
     uses: UseIndex | None = None,
 ) -> None:
-    """Every guarded path holds no mount and no container use, against ``mounts`` and
-    ``uses`` (read right now; the snapshot's uses by default)."""
+    """Every guarded path holds no container use and no mount, against ``uses`` and
+    ``mounts`` (read right now; the snapshot's uses by default). Containers first: a
+    container's bind mount is also a mount of its namespace, and its name says more."""
     for path, dev, in_fs in guard:
-        check_no_mounts(mounts, path, dev=dev, in_fs=in_fs)
         check_no_container_uses(uses or snap.uses, path, wide=snap.wide_paths())
+        check_no_mounts(mounts, path, dev=dev, in_fs=in_fs)
 
 
 def _guard_entry(snap: Snapshot, fs_uuid: str, path: str) -> tuple[str, str, str | None]:
@@ -210,10 +217,38 @@ def _readonly_parents(snap: Snapshot, subs: Sequence[SubvolView]) -> tuple[Subvo
 # ---------------------------------------------------------------------- deletes
 
 
+def check_orphan_age(snap: Snapshot, sv: SubvolView, floor: int) -> None:
+    """An orphan layer (a subvolume in the daemon's ``btrfs/subvolumes/`` that no layer
+    record names) goes only once it has not changed for ``floor`` seconds: Docker
+    creates a layer's subvolume first and records it when the layer is complete, so a
+    layer being pulled, imported or built looks orphaned meanwhile (``TooYoung``)."""
+    if sv.owner_kind != "orphan-layer" or floor <= 0:
+        return
+    times = [t for t in (sv.created_at, sv.changed_at) if t is not None]
+    if not times:
+        raise TooYoung(
+            f"{sv.path}: when this orphan layer last changed cannot be told, and a layer "
+            "Docker is still writing looks orphaned"
+        )
+    age = int((snap.taken_at - max(times)).total_seconds())
+    if age < floor:
+        raise TooYoung(
+            f"{sv.path}: an orphan layer that changed {max(age, 0)} s ago, less than "
+            f"{floor} s: Docker may be writing it"
+        )
+
+
 def plan_subvolume_delete(
-    snap: Snapshot, fs_uuid: str, sub_id: int, *, protect_labels: Sequence[str]
+    snap: Snapshot,
+    fs_uuid: str,
+    sub_id: int,
+    *,
+    protect_labels: Sequence[str],
+    orphan_floor: int = ORPHAN_MIN_AGE_FLOOR_SECONDS,
 ) -> DeleteSet:
-    """Check every rule for deleting a subvolume and all nested in it."""
+    """Check every rule for deleting a subvolume and all nested in it; an orphan layer
+    among them must not have changed for ``orphan_floor`` seconds (the agent's
+    ``orphan_min_age_seconds``; never a request's)."""
     if fs_uuid not in snap.filesystems:
         raise NotFound(f"no btrfs filesystem with uuid {fs_uuid}")
     sv = snap.subvolume(fs_uuid, sub_id)
@@ -234,6 +269,8 @@ def plan_subvolume_delete(
         # The parent stays, but a read-only parent refuses the delete (EROFS): its flag
         # is cleared for the delete and set again afterwards; it must itself be ours.
         _check_path(snap, parent)
+    for member in ordered:
+        check_orphan_age(snap, member, orphan_floor)
     return DeleteSet(
         fs_uuid=fs_uuid,
         subvolumes=ordered,

@@ -31,6 +31,7 @@ from agent.host.records import (
     FsUsage,
     LayerRefs,
     MountEntry,
+    NamespaceTable,
     QgroupReport,
     SubvolumeRecord,
     VolumeRecord,
@@ -121,6 +122,56 @@ class MountView:
         what = self.fstype if self.root == "/" else f"{self.fstype} {self.root}"
         return f"{self.mountpoint} ({what} from {self.source})"
 
+    def place(self) -> str:
+        return self.mountpoint
+
+
+@dataclass(frozen=True)
+class ForeignMount:
+    """A mount in another mount namespace (a service with private mounts, a
+    container), placed by what it sits on: ``on_dev``/``on_path``, the filesystem and
+    the path inside it of the folder it covers (its parent mount's root and the rest of
+    its mount point). That is where removing a folder or deleting a subvolume would
+    detach it in that namespace: the kernel does, since Linux 3.18."""
+
+    pid: int  # a process of that namespace
+    mountpoint: str  # as that process sees it
+    fstype: str
+    source: str
+    root: str
+    dev: str
+    on_dev: str
+    on_path: str
+
+    def describe(self) -> str:
+        return f"{self.mountpoint} ({self.fstype} from {self.source}) in {self.namespace()}"
+
+    def namespace(self) -> str:
+        return f"the mount namespace of pid {self.pid}"
+
+    def place(self) -> str:
+        return f"{self.mountpoint} in {self.namespace()}"
+
+
+def foreign_mounts(tables: Iterable[NamespaceTable]) -> list[ForeignMount]:
+    """The mounts of other namespaces' tables, each placed by its parent mount (a
+    namespace's root mount sits on nothing that table shows: left out)."""
+    out = []
+    for table in tables:
+        by_id = {m.mount_id: m for m in table.mounts}
+        for m in table.mounts:
+            parent = by_id.get(m.parent_id)
+            if parent is None or parent is m or not is_under(m.mountpoint, parent.mountpoint):
+                continue
+            rest = m.mountpoint[len(parent.mountpoint.rstrip("/")) :]
+            on_path = posixpath.normpath(parent.root.rstrip("/") + rest) if rest else parent.root
+            out.append(
+                ForeignMount(
+                    table.pid, m.mountpoint, m.fstype, m.source, m.root, m.dev, parent.dev, on_path
+                )
+            )
+    return out
+
 
 def _prefixed(items: Sequence[str], path: str) -> range:
     """Indexes of the sorted ``items`` equal to ``path`` or below it (``path/...``)."""
@@ -135,9 +186,17 @@ class MountIndex:
 
     ``known`` is False when the host's mount table could not be read: then only this
     process's mounts are in it, and ``unknown_reason`` says why (every delete is refused).
+    ``foreign``: the mounts of every other mount namespace, looked up by what they sit
+    on and by what they show (their mount points mean nothing on the host).
     """
 
-    def __init__(self, mounts: Iterable[MountView], *, unknown_reason: str | None = None) -> None:
+    def __init__(
+        self,
+        mounts: Iterable[MountView],
+        *,
+        unknown_reason: str | None = None,
+        foreign: Iterable[ForeignMount] = (),
+    ) -> None:
         unique = {(m.mountpoint, m.dev, m.root): m for m in mounts}
         self.all: tuple[MountView, ...] = tuple(sorted(unique.values(), key=lambda m: m.mountpoint))
         self._points = [m.mountpoint for m in self.all]
@@ -147,6 +206,16 @@ class MountIndex:
         self._by_dev = {d: sorted(ms, key=lambda m: m.root) for d, ms in by_dev.items()}
         self._roots = {d: [m.root for m in ms] for d, ms in self._by_dev.items()}
         self.unknown_reason = unknown_reason
+        self.foreign = tuple(foreign)
+        on: dict[str, list[ForeignMount]] = {}
+        shows: dict[str, list[ForeignMount]] = {}
+        for f in self.foreign:
+            on.setdefault(f.on_dev, []).append(f)
+            shows.setdefault(f.dev, []).append(f)
+        self._on = {d: sorted(fs, key=lambda f: f.on_path) for d, fs in on.items()}
+        self._on_paths = {d: [f.on_path for f in fs] for d, fs in self._on.items()}
+        self._shows = {d: sorted(fs, key=lambda f: f.root) for d, fs in shows.items()}
+        self._shows_roots = {d: [f.root for f in fs] for d, fs in self._shows.items()}
 
     @property
     def known(self) -> bool:
@@ -157,15 +226,27 @@ class MountIndex:
         hits = [self.all[i] for i in _prefixed(self._points, path)]
         return [m for m in hits if is_under(m.mountpoint, path)]
 
-    def exposing(self, dev: str, in_fs: str) -> list[MountView]:
-        """Mounts of filesystem ``dev`` that show ``in_fs`` or something inside it: what
-        deleting ``in_fs`` would take away from under another mount point."""
-        roots = self._roots.get(dev)
-        if not roots:
+    def exposing(self, dev: str, in_fs: str) -> list[MountView | ForeignMount]:
+        """Mounts of filesystem ``dev``, in any mount namespace, that show ``in_fs`` or
+        something inside it: what deleting ``in_fs`` would take away from under another
+        mount point."""
+        out: list[MountView | ForeignMount] = []
+        for by_dev, roots_by_dev in ((self._by_dev, self._roots), (self._shows, self._shows_roots)):
+            roots = roots_by_dev.get(dev)
+            if roots:
+                mounts: Sequence[MountView | ForeignMount] = by_dev[dev]
+                hits = [mounts[i] for i in _prefixed(roots, in_fs)]
+                out.extend(m for m in hits if is_under(m.root, in_fs))
+        return out
+
+    def sitting_in(self, dev: str, in_fs: str) -> list[ForeignMount]:
+        """Mounts of other mount namespaces that sit at or inside ``in_fs`` (a path
+        inside filesystem ``dev``): what removing it would detach there."""
+        paths = self._on_paths.get(dev)
+        if not paths:
             return []
-        mounts = self._by_dev[dev]
-        hits = [mounts[i] for i in _prefixed(roots, in_fs)]
-        return [m for m in hits if is_under(m.root, in_fs)]
+        hits = [self._on[dev][i] for i in _prefixed(paths, in_fs)]
+        return [f for f in hits if is_under(f.on_path, in_fs)]
 
 
 @dataclass(frozen=True)
@@ -379,6 +460,7 @@ def take_snapshot(
     f_containers = _POOL.submit(docker.containers)
     f_mounts = _POOL.submit(btrfs.mounts)
     f_host_mounts = _POOL.submit(btrfs.host_mounts)
+    f_namespaces = _POOL.submit(btrfs.namespace_mounts)
     info = f_info.result()
     data_root = info.data_root
     roots = tuple(roots) or (data_root,)
@@ -390,7 +472,7 @@ def take_snapshot(
     for m in all_mounts:
         if m.fstype == "btrfs":
             by_source.setdefault(m.source, []).append(m)
-    mounts_index = _mount_index(all_mounts, f_host_mounts, pathmap)
+    mounts_index = _mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces)
 
     filesystems: dict[str, FsView] = {}
     subvolumes: dict[str, dict[int, SubvolView]] = {}
@@ -588,20 +670,27 @@ def _layer_folders(
 
 
 def read_mounts(btrfs: Btrfs, pathmap: PathMap) -> MountIndex:
-    """The mount tables as they are now (the host's and this process's)."""
+    """The mount tables as they are now (the host's, this process's, every other
+    namespace's)."""
     host: Future[list[MountEntry]] = Future()
-    try:
-        host.set_result(btrfs.host_mounts())
-    except Unavailable as exc:
-        host.set_exception(exc)
-    return _mount_index(btrfs.mounts(), host, pathmap)
+    others: Future[list[NamespaceTable]] = Future()
+    for future, read in ((host, btrfs.host_mounts), (others, btrfs.namespace_mounts)):
+        try:
+            future.set_result(read())  # type: ignore[arg-type]
+        except Unavailable as exc:
+            future.set_exception(exc)
+    return _mount_index(btrfs.mounts(), host, pathmap, others)
 
 
 def _mount_index(
-    local: Sequence[MountEntry], host: Future[list[MountEntry]], pathmap: PathMap
+    local: Sequence[MountEntry],
+    host: Future[list[MountEntry]],
+    pathmap: PathMap,
+    others: Future[list[NamespaceTable]],
 ) -> MountIndex:
-    """The host's mounts (host paths already) and this process's (mapped to host paths;
-    those outside the host's view are left out). When the host's table cannot be read,
+    """The host's mounts (host paths already), this process's (mapped to host paths;
+    those outside the host's view are left out) and every other namespace's (placed by
+    what they sit on). When the host's table, or another namespace's, cannot be read,
     the index says why and holds this process's mounts only."""
     views = [
         MountView(hp, m.fstype, m.source, m.root, m.dev)
@@ -610,7 +699,8 @@ def _mount_index(
     ]
     try:
         host_mounts = host.result()
+        tables = others.result()
     except Unavailable as exc:
         return MountIndex(views, unknown_reason=exc.detail)
     views.extend(MountView(m.mountpoint, m.fstype, m.source, m.root, m.dev) for m in host_mounts)
-    return MountIndex(views)
+    return MountIndex(views, foreign=foreign_mounts(tables))

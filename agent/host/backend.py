@@ -24,6 +24,7 @@ from agent.host.records import (
     FsUsage,
     LayerRefs,
     MountEntry,
+    NamespaceTable,
     QgroupReport,
     SubvolumeRecord,
     VolumeRecord,
@@ -46,6 +47,11 @@ class Btrfs(Protocol):
     def host_mounts(self) -> list[MountEntry]:
         """Every mount of the host's mount namespace, of any type (host paths).
         ``HostMountsUnavailable`` when it cannot be seen."""
+
+    def namespace_mounts(self) -> list[NamespaceTable]:
+        """The mount tables of every other mount namespace on the host (services with
+        private mounts, containers), one process's view of each.
+        ``HostMountsUnavailable`` when they cannot all be seen."""
 
     def filesystem(self, mount: str) -> FilesystemIdent: ...
 

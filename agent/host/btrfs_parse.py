@@ -378,8 +378,8 @@ def parse_mountinfo(text: str, fstype: str | None = None) -> list[MountEntry]:
         kind, source, super_options = fields[sep + 1 : sep + 4]
         if fstype is not None and kind != fstype:
             continue
-        if not fields[0].isdigit() or ":" not in fields[2]:
-            raise BtrfsParseError(what, "no mount id or major:minor", line)
+        if not fields[0].isdigit() or not fields[1].isdigit() or ":" not in fields[2]:
+            raise BtrfsParseError(what, "no mount id, parent id or major:minor", line)
         entries.append(
             MountEntry(
                 mountpoint=unescape_mountinfo(fields[4]),
@@ -389,6 +389,7 @@ def parse_mountinfo(text: str, fstype: str | None = None) -> list[MountEntry]:
                 fstype=unescape_mountinfo(kind),
                 dev=fields[2],
                 mount_id=int(fields[0]),
+                parent_id=int(fields[1]),
             )
         )
     return entries

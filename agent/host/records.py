@@ -123,6 +123,18 @@ class MountEntry:
     fstype: str = "btrfs"
     dev: str = ""  # the filesystem's st_dev as "major:minor" (one per btrfs filesystem)
     mount_id: int = 0
+    parent_id: int = 0  # the mount it sits on (its own id for a namespace's root mount)
+
+
+@dataclass(frozen=True)
+class NamespaceTable:
+    """The mount table of one mount namespace other than the host's and this
+    process's, as one of its processes (``pid``) sees it: mount points are paths of that
+    process's view, meaningless on the host; what each mount sits on is told by its
+    parent's filesystem (``dev``) and ``root``."""
+
+    pid: int
+    mounts: tuple[MountEntry, ...]
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,49 @@ def findings(agent: AgentUnderTest, kind: str) -> list[dict[str, Any]]:
     return list(items)
 
 
+# --------------------------------------------------------------------------- other namespaces
+
+
+def test_a_mount_made_in_another_namespace_after_the_plan_stops_the_action(
+    agent: AgentUnderTest,
+) -> None:
+    """A process with a mount namespace of its own mounts a tmpfs inside the planned
+    volume: removing the folder it sits on would detach it there (its files lost)."""
+    sc = agent.sc
+    p = plan(agent, kinds=["dind-volume"])
+    assert len(p["actions"]) == 1
+    at = f"{sc.data_root}/volumes/{sc.dind_volume}/_data/private"
+    sc.btrfs.make_dirs(at)
+    sc.btrfs.add_private_mount(at, pid=4242)
+    job = run(agent, p["id"])
+    (result,) = job["results"]
+    assert result["outcome"] == "skipped" and result["detail"].startswith("in_use:"), result
+    assert "pid 4242" in result["detail"]
+    assert sc.btrfs.detached == [] and sc.docker.volume(sc.dind_volume) is not None
+
+
+def test_a_planned_orphan_renamed_elsewhere_is_left_alone(tmp_path: Path) -> None:
+    """Renamed into someone's folder next to it after the plan, the orphan keeps its id
+    and its generation: the action must not follow it there."""
+    sc = make_leak_scenario(age=timedelta(hours=2))
+    agent = build(tmp_path / "state", sc)
+    p = plan(agent, kinds=["orphan-layer"])
+    assert len(p["actions"]) == 1
+    before = sc.btrfs.subvolume(sc.orphan_layer)
+    assert before is not None
+    ident = (before.id, before.generation)
+    kept = f"{sc.data_root}/btrfs/kept"
+    sc.btrfs.make_dirs(kept)
+    sc.btrfs.rename(sc.orphan_layer, f"{kept}/moved")
+    after = sc.btrfs.subvolume(f"{kept}/moved")
+    assert after is not None and (after.id, after.generation) == ident
+    job = run(agent, p["id"])
+    (result,) = job["results"]
+    assert result["outcome"] == "skipped" and result["detail"].startswith("changed:"), result
+    assert "moved" in result["detail"]
+    assert sc.btrfs.exists(f"{kept}/moved")
+
+
 # --------------------------------------------------------------------------- honest failures
 
 
@@ -195,17 +238,20 @@ def test_an_orphan_changed_after_the_plan_is_left_alone(tmp_path: Path) -> None:
     assert sc.btrfs.exists(sc.orphan_layer)
 
 
-def test_a_young_orphan_is_never_planned_whatever_the_request(tmp_path: Path) -> None:
+def test_a_young_orphan_is_never_deleted_whatever_the_request(tmp_path: Path) -> None:
     agent = build(tmp_path / "state", make_leak_scenario(age=timedelta(minutes=10)))
     p = plan(agent, kinds=["orphan-layer"], min_age_seconds=0)
     assert p["actions"] == []
     assert p["skipped"] and p["skipped"][0]["reason"].startswith("too_young:")
-    r = agent.client.delete(
-        f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes/"
-        f"{agent.sc.btrfs.subvolume(agent.sc.orphan_layer).id}?dry_run=true",  # type: ignore[union-attr]
-        headers=auth(),
-    )
-    assert r.status_code == 200  # a direct delete names its target: the age is a plan's rule
+    # a direct delete is a request too: a layer Docker is writing looks just like this
+    for dry_run in ("true", "false"):
+        r = agent.client.delete(
+            f"/v1/filesystems/{agent.sc.fs_uuid}/subvolumes/"
+            f"{agent.sc.btrfs.subvolume(agent.sc.orphan_layer).id}?dry_run={dry_run}",  # type: ignore[union-attr]
+            headers=auth(),
+        )
+        assert r.status_code == 409 and r.get_json()["code"] == "too_young", r.get_json()
+    assert agent.sc.btrfs.exists(agent.sc.orphan_layer)
 
 
 # --------------------------------------------------------------------------- named volumes

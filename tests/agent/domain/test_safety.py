@@ -77,12 +77,18 @@ def test_the_plain_leak_may_go(sc: LeakScenario, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- mounts of any type
 
 
+def _private_tmpfs(sc: LeakScenario, at: str) -> None:
+    sc.btrfs.make_dirs(at)
+    sc.btrfs.add_private_mount(at)
+
+
 MOUNTERS: dict[str, Callable[[LeakScenario, str], None]] = {
     "tmpfs": lambda sc, at: sc.btrfs.add_mount(at),
     "tmpfs on the host only": lambda sc, at: sc.btrfs.add_mount(at, host_only=True),
     "bind of a host folder": lambda sc, at: sc.btrfs.add_mount(
         at, fstype="ext4", source="/dev/vda", root="/home/alice/photos"
     ),
+    "tmpfs in a mount namespace of its own": lambda sc, at: _private_tmpfs(sc, at),
 }
 
 
@@ -119,6 +125,14 @@ def test_a_mount_on_a_nested_subvolume_blocks_its_volume_and_it(
         volume(snap, sc)
     with pytest.raises(Protected, match="mount point"):
         plan_subvolume_delete(snap, sc.fs_uuid, sub_id(sc, sc.dind_ro_leaf), protect_labels=LABELS)
+
+
+def test_without_every_mount_namespace_nothing_goes(sc: LeakScenario, tmp_path: Path) -> None:
+    sc.btrfs.namespace_mounts_error = "cannot read the mount table of pid 4242"
+    snap = snapshot(sc, tmp_path)
+    assert not snap.mounts.known
+    with pytest.raises(HostMountsUnavailable, match="pid 4242"):
+        volume(snap, sc)
 
 
 def test_without_the_hosts_mount_table_nothing_goes(sc: LeakScenario, tmp_path: Path) -> None:
@@ -291,3 +305,29 @@ def test_qgroups_of_live_subvolumes_are_never_destroyed(sc: LeakScenario, tmp_pa
         plan_qgroup_destroy(snap, sc.fs_uuid, [sub_id(sc, sc.orphan_layer)])
     with pytest.raises(Protected):
         plan_qgroup_destroy(snap, sc.fs_uuid, [5])
+
+
+def test_a_mount_of_another_namespace_is_placed_by_what_it_sits_on() -> None:
+    """A container that bind-mounts the data root (/docker of the btrfs) at /host and
+    mounts a tmpfs below it: the tmpfs sits in the btrfs at /docker/volumes/v/_data/p."""
+    from agent.domain.snapshot import MountIndex, foreign_mounts
+    from agent.host.records import MountEntry, NamespaceTable
+
+    table = NamespaceTable(
+        77,
+        (
+            MountEntry("/", "/", "overlay", "rw", "overlay", "0:90", 10, 9),
+            MountEntry("/host", "/docker", "/dev/loop2", "rw", "btrfs", "0:43", 11, 10),
+            MountEntry("/host/volumes/v/_data/p", "/", "tmpfs", "rw", "tmpfs", "0:91", 12, 11),
+        ),
+    )
+    placed = {f.mountpoint: (f.on_dev, f.on_path) for f in foreign_mounts([table])}
+    assert placed == {
+        "/host": ("0:90", "/host"),
+        "/host/volumes/v/_data/p": ("0:43", "/docker/volumes/v/_data/p"),
+    }
+    index = MountIndex([], foreign=foreign_mounts([table]))
+    with pytest.raises(InUse, match="pid 77"):
+        check_no_mounts(index, "/d/volumes/v", dev="0:43", in_fs="/docker/volumes/v")
+    # the bind of the whole data root shows the volume from above: not a use of it
+    check_no_mounts(index, "/d/volumes/w", dev="0:43", in_fs="/docker/volumes/w")

@@ -330,6 +330,7 @@ def test_mountinfo_btrfs_entries() -> None:
             fstype="btrfs",
             dev="0:43",
             mount_id=50,
+            parent_id=27,
         ),
         MountEntry(
             mountpoint="/srv/lab/back\\slash",
@@ -339,6 +340,7 @@ def test_mountinfo_btrfs_entries() -> None:
             fstype="btrfs",
             dev="0:43",
             mount_id=60,
+            parent_id=27,
         ),
         MountEntry(
             mountpoint="/srv/lab/tab\tdir",
@@ -348,6 +350,7 @@ def test_mountinfo_btrfs_entries() -> None:
             fstype="btrfs",
             dev="0:43",
             mount_id=61,
+            parent_id=27,
         ),
     ]
 
@@ -367,10 +370,11 @@ def test_mountinfo_all_types() -> None:
         "ext4",
         "254:0",
         27,
+        1,
     )
     assert root in entries
     assert parse_mountinfo(text, fstype="proc") == [
-        MountEntry("/proc", "/", "proc", "rw", "proc", "0:21", 22)
+        MountEntry("/proc", "/", "proc", "rw", "proc", "0:21", 22, 27)
     ]
 
 
@@ -384,7 +388,7 @@ def test_mountinfo_escapes() -> None:
     [entry] = parse_mountinfo(line + "\n")
     # super options stay as the kernel wrote them (a comma in a value is escaped too)
     assert entry == MountEntry(
-        "/mnt/my nas", "/sub vol", "/dev/sd b", r"rw,subvol=/sub\040vol", "btrfs", "0:43", 70
+        "/mnt/my nas", "/sub vol", "/dev/sd b", r"rw,subvol=/sub\040vol", "btrfs", "0:43", 70, 27
     )
 
 
