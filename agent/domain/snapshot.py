@@ -261,6 +261,10 @@ class Snapshot:
     def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView | None:
         return self.subvolumes.get(fs_uuid, {}).get(sub_id)
 
+    def subvolumes_list(self) -> list[SubvolView]:
+        """Every subvolume of every filesystem."""
+        return [sv for subs in self.subvolumes.values() for sv in subs.values()]
+
     def subvolume_at(self, host_path: str) -> SubvolView | None:
         fs = self.fs_for_host_path(host_path)
         if fs is None:
