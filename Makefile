@@ -80,7 +80,7 @@ wheelhouse: venv
 
 .PHONY: bench
 BENCH_RESULTS ?= bench/results
-## bench: every benchmark, each on a lab of its own (about 20 min, root), then rewrite
+## bench: every benchmark, each on a lab of its own (about 35 min, root), then rewrite
 ## the results sections of BENCHMARKS.md from $(BENCH_RESULTS)/*.json. Not part of `test`.
 bench: deps venv
 	$(PY) -m bench.b1_scan --json $(BENCH_RESULTS)/b1.json
@@ -88,6 +88,7 @@ bench: deps venv
 	$(PY) -m bench.b3_fleet --json $(BENCH_RESULTS)/b3.json
 	$(PY) -m bench.b4_footprint --json $(BENCH_RESULTS)/b4.json
 	$(PY) -m bench.b5_enumeration --json $(BENCH_RESULTS)/b5.json
+	$(PY) -m bench.b6_kept --json $(BENCH_RESULTS)/b6.json
 	$(PY) -m bench.report $(BENCH_RESULTS) BENCHMARKS.md
 
 .PHONY: robustness

@@ -14,6 +14,7 @@
     orphan_min_age_seconds: 3600   # an orphan layer is cleaned only after this long unchanged
     allow_plaintext: false         # serve plain HTTP on a non-loopback address (say so)
     max_stored_plans: 1000         # plans kept at most (expired ones purged first)
+    inventory_max_age_seconds: 300 # reads share one kept scan at most this old (0: none)
 
 The file is ``$NAS_JANITOR_CONFIG`` (default ``/etc/nas-janitor/agent.yaml``); each
 ``NAS_JANITOR_<KEY>`` variable below overrides one key. A bad config raises
@@ -61,6 +62,7 @@ ENV_KEYS = {
     "NAS_JANITOR_ORPHAN_MIN_AGE_SECONDS": "orphan_min_age_seconds",
     "NAS_JANITOR_ALLOW_PLAINTEXT": "allow_plaintext",
     "NAS_JANITOR_MAX_STORED_PLANS": "max_stored_plans",
+    "NAS_JANITOR_INVENTORY_MAX_AGE_SECONDS": "inventory_max_age_seconds",
 }
 
 
@@ -115,6 +117,10 @@ class AgentConfig:
     orphan_min_age_seconds: int = ORPHAN_MIN_AGE_FLOOR_SECONDS
     allow_plaintext: bool = False
     max_stored_plans: int = 1000
+    # Reads (and /metrics) share one kept scan of the host, scanned again when Docker's
+    # events, the btrfs trees or the mount tables say something changed, and at the
+    # latest when it is this old; 0 keeps nothing (every read scans).
+    inventory_max_age_seconds: int = 300
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -245,6 +251,7 @@ def load_config(
         "orphan_min_age_seconds",
         "allow_plaintext",
         "max_stored_plans",
+        "inventory_max_age_seconds",
     }
     for key in sorted(set(raw) - known):
         problems.append(f"{key}: unknown setting")
@@ -340,6 +347,17 @@ def load_config(
         problems.append("max_stored_plans: a whole number from 10 to 100000")
         max_plans = AgentConfig.max_stored_plans
 
+    max_age: Any = raw.get("inventory_max_age_seconds", AgentConfig.inventory_max_age_seconds)
+    try:
+        if isinstance(max_age, bool):
+            raise ValueError
+        max_age = int(max_age)
+        if not 0 <= max_age <= 86400:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append("inventory_max_age_seconds: a whole number from 0 to 86400")
+        max_age = AgentConfig.inventory_max_age_seconds
+
     g_raw = raw.get("gunicorn") or {}
     gun = GunicornConfig()
     if not isinstance(g_raw, dict):
@@ -401,6 +419,7 @@ def load_config(
         orphan_min_age_seconds=orphan_floor,
         allow_plaintext=allow_plaintext,
         max_stored_plans=max_plans,
+        inventory_max_age_seconds=max_age,
     )
 
 

@@ -12,8 +12,10 @@ anonymous). Then, interleaved, ``--runs`` times each:
   and with ``limit=5000``, and its first page alone;
 - ``GET /v1/findings``;
 
-each against the real agent under gunicorn over TLS on loopback (one keep-alive client).
-Target: each at most 3x the floor (ratio of medians).
+each against the real agent under gunicorn over TLS on loopback (one keep-alive client),
+configured to keep no scan between requests (``inventory_max_age_seconds: 0``): every
+request scans the host, so this measures the cold scan (``bench.b6_kept`` measures the
+kept one). Target: each at most 3x the floor (ratio of medians).
 
     .venv/bin/python -m bench.b1_scan [--subvolumes 10000] [--volumes 500] [--runs 7]
 """
@@ -165,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             lab, subvolumes=args.subvolumes, volumes=args.volumes, orphan_share=args.orphan_share
         )
         with tempfile.TemporaryDirectory(prefix="nas-janitor-bench-agent-") as work:
-            started = spawn_agent(Path(work), docker_host=lab.docker_host)
+            started = spawn_agent(
+                Path(work), docker_host=lab.docker_host, extra={"inventory_max_age_seconds": 0}
+            )
             agent = started.agent
             api = docker.APIClient(base_url=lab.docker_host, version="auto")
             try:

@@ -93,11 +93,17 @@ class Started:
 
 
 def spawn_agent(
-    workdir: Path, *, docker_host: str, wait: float = 60.0, poll: float = 0.005
+    workdir: Path,
+    *,
+    docker_host: str,
+    wait: float = 60.0,
+    poll: float = 0.005,
+    extra: dict[str, Any] | None = None,
 ) -> Started:
     """``janitor-agent serve`` under gunicorn over TLS on loopback (``lab.agentproc``'s
-    layout and config), timed from ``Popen`` to its first ``200`` on ``/healthz``."""
-    agent = launch_agent(workdir, docker_host=docker_host)
+    layout and config, plus the settings in ``extra``), timed from ``Popen`` to its
+    first ``200`` on ``/healthz``."""
+    agent = launch_agent(workdir, docker_host=docker_host, extra=extra)
     try:
         seconds = wait_healthz(
             agent.proc, agent.url, agent.pki.ca_pem, agent.started_at, wait=wait, poll=poll

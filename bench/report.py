@@ -1,7 +1,7 @@
 """Rewrite the results sections of BENCHMARKS.md from the benchmarks' JSON files.
 
 Each section sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``
-(NAME = b1, b2, b3, b4); a results file ``NAME.json`` (written by ``--json``) replaces
+(NAME = b1 ... b6); a results file ``NAME.json`` (written by ``--json``) replaces
 what is between its markers. Sections without a results file are left as they are.
 
     .venv/bin/python -m bench.report RESULTS_DIR BENCHMARKS.md

@@ -66,9 +66,11 @@ from agent.host.btrfs import BtrfsIoctlError
 from agent.host.dockerd import ANONYMOUS_LABEL, is_anonymous
 from agent.host.files import TreeRemoval
 from agent.host.records import (
+    ChangeMark,
     ContainerMount,
     ContainerRecord,
     DeleteResult,
+    DockerEvent,
     DockerInfo,
     FilesystemIdent,
     FolderEntry,
@@ -756,6 +758,42 @@ class FakeBtrfs:
         sub = self.subvolume(path)
         return sub.created_at if sub is not None and sub.id != TOP_LEVEL else None
 
+    def change_mark(self, mount: str, since: ChangeMark | None = None) -> ChangeMark:
+        """A digest of what ``list_subvolumes``, ``qgroups`` and ``default_subvolume``
+        would answer now (the real mark digests the tree blocks holding the same)."""
+        with self._lock:
+            fs = self._fs_for("tree search", mount, ioctl=True)
+            subs = sorted((s.record() for s in fs.subvolumes.values()), key=lambda r: r.id)
+            quota = (
+                fs.quota_enabled,
+                fs.quota_inconsistent,
+                sorted(
+                    (s.id, s.exclusive_bytes, s.referenced_bytes) for s in fs.subvolumes.values()
+                ),
+                sorted(fs.stale_qgroups),
+            )
+            ranges = []
+            for part in (subs, fs.default_id, quota):
+                digest = hashlib.blake2b(repr(part).encode(), digest_size=16).digest()
+                ranges.append((0, digest))
+            return ChangeMark(tuple(ranges))
+
+    def folder_stamp(self, path: str) -> tuple[int, int, int, int] | None:
+        """A value that moves when a name is made or removed in the (plain) folder."""
+        with self._lock:
+            try:
+                fs, rel = self._resolve(path)
+            except ValueError:
+                return None
+            if not fs.exists(rel):
+                return None
+            inside = sorted(
+                n
+                for n in (*fs.directories, *fs.files, *fs.by_path)
+                if posixpath.dirname(n) == rel and n != rel
+            )
+            return (0, 0, hash(tuple(inside)), 0)
+
     def set_readonly(self, path: str, value: bool) -> None:
         with self._lock:
             cmd = ("btrfs", "property", "set", path, "ro", "true" if value else "false")
@@ -1059,6 +1097,61 @@ class FakeContainer:
         )
 
 
+class FakeEventStream:
+    """``agent.host.backend.EventStream`` of a ``FakeDocker``: events are handed over
+    one at a time; ``FakeDocker`` waits (briefly) until the reader has taken each, so a
+    change made through the fake is seen by the agent before the call returns, as a
+    real daemon's event arrives a moment after the change. ``cut`` ends it the way a
+    daemon that goes away does."""
+
+    def __init__(self, owner: FakeDocker) -> None:
+        self._owner = owner
+        self._cond = threading.Condition()
+        self._queue: list[DockerEvent] = []
+        self._taken = 0
+        self._put = 0
+        self._closed = False
+        self.broken = False
+
+    def __iter__(self) -> Iterator[DockerEvent]:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait(0.5)
+                if self._closed and not self._queue:
+                    break
+                event = self._queue.pop(0)
+            yield event
+            with self._cond:  # the reader is back for the next one: it handled this
+                self._taken += 1
+                self._cond.notify_all()
+        with self._cond:
+            self._taken = self._put
+            self._cond.notify_all()
+        if self.broken:
+            raise DockerUnavailable("Docker's event stream was cut")
+
+    def put(self, event: DockerEvent, *, wait: float = 2.0) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._queue.append(event)
+            self._put += 1
+            target = self._put
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._taken >= target or self._closed, wait)
+
+    def cut(self) -> None:
+        self.broken = True
+        self.close()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._owner._streams.discard(self)
+
+
 class FakeDocker:
     """``agent.host.backend.Docker`` over in-memory images, containers and volumes.
 
@@ -1099,6 +1192,9 @@ class FakeDocker:
         self.extra_layer_refs: dict[str, LayerRefs] = {}
         self._counter = 0
         self._lock = threading.RLock()
+        self._streams: set[FakeEventStream] = set()
+        self.events_opened = 0
+        self.quiet = False  # True: changes send no event (an event the agent missed)
         if btrfs is not None:
             # dockerd bind-mounts its data root and <data_root>/btrfs onto themselves.
             if not btrfs.exists(self.data_root):
@@ -1124,7 +1220,8 @@ class FakeDocker:
                 )
             image = FakeImage(id=image_id, name=name, cache_ids=cache_ids)
             self.images[image_id] = image
-            return image
+        self.emit("image", "pull", image_id)
+        return image
 
     def add_volume(
         self,
@@ -1156,7 +1253,8 @@ class FakeDocker:
                 anonymous=is_anonymous(name, labels),
             )
             self.volumes_by_name[name] = record
-            return record
+        self.emit("volume", "create", name)
+        return record
 
     def add_container(
         self,
@@ -1197,16 +1295,22 @@ class FakeDocker:
                 volume_sources={v: self.volumes_by_name[v].mountpoint for v in volumes},
             )
             self.containers_by_id[container.id] = container
-            return container
+        self.emit("container", "create", container.id)
+        if container.running:
+            self.emit("container", "start", container.id)
+        return container
 
     def stop_container(self, ref: str) -> None:
         with self._lock:
-            self._container(ref).running = False
+            container = self._container(ref)
+            container.running = False
+        self.emit("container", "die", container.id)
 
     def start_container(self, ref: str) -> None:
         with self._lock:
             container = self._container(ref)
             container.running, container.created = True, False
+        self.emit("container", "start", container.id)
 
     def remove_container(self, ref: str, *, volumes: bool = False) -> None:
         """``docker rm [-v]``: the container and its layer subvolumes go; with
@@ -1227,6 +1331,7 @@ class FakeDocker:
                         except ToolFailed:
                             continue
                         del self.volumes_by_name[name]
+        self.emit("container", "destroy", container.id)
 
     def set_layer_refs(self, data_root: str, refs: LayerRefs) -> None:
         """What ``layer_refs`` answers for another data root (e.g. an inner daemon's)."""
@@ -1282,6 +1387,29 @@ class FakeDocker:
                 return LayerRefs()
             raise DockerUnavailable(f"Docker's data root {data_root} is not a folder visible here")
 
+    def events(self) -> FakeEventStream:
+        if self.down:
+            raise DockerUnavailable(
+                "Docker at unix:///var/run/docker.sock is unreachable: connection refused"
+            )
+        stream = FakeEventStream(self)
+        self._streams.add(stream)
+        self.events_opened += 1
+        return stream
+
+    def emit(self, type: str, action: str, actor: str = "") -> None:
+        """Send an event to every open stream (the building methods do, as dockerd)."""
+        if self.quiet:
+            return
+        event = DockerEvent(type, action, actor, 0)
+        for stream in list(self._streams):
+            stream.put(event)
+
+    def cut_event_streams(self) -> None:
+        """Every open event stream ends with an error (the daemon restarted)."""
+        for stream in list(self._streams):
+            stream.cut()
+
     def remove_volume(self, name: str) -> None:
         with self._lock:
             self._api("remove_volume")
@@ -1296,6 +1424,7 @@ class FakeDocker:
                 )
             self._remove_volume_data(record)
             del self.volumes_by_name[name]
+        self.emit("volume", "destroy", name)
 
     # ----------------------------------------------------------------- internals
 

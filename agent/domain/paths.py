@@ -28,8 +28,15 @@ class PathRefused(ValueError):
     """A path that is not acceptable: relative, ``..``, NUL, or not normal."""
 
 
+# A path already in normal form ("/a/b", no ".", "..", empty component, NUL or trailing
+# "/"): what ``check_abs`` returns unchanged, recognised in one step.
+_NORMAL_ABS = re.compile(r"(?:/(?!\.\.?(?:/|\Z))[^/\0]+)+")
+
+
 def check_abs(path: str) -> str:
     """Accept only a clean absolute path: no NUL, no ``..``, no ``.``, no ``//``."""
+    if _NORMAL_ABS.fullmatch(path):
+        return path
     if "\0" in path:
         raise PathRefused("NUL byte in path")
     if not path.startswith("/"):
@@ -73,25 +80,75 @@ class PathMap:
             return local_path[len(self.prefix) :]
         return None
 
-    def symlink_free(self, host_path: str, memo: dict[str, bool] | None = None) -> bool:
+    def symlink_free(self, host_path: str, memo: LinkMemo | None = None) -> bool:
         """True when no component of the (local) path is a symlink: resolving it
         changes nothing. A path that does not exist resolves to itself.
 
-        ``memo`` (folder -> answer) lets many checks under the same folders share their
-        ``lstat`` calls: 10,000 subvolumes in one volume cost one ``lstat`` each, not
-        one per component of their paths."""
+        ``memo`` lets many checks under the same folders share their system calls:
+        10,000 subvolumes in one volume cost a few directory reads, not one ``lstat``
+        per component of their paths (see ``LinkMemo``)."""
         local = self.to_local(host_path)
         if memo is None:
             return os.path.realpath(local) == posixpath.normpath(local)
-        return _no_link(posixpath.normpath(local), memo)
+        return memo.no_link(posixpath.normpath(local))
 
 
-def _no_link(path: str, memo: dict[str, bool]) -> bool:
-    """No component of the normal absolute ``path`` is a symlink (folders memoized)."""
-    parent = posixpath.dirname(path)
-    if parent == path:  # "/"
-        return True
-    ok = memo.get(parent)
-    if ok is None:
-        ok = memo[parent] = _no_link(parent, memo)
-    return ok and not os.path.islink(path)
+class LinkMemo:
+    """Answers to "is a component of this path a symlink?" shared by the checks on one
+    snapshot. A folder's answer is kept once known. The last component of a path is
+    looked up with ``lstat``; once ``SCAN_AFTER`` entries of the same folder have been
+    asked, the folder is read once (``os.scandir``: each entry's type comes with its
+    name, no ``lstat``) and the entries found there answer from then on. An entry the
+    read did not see (made since) is looked up with ``lstat`` again."""
+
+    SCAN_AFTER = 8
+
+    __slots__ = ("_asked", "_folders", "_links")
+
+    def __init__(self) -> None:
+        self._folders: dict[str, bool] = {}  # folder -> no symlink on the way to it
+        self._asked: dict[str, int] = {}  # folder -> entries looked up in it so far
+        # folder -> (names of the entries that are symlinks, names of all the entries)
+        self._links: dict[str, tuple[frozenset[str], frozenset[str]] | None] = {}
+
+    def no_link(self, path: str) -> bool:
+        """No component of the normal absolute ``path`` is a symlink."""
+        parent, name = posixpath.split(path)
+        if not name:  # "/"
+            return True
+        ok = self._folders.get(parent)
+        if ok is None:
+            ok = self._folders[parent] = self.no_link(parent)
+        return ok and not self._is_link(parent, name, path)
+
+    def _is_link(self, parent: str, name: str, path: str) -> bool:
+        listing = self._links.get(parent)
+        if listing is None and parent not in self._links:
+            asked = self._asked.get(parent, 0) + 1
+            self._asked[parent] = asked
+            if asked >= self.SCAN_AFTER:
+                listing = self._links[parent] = _read_links(parent)
+        if listing is not None:
+            links, names = listing
+            if name in links:
+                return True
+            if name in names:
+                return False
+        return os.path.islink(path)
+
+
+def _read_links(folder: str) -> tuple[frozenset[str], frozenset[str]] | None:
+    """(symlinks, all entries) of ``folder`` by their names; None when it cannot be
+    read. (Where a file system does not give an entry's type, ``is_symlink`` asks
+    ``lstat`` itself.)"""
+    links: set[str] = set()
+    names: set[str] = set()
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                names.add(e.name)
+                if e.is_symlink():
+                    links.add(e.name)
+    except OSError:
+        return None
+    return frozenset(links), frozenset(names)

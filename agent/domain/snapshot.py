@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from agent.domain.paths import PathMap, is_under
+from agent.domain.paths import LinkMemo, PathMap, is_under
 from agent.errors import Unavailable
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import (
@@ -319,8 +319,8 @@ class Snapshot:
     pathmap: PathMap = field(default_factory=PathMap)  # host paths <-> this process's
     _children: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     _sorted_ids: dict[str, list[int]] = field(default_factory=dict)
-    # folder -> no symlink on the way, for the safety checks on this snapshot
-    path_memo: dict[str, bool] = field(default_factory=dict)
+    # "no symlink on the way" answers, shared by the safety checks on this snapshot
+    path_memo: LinkMemo = field(default_factory=LinkMemo)
 
     # -- lookups ------------------------------------------------------------------
     def fs_for_host_path(self, path: str) -> FsView | None:
@@ -341,6 +341,10 @@ class Snapshot:
 
     def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView | None:
         return self.subvolumes.get(fs_uuid, {}).get(sub_id)
+
+    def subvolumes_list(self) -> list[SubvolView]:
+        """Every subvolume of every filesystem."""
+        return [sv for subs in self.subvolumes.values() for sv in subs.values()]
 
     def children(self, fs_uuid: str, sub_id: int) -> list[int]:
         if not self._children:

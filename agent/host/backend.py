@@ -10,14 +10,16 @@ Docker object.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
 from agent.host.files import TreeRemoval
 from agent.host.records import (
+    ChangeMark,
     ContainerRecord,
     DeleteResult,
+    DockerEvent,
     DockerInfo,
     FilesystemIdent,
     FolderEntry,
@@ -74,6 +76,16 @@ class Btrfs(Protocol):
         """Creation time of the subvolume at ``path`` when it can be had without a
         process per subvolume, else None."""
 
+    def change_mark(self, mount: str, since: ChangeMark | None = None) -> ChangeMark:
+        """A mark of what ``list_subvolumes``, ``qgroups`` and ``default_subvolume``
+        read on the filesystem at ``mount``, equal to ``since`` (an earlier mark of it)
+        when none of that changed; cheap when nothing did (no process, a few block
+        reads). Writes inside a subvolume count once committed."""
+
+    def folder_stamp(self, path: str) -> tuple[int, int, int, int] | None:
+        """A value that changes when a name in the folder ``path`` is made, removed or
+        renamed (None when it is not there)."""
+
     def set_readonly(self, path: str, value: bool) -> None: ...
 
     def destroy_qgroup(self, mount: str, qgroup_id: int) -> None:
@@ -127,3 +139,19 @@ class Docker(Protocol):
         ``<data_root>/image/btrfs/layerdb`` (a local path)."""
 
     def remove_volume(self, name: str) -> None: ...
+
+    def events(self) -> EventStream:
+        """Docker's events from now on, of the kinds that change what the agent lists
+        (containers made, removed, started or stopped; volumes; images; the daemon's
+        configuration): one long-lived request. ``DockerUnavailable`` when it cannot be
+        opened."""
+
+
+class EventStream(Protocol):
+    """An open event stream: iterating it blocks until the next event, and ends (or
+    raises ``DockerUnavailable``) when the connection is lost. ``close`` (from any
+    thread) ends it."""
+
+    def __iter__(self) -> Iterator[DockerEvent]: ...
+
+    def close(self) -> None: ...

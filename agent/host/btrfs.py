@@ -52,6 +52,7 @@ from agent.host.btrfs_parse import (
 )
 from agent.host.files import TreeRemoval
 from agent.host.records import (
+    ChangeMark,
     DeleteResult,
     FilesystemIdent,
     FolderEntry,
@@ -316,6 +317,20 @@ class BtrfsTool:
 
     def still_dropping(self, mount: str, ids: Collection[int]) -> set[int]:
         return self._ioctls.still_dropping(_arg(mount), ids)
+
+    def change_mark(self, mount: str, since: ChangeMark | None = None) -> ChangeMark:
+        """See ``agent.host.btrfs_ioctl.Ioctls.change_mark``: a few tree searches."""
+        return self._ioctls.change_mark(_arg(mount), since)
+
+    def folder_stamp(self, path: str) -> tuple[int, int, int, int] | None:
+        """(device, inode, mtime ns, ctime ns) of the folder at ``path`` (not followed
+        when a symlink): moves when a name in it is made, removed or renamed. None when
+        it is not there."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
     def default_subvolume(self, mount: str) -> int:
         out = self._output(["subvolume", "get-default", _arg(mount)])

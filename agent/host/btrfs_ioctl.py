@@ -7,7 +7,8 @@ does; the tree searches and INO_LOOKUP need CAP_SYS_ADMIN, as ``btrfs subvolume 
 does:
 
     BTRFS_IOC_TREE_SEARCH_V2  (3.15+) list_subvolumes (root tree), qgroups (quota
-                              tree); on ENOTTY/EINVAL, BTRFS_IOC_TREE_SEARCH (v1)
+                              tree), change_mark (both, with min_transid); on
+                              ENOTTY/EINVAL, BTRFS_IOC_TREE_SEARCH (v1)
     BTRFS_IOC_INO_LOOKUP      the path of a folder holding subvolumes; a tree's id
     BTRFS_IOC_GET_SUBVOL_INFO (4.18+, any user) created_at; before 4.18,
                               INO_LOOKUP + BTRFS_IOC_TREE_SEARCH on the root item
@@ -28,8 +29,8 @@ from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable
 from agent.host import btrfs_tree as tree
-from agent.host.btrfs_listing import QuotaTree, RootTree
-from agent.host.records import QgroupReport, SubvolumeRecord
+from agent.host.btrfs_listing import BlockDigest, QuotaTree, RootTree
+from agent.host.records import ChangeMark, QgroupReport, SubvolumeRecord
 
 __all__ = ["BtrfsIoctlError", "Ioctls", "otime_via_subvol_info", "otime_via_tree_search"]
 
@@ -278,6 +279,54 @@ class Ioctls:
             )
             return listing.dropping() & set(ids)
 
+    # The ranges a change mark covers: what list_subvolumes, default_subvolume and
+    # qgroups read (the subvolumes' root items and backrefs, the root tree's "default"
+    # entry, the quota status and level-0 qgroups).
+    _MARKED: tuple[tuple[int, tree.Key, tree.Key], ...] = (
+        (
+            tree.ROOT_TREE_OBJECTID,
+            (tree.FIRST_FREE_OBJECTID, tree.ROOT_ITEM_KEY, 0),
+            (tree.BTRFS_LAST_FREE_OBJECTID, tree.ROOT_BACKREF_KEY, _U64_MAX),
+        ),
+        (
+            tree.ROOT_TREE_OBJECTID,
+            (tree.ROOT_TREE_DIR_OBJECTID, tree.DIR_ITEM_KEY, 0),
+            (tree.ROOT_TREE_DIR_OBJECTID, tree.DIR_ITEM_KEY, _U64_MAX),
+        ),
+        (
+            tree.QUOTA_TREE_OBJECTID,
+            (0, tree.QGROUP_STATUS_KEY, 0),
+            (0, tree.QGROUP_INFO_KEY, (1 << tree.QGROUP_LEVEL_SHIFT) - 1),
+        ),
+    )
+
+    def change_mark(self, mount: str, since: ChangeMark | None = None) -> ChangeMark:
+        """A ``ChangeMark`` of the filesystem mounted at ``mount``: equal to ``since``
+        (a mark of the same filesystem) when nothing listed changed since it was read.
+
+        Tree searches with ``min_transid`` (every kernel with the tree search has it):
+        from ``since`` on, the kernel reads only the blocks written in the newest
+        generation ``since`` saw or later, so an unchanged filesystem costs a few block
+        reads whatever the number of subvolumes (the first mark reads the ranges whole).
+        A subvolume made, deleted, renamed or flagged read-only changes the root tree at
+        once; what is written inside a subvolume moves its root item, and the qgroups,
+        when the transaction commits (as the listing itself sees it). No quota tree
+        (quotas off) is marked as such."""
+        out: list[tuple[int, bytes]] = []
+        with _Fs(mount) as fs:
+            for i, (tree_id, start, end) in enumerate(self._MARKED):
+                min_transid = since.ranges[i][0] if since and len(since.ranges) > i else 0
+                blocks = BlockDigest()
+                try:
+                    self._walk(fs, tree_id, start, end, blocks.page, min_transid=min_transid)
+                except BtrfsIoctlError as e:
+                    if tree_id == tree.QUOTA_TREE_OBJECTID and e.errno == errno.ENOENT:
+                        out.append((0, b"quotas off"))
+                        continue
+                    raise
+                out.append(blocks.result(min_transid))
+        return ChangeMark(tuple(out))
+
     def qgroups(self, mount: str) -> QgroupReport | None:
         """Every level-0 qgroup by subvolume id (stale ones included) and the quota
         status, from the quota tree; None when quotas are off (no quota tree: ENOENT).
@@ -299,15 +348,23 @@ class Ioctls:
             return quota.report()
 
     def _walk(
-        self, fs: _Fs, tree_id: int, start: tree.Key, end: tree.Key, page: tree.PageFn
+        self,
+        fs: _Fs,
+        tree_id: int,
+        start: tree.Key,
+        end: tree.Key,
+        page: tree.PageFn,
+        *,
+        min_transid: int = 0,
     ) -> None:
         """A tree search over ``start``..``end``: BTRFS_IOC_TREE_SEARCH_V2 with a large
         buffer, or v1 (3992 bytes of results a call) where the kernel refuses v2
         (ENOTTY or EINVAL on the first call; v2 is in every kernel since 3.15)."""
+        n, m = _U32_MAX, min_transid
         if self._search_v2:
             search = _SearchV2(fs, self._search_buffer_bytes)
             try:
-                tree.walk(search, tree_id, start, end, page, nr_items=_U32_MAX)
+                tree.walk(search, tree_id, start, end, page, nr_items=n, min_transid=m)
                 return
             except BtrfsIoctlError as e:
                 if search.calls != 1 or e.errno not in (errno.ENOTTY, errno.EINVAL):
@@ -315,14 +372,14 @@ class Ioctls:
                 v2_error = e
             # v2 unknown to this kernel, or this is not btrfs at all: v1 tells which.
             try:
-                tree.walk(_SearchV1(fs), tree_id, start, end, page, nr_items=_U32_MAX)
+                tree.walk(_SearchV1(fs), tree_id, start, end, page, nr_items=n, min_transid=m)
             except BtrfsIoctlError as e:
                 if e.errno == errno.ENOTTY:
                     raise v2_error from None
                 raise
             self._search_v2 = False
             return
-        tree.walk(_SearchV1(fs), tree_id, start, end, page, nr_items=_U32_MAX)
+        tree.walk(_SearchV1(fs), tree_id, start, end, page, nr_items=n, min_transid=m)
 
     def created_at(self, path: str) -> datetime | None:
         """The subvolume's own creation time (its root item's ``otime``, what ``btrfs

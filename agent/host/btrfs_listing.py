@@ -6,6 +6,7 @@ the qgroups of the quota tree (``QuotaTree``). Pure: the ioctls are the caller's
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import sys
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from agent.host.btrfs_tree import (
     ROOT_REF,
     ROOT_SUBVOL_RDONLY,
     ROOT_V0,
+    SEARCH_HEADER,
     ZERO_UUID,
     Buffer,
     Key,
@@ -45,7 +47,7 @@ from agent.host.btrfs_tree import (
 )
 from agent.host.records import Qgroup, QgroupReport, SubvolumeRecord
 
-__all__ = ["LookupFn", "QuotaTree", "RootTree"]
+__all__ = ["BlockDigest", "LookupFn", "QuotaTree", "RootTree"]
 
 
 # ---------------------------------------------------------------------------- root tree
@@ -258,3 +260,54 @@ class QuotaTree:
         inconsistent = flags is None or bool(flags & QGROUP_STATUS_FLAG_INCONSISTENT)
         rescanning = flags is not None and bool(flags & QGROUP_STATUS_FLAG_RESCAN)
         return QgroupReport(self._groups, inconsistent=inconsistent, rescanning=rescanning)
+
+
+# ---------------------------------------------------------------------------- change marks
+
+
+class BlockDigest:
+    """The newest tree blocks of a range, from a search with ``min_transid`` (handed to
+    ``page``): their generation and a digest of their items (keys, generation and
+    bytes), for ``agent.host.records.ChangeMark``.
+
+    Searched again with ``min_transid`` set to that generation, an unchanged range gives
+    the same blocks, so the same (generation, digest). Any change to an item in the
+    range rewrites its block in the running transaction, whose generation is at least
+    that one: a newer generation, or (a block of the same running transaction written
+    again) other bytes. An item that moves to another block moves into a new one. The
+    kernel reads only the blocks of that generation or newer, and the path to them."""
+
+    __slots__ = ("_digests",)
+
+    def __init__(self) -> None:
+        self._digests: dict[int, Any] = {}  # block generation -> hashlib object
+
+    def page(self, buf: Buffer, nr_items: int) -> Key:
+        data = bytes(buf)
+        unpack = SEARCH_HEADER.unpack_from
+        head = SEARCH_HEADER.size
+        digests = self._digests
+        pos = 0
+        transid = objectid = kind = offset = 0
+        try:
+            for _ in range(nr_items):
+                transid, objectid, offset, kind, length = unpack(data, pos)
+                end = pos + head + length
+                if end > len(data):
+                    raise TreeFormatError(f"search result truncated: item of {length} at {pos}")
+                h = digests.get(transid)
+                if h is None:
+                    h = digests[transid] = hashlib.blake2b(digest_size=16)
+                h.update(data[pos:end])
+                pos = end
+        except struct.error as e:
+            raise TreeFormatError(f"search result truncated at {pos}: {e}") from None
+        return (objectid, kind, offset)
+
+    def result(self, min_transid: int) -> tuple[int, bytes]:
+        """(newest generation, digest of its blocks' items); ``(min_transid, b"")`` when
+        the search found nothing."""
+        if not self._digests:
+            return (min_transid, b"")
+        newest = max(self._digests)
+        return (newest, self._digests[newest].digest())

@@ -76,6 +76,7 @@ from agent.errors import ToolFailed
 
 __all__ = [
     "BTRFS_LAST_FREE_OBJECTID",
+    "DIR_ITEM_KEY",
     "FIRST_FREE_OBJECTID",
     "FS_TREE_OBJECTID",
     "INO_LOOKUP_PATH_MAX",
@@ -91,6 +92,7 @@ __all__ = [
     "ROOT_ITEM_SIZE",
     "ROOT_ITEM_V0_SIZE",
     "ROOT_SUBVOL_RDONLY",
+    "ROOT_TREE_DIR_OBJECTID",
     "ROOT_TREE_OBJECTID",
     "SEARCH_HEADER",
     "SEARCH_KEY",
@@ -117,6 +119,8 @@ FS_TREE_OBJECTID = 5  # the top level
 QUOTA_TREE_OBJECTID = 8
 FIRST_FREE_OBJECTID = 256  # the first subvolume id, and every tree's root directory inode
 BTRFS_LAST_FREE_OBJECTID = 2**64 - 256  # (u64)-256
+ROOT_TREE_DIR_OBJECTID = 6  # the root tree's directory: its "default" entry
+DIR_ITEM_KEY = 84
 ROOT_ITEM_KEY = 132
 ROOT_BACKREF_KEY = 144
 QGROUP_STATUS_KEY = 240
@@ -174,11 +178,15 @@ class SearchItem(NamedTuple):
 # ---------------------------------------------------------------------------- search keys
 
 
-def pack_search_key(tree_id: int, start: Key, end: Key, nr_items: int) -> bytes:
-    """A ``struct btrfs_ioctl_search_key`` for the range ``start``..``end`` of a tree,
-    any transid."""
+def pack_search_key(
+    tree_id: int, start: Key, end: Key, nr_items: int, *, min_transid: int = 0
+) -> bytes:
+    """A ``struct btrfs_ioctl_search_key`` for the range ``start``..``end`` of a tree.
+    ``min_transid``: only the items of tree blocks written in that transaction or
+    later (the kernel skips older subtrees without reading them; every item of a block
+    it reads is returned, with the block's generation as ``transid``)."""
     return SEARCH_KEY.pack(
-        tree_id, start[0], end[0], start[2], end[2], 0, _U64_MAX,
+        tree_id, start[0], end[0], start[2], end[2], min_transid, _U64_MAX,
         start[1], end[1], nr_items, 0, 0, 0, 0, 0,
     )  # fmt: skip
 
@@ -230,18 +238,25 @@ PageFn = Callable[[Buffer, int], Key]
 
 
 def walk(
-    search: SearchFn, tree_id: int, start: Key, end: Key, page: PageFn, *, nr_items: int
+    search: SearchFn,
+    tree_id: int,
+    start: Key,
+    end: Key,
+    page: PageFn,
+    *,
+    nr_items: int,
+    min_transid: int = 0,
 ) -> int:
     """Every item of ``tree_id`` from ``start`` to ``end``, page after page, handed to
     ``page``, as btrfs-progs iterates (``list_subvol_search``): each search starts just
     after the last item of the one before (``next_key``) and the walk stops when one
     finds nothing or the range is done. Items come in key order, of every type in the
     range. Returns the number of searches run. A page's buffer is reused by the next
-    search: ``page`` must copy what it keeps."""
+    search: ``page`` must copy what it keeps. ``min_transid``: see ``pack_search_key``."""
     key: Key | None = start
     searches = 0
     while key is not None and key <= end:
-        data, found = search(pack_search_key(tree_id, key, end, nr_items))
+        data, found = search(pack_search_key(tree_id, key, end, nr_items, min_transid=min_transid))
         searches += 1
         if found == 0:
             break

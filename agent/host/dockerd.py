@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from agent.errors import DockerUnavailable, InUse, NotFound, ToolFailed
 from agent.host.records import (
     ContainerMount,
     ContainerRecord,
+    DockerEvent,
     DockerInfo,
     LayerRefs,
     VolumeRecord,
@@ -51,6 +52,17 @@ _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})"
 )
 _CONTAINER_IDS = re.compile(r"\[([0-9a-f ,]*)\]")
+# The events that change what the agent lists: a container's existence, name, state
+# and mounts; a volume's existence and use; an image's layers; the daemon's settings.
+# (Not exec_*, health_status, attach...: a health check runs every few seconds.)
+EVENT_FILTERS = {
+    "type": ["container", "image", "volume", "daemon"],
+    "event": [
+        "create", "destroy", "start", "die", "stop", "kill", "rename", "update",
+        "mount", "unmount", "pull", "import", "load", "delete", "untag", "tag", "reload",
+        "prune", "remove",
+    ],
+}  # fmt: skip
 
 
 class DockerClient:
@@ -122,6 +134,20 @@ class DockerClient:
         with self._boundary(f"remove volume {name}", conflict_is_in_use=True):
             api.remove_volume(name)
 
+    def events(self) -> _Events:
+        """Docker's event stream (``EVENT_FILTERS``) on a connection of its own, without
+        a read timeout: it is quiet while nothing happens."""
+        self._check_hung()
+        with self._boundary("connect for events"):
+            api = docker.APIClient(base_url=self.base_url, version="auto", timeout=self.timeout)
+        try:
+            with self._boundary("events"):
+                stream = api.events(decode=True, filters=EVENT_FILTERS)
+        except BaseException:
+            api.close()
+            raise
+        return _Events(self, api, stream)
+
     def close(self) -> None:
         with self._lock:
             clients = (self._client, self._remover)
@@ -190,6 +216,39 @@ class DockerClient:
             raise DockerUnavailable(
                 f"Docker at {self.base_url} is unreachable ({action}): {exc}"
             ) from exc
+
+
+class _Events:
+    """``agent.host.backend.EventStream`` over the SDK's cancellable stream."""
+
+    def __init__(self, owner: DockerClient, api: Any, stream: Any) -> None:
+        self._owner, self._api, self._stream = owner, api, stream
+
+    def __iter__(self) -> Iterator[DockerEvent]:
+        try:
+            with self._owner._boundary("events"):
+                for item in self._stream:
+                    if isinstance(item, dict):
+                        yield event_record(item)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with suppress(Exception):  # closing what may be gone already
+            self._stream.close()
+        self._api.close()
+
+
+def event_record(item: Mapping[str, Any]) -> DockerEvent:
+    """One entry of ``GET /events`` as a ``DockerEvent``."""
+    actor = item.get("Actor") or {}
+    nano = item.get("timeNano")
+    return DockerEvent(
+        type=str(item.get("Type") or ""),
+        action=str(item.get("Action") or item.get("status") or ""),
+        actor=str(actor.get("ID") or item.get("id") or ""),
+        time_nano=nano if isinstance(nano, int) else 0,
+    )
 
 
 def _timed_out(exc: BaseException) -> bool:

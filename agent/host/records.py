@@ -226,3 +226,25 @@ class LayerRefs:
     @property
     def all(self) -> frozenset[str]:
         return self.image_cache_ids | self.container_mount_ids | self.container_init_ids
+
+
+@dataclass(frozen=True)
+class ChangeMark:
+    """What a filesystem's trees looked like at one moment, cheaply compared: for each
+    range of the trees the agent lists (the root tree's subvolume items, its default
+    subvolume entry, the quota tree's qgroups), the newest generation of the tree
+    blocks holding them and a digest of the items in the blocks of that generation.
+    Two marks of the same filesystem are equal when nothing in those ranges changed
+    in between (``agent.host.btrfs_ioctl.Ioctls.change_mark``)."""
+
+    ranges: tuple[tuple[int, bytes], ...]  # (newest block generation, digest) per range
+
+
+@dataclass(frozen=True)
+class DockerEvent:
+    """One entry of Docker's event stream (``GET /events``)."""
+
+    type: str  # container | image | volume | daemon | ...
+    action: str  # create, destroy, start, die, pull, delete, ...
+    actor: str  # the object's id or name
+    time_nano: int  # when the daemon recorded it (ns since the epoch; 0 when not said)

@@ -9,7 +9,6 @@ from flask import Flask
 from agent import __version__
 from agent.config import AgentConfig, load_config
 from agent.domain.inventory import Clock, utcnow
-from agent.http import wire
 from agent.http.api import Api, require_json_bodies
 from agent.http.auth import TokenRegistry
 from agent.http.context import EXTENSION, HttpContext
@@ -66,7 +65,13 @@ def create_app(
         on_action=metrics.count_action,
         on_job_end=metrics.count_job,
     )
-    metrics.watch_findings(lambda: [wire.finding(f) for f in rt.inventory.findings()])
+    # what the scrape shows of each finding; from the kept scan, never waiting for one
+    metrics.watch_findings(
+        lambda: [
+            {"kind": f.kind, "reclaimable_bytes": f.reclaimable_bytes}
+            for f in rt.inventory.kept_findings()
+        ]
+    )
     metrics.watch_pending(rt.pending.bytes_by_filesystem)
     broken = check_continuity(rt.audit, rt.state)
     if broken is not None:

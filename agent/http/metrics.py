@@ -1,6 +1,7 @@
 """Prometheus metrics: request counts and latencies, actions and bytes reclaimed, jobs
-by final state, the audit chain's state as last checked, and findings by kind (computed
-when scraped, from a fresh snapshot)."""
+by final state, the audit chain's state as last checked, and findings by kind (those of
+the inventory's kept scan: a scrape never waits for a scan of the host, see
+``Inventory.kept_findings``)."""
 
 from __future__ import annotations
 

@@ -19,10 +19,11 @@ pytestmark = pytest.mark.lab
 
 TINY = {
     "b1_scan": ["--subvolumes", "200", "--volumes", "20", "--runs", "1", "--warmup", "0"],
-    "b2_reclaim": ["--files", "2000", "--runs", "1"],
+    "b2_reclaim": ["--files", "1000,2000", "--runs", "1", "--others", "50"],
     "b3_fleet": ["--agents", "5", "--runs", "1", "--orphans", "1"],
     "b4_footprint": ["--subvolumes", "200", "--volumes", "20", "--runs", "1", "--load-runs", "1"],
     "b5_enumeration": ["--subvolumes", "200", "--volumes", "20", "--runs", "1"],
+    "b6_kept": ["--subvolumes", "200", "--volumes", "20", "--runs", "1", "--load", "4x1"],
 }
 
 

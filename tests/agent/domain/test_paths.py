@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.domain.paths import VOLUME_NAME, PathMap, PathRefused, check_abs, is_under
+from agent.domain.paths import (
+    VOLUME_NAME,
+    LinkMemo,
+    PathMap,
+    PathRefused,
+    check_abs,
+    is_under,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +49,36 @@ def test_symlink_free_detects_a_link(tmp_path: Path) -> None:
     m = PathMap("")
     assert m.symlink_free(str(real / "x"))
     assert not m.symlink_free(str(tmp_path / "link" / "x"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/a", "/a/b", "/a/b/", "//a", "/a/.b", "/a/..b", "/a/b.", "/.x/..y/...", "/a\\b"],
+)
+def test_check_abs_fast_path_agrees_with_normpath(path: str) -> None:
+    """What the one-regex fast path accepts is what the step-by-step checks return."""
+    import posixpath
+
+    norm = posixpath.normpath(path)
+    assert check_abs(path) == norm
+
+
+def test_link_memo_answers_like_lstat_before_and_after_reading_a_folder(tmp_path: Path) -> None:
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(LinkMemo.SCAN_AFTER + 4):
+        (many / f"d{i}").mkdir()
+    (many / "link").symlink_to(many / "d0")
+    m, memo = PathMap(""), LinkMemo()
+    # asked one by one first, then from the folder's listing: the same answers
+    for i in range(LinkMemo.SCAN_AFTER + 4):
+        assert m.symlink_free(str(many / f"d{i}"), memo)
+        assert not m.symlink_free(str(many / "link"), memo)
+        assert not m.symlink_free(str(many / "link" / "x"), memo)
+    # made after the folder was read: looked up again, not taken from the listing
+    (many / "late").symlink_to(many / "d1")
+    assert not m.symlink_free(str(many / "late"), memo)
+    assert m.symlink_free(str(many / "missing"), memo)
 
 
 @pytest.mark.parametrize("name", ["..", "a/b", "", "-x", "a\0b", "%2e%2e", "a b"])

@@ -1,0 +1,226 @@
+"""The kept inventory over the stateful fakes: a read uses the kept scan while nothing
+changed, and scans again when Docker, btrfs, the mount tables or the agent itself
+changed something, or when it is too old; a delete never decides on it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.domain.inventory import Inventory
+from agent.errors import DockerUnavailable, InUse
+from agent.runtime import Backends, Runtime, build_runtime
+from tests.agent.http.apphelpers import agent_config
+from tests.fakes import LeakScenario, make_leak_scenario
+
+
+@pytest.fixture
+def sc() -> LeakScenario:
+    return make_leak_scenario()
+
+
+@pytest.fixture
+def inv(sc: LeakScenario, tmp_path: Path) -> Iterator[Inventory]:
+    inventory = Inventory(agent_config(tmp_path), btrfs=sc.btrfs, docker=sc.docker)
+    yield inventory
+    inventory.watch.stop()
+
+
+def warm(inv: Inventory) -> int:
+    """Two reads: the first scan has nothing to compare with, the second is kept."""
+    inv.current()
+    inv.current()
+    assert inv.watch.wait_connected(5)
+    inv.current()
+    return inv.scans
+
+
+def test_nothing_changed_no_scan(inv: Inventory) -> None:
+    scans = warm(inv)
+    first = inv.current()
+    for _ in range(5):
+        assert inv.current() is first
+        inv.findings()
+    assert inv.scans == scans
+
+
+def test_a_new_subvolume_is_seen(inv: Inventory, sc: LeakScenario) -> None:
+    scans = warm(inv)
+    sub = sc.btrfs.create_subvolume(f"{sc.data_root}/btrfs/subvolumes/{'e' * 64}")
+    snap = inv.current()
+    assert inv.scans == scans + 1
+    assert sub.id in snap.subvolumes[sc.fs_uuid]
+    assert any(f.target.id == sub.id for f in inv.findings())
+
+
+def test_a_read_only_flag_and_a_delete_are_seen(inv: Inventory, sc: LeakScenario) -> None:
+    warm(inv)
+    sc.btrfs.set_readonly(sc.orphan_layer, True)
+    sid = sc.btrfs.subvolume(sc.orphan_layer).id  # type: ignore[union-attr]
+    assert inv.current().subvolume(sc.fs_uuid, sid).read_only  # type: ignore[union-attr]
+    sc.btrfs.set_readonly(sc.orphan_layer, False)
+    sc.btrfs.destroy(sc.orphan_layer)
+    assert inv.current().subvolume(sc.fs_uuid, sid) is None
+
+
+def test_quota_numbers_are_seen(inv: Inventory, sc: LeakScenario) -> None:
+    warm(inv)
+    sub = sc.btrfs.subvolume(sc.orphan_layer)
+    assert sub is not None
+    sub.exclusive_bytes = 123 * 1024 * 1024
+    assert inv.current().subvolume(sc.fs_uuid, sub.id).exclusive_bytes == sub.exclusive_bytes  # type: ignore[union-attr]
+
+
+def test_a_docker_change_is_seen(inv: Inventory, sc: LeakScenario) -> None:
+    scans = warm(inv)
+    sc.docker.add_volume("fresh-one")
+    assert "fresh-one" in inv.current().volumes
+    assert inv.scans == scans + 1
+    # a container now uses the leaked volume: no longer a finding, at once
+    assert any(f.target.name == sc.dind_volume for f in inv.findings())
+    sc.docker.add_container("late", volumes=[sc.dind_volume])
+    assert not any(f.target.name == sc.dind_volume for f in inv.findings())
+
+
+def test_a_docker_event_alone_is_seen(inv: Inventory, sc: LeakScenario) -> None:
+    """A change that touches nothing on btrfs: only Docker's event tells."""
+    scans = warm(inv)
+
+    def running() -> bool:
+        (c,) = [c for c in inv.current().containers if c.id == sc.running_container]
+        return c.running
+
+    assert running()
+    sc.docker.stop_container(sc.running_container)
+    assert not running()
+    assert inv.scans == scans + 1
+
+
+def test_a_lost_event_stream_means_scanning_again(inv: Inventory, sc: LeakScenario) -> None:
+    scans = warm(inv)
+    opened = sc.docker.events_opened
+    sc.docker.quiet = True  # what changes now sends no event...
+    sc.docker.add_volume("unannounced")
+    sc.docker.cut_event_streams()  # ...but the stream is lost: events may be missed
+    assert "unannounced" in inv.current().volumes
+    assert inv.scans > scans
+    deadline = time.monotonic() + 5
+    while sc.docker.events_opened == opened and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sc.docker.events_opened > opened  # the watch opened the stream again
+
+
+def test_without_docker_events_nothing_is_kept(sc: LeakScenario, tmp_path: Path) -> None:
+    real_events = sc.docker.events
+
+    def refuse() -> object:
+        raise DockerUnavailable("no events here")
+
+    sc.docker.events = refuse  # type: ignore[method-assign,assignment]
+    inv = Inventory(agent_config(tmp_path), btrfs=sc.btrfs, docker=sc.docker)
+    try:
+        for n in range(1, 4):
+            inv.current()
+            assert inv.scans == n
+    finally:
+        inv.watch.stop()
+        sc.docker.events = real_events  # type: ignore[method-assign]
+
+
+def test_a_mount_is_seen(inv: Inventory, sc: LeakScenario) -> None:
+    scans = warm(inv)
+    sc.btrfs.add_mount(f"{sc.dind_mountpoint}/proc", fstype="proc", source="proc")
+    (finding,) = [f for f in inv.findings() if f.target.name == sc.dind_volume]
+    assert inv.scans == scans + 1
+    assert any(b.startswith("in_use") for b in finding.blocked_by)
+
+
+def test_own_changes_and_age(sc: LeakScenario, tmp_path: Path) -> None:
+    inv = Inventory(
+        agent_config(tmp_path, inventory_max_age_seconds=1), btrfs=sc.btrfs, docker=sc.docker
+    )
+    try:
+        scans = warm(inv)
+        inv.forget_kept()
+        inv.current()
+        assert inv.scans == scans + 1
+        inv.current()
+        assert inv.scans == scans + 1
+        time.sleep(1.1)
+        inv.current()
+        assert inv.scans == scans + 2
+    finally:
+        inv.watch.stop()
+
+
+def test_max_age_zero_keeps_nothing(sc: LeakScenario, tmp_path: Path) -> None:
+    inv = Inventory(
+        agent_config(tmp_path, inventory_max_age_seconds=0), btrfs=sc.btrfs, docker=sc.docker
+    )
+    for n in range(1, 4):
+        inv.current()
+        assert inv.scans == n
+
+
+def test_concurrent_reads_of_a_stale_scan_share_one_scan(inv: Inventory, sc: LeakScenario) -> None:
+    scans = warm(inv)
+    sc.btrfs.create_subvolume(f"{sc.data_root}/btrfs/subvolumes/{'f' * 64}")
+    start = threading.Barrier(8)
+    seen: list[int] = []
+
+    def read() -> None:
+        start.wait()
+        seen.append(len(inv.current().subvolumes[sc.fs_uuid]))
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert inv.scans == scans + 1
+    assert len(set(seen)) == 1
+
+
+def test_metrics_never_wait_and_catch_up(inv: Inventory, sc: LeakScenario) -> None:
+    warm(inv)
+    before = len(inv.kept_findings())
+    sc.btrfs.create_subvolume(f"{sc.data_root}/btrfs/subvolumes/{'a' * 64}")
+    assert len(inv.kept_findings()) == before  # the kept scan's, at once
+    deadline = time.monotonic() + 5
+    while len(inv.kept_findings()) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(inv.kept_findings()) == before + 1  # scanned in the background
+
+
+@pytest.fixture
+def rt(sc: LeakScenario, tmp_path: Path) -> Iterator[Runtime]:
+    runtime = build_runtime(agent_config(tmp_path), backends=Backends(sc.btrfs, sc.docker))
+    yield runtime
+    runtime.inventory.watch.stop()
+
+
+def test_a_delete_decides_on_fresh_state_not_on_the_kept_scan(
+    rt: Runtime, sc: LeakScenario
+) -> None:
+    inv = rt.inventory
+    warm(inv)
+    assert not inv.current().volumes[sc.dind_volume].in_use_by
+    # a change no signal shows: a stopped container now mounts the volume (no event)
+    sc.docker.container(sc.stopped_container).volume_names.append(sc.dind_volume)
+    assert not inv.current().volumes[sc.dind_volume].in_use_by  # the reads: kept
+    with pytest.raises(InUse):
+        rt.deletes.volume(sc.dind_volume, dry_run=False, actor="test")
+    assert sc.docker.volume(sc.dind_volume) is not None
+    assert sc.btrfs.subvolume(sc.dind_nested[0]) is not None
+
+
+def test_a_delete_drops_the_kept_scan(rt: Runtime, sc: LeakScenario) -> None:
+    inv = rt.inventory
+    warm(inv)
+    sc.docker.quiet = True  # the agent's own change must show without any event
+    rt.deletes.volume(sc.dind_volume, dry_run=False, actor="test")
+    assert sc.dind_volume not in inv.current().volumes
