@@ -201,7 +201,7 @@ def scan(
     _say(
         out,
         f"{len(found)} finding(s); {len(cleanable)} cleanable by default "
-        f"({bytes_exact(total)}): janitor-agent clean --config CFG shows the plan",
+        f"({bytes_exact(total)}): `janitor-agent clean` shows what it would delete",
     )
     return EXIT_PENDING
 
