@@ -86,11 +86,11 @@ def local_actor() -> str:
 
 
 def make_console(*, stderr: bool = False) -> Console:
-    """A console; not a terminal (a log, a mail from a scheduler): wide enough that tables
-    keep their columns."""
+    """A console; not a terminal (a log, a mail from a scheduler): 250 columns wide at
+    least, so that paths of Docker's layers rarely fold."""
     console = Console(stderr=stderr, highlight=False)
     if not console.is_terminal:
-        console = Console(stderr=stderr, highlight=False, width=max(console.width, 160))
+        console = Console(stderr=stderr, highlight=False, width=max(console.width, 250))
     return console
 
 
@@ -402,10 +402,10 @@ def _clean(
     outcomes = [r.outcome for r in job.results]
     counts = ", ".join(f"{outcomes.count(o)} {o}" for o in sorted(set(outcomes))) or "no action"
     audit_after = rt.audit.head_entry()[0]
-    _say(
-        out,
-        f"job {job.id} {job.state}: {counts}; reclaimed {bytes_exact(job.reclaimed_bytes)}",
-    )
+    destroyed = [r for r in job.results if r.destroyed_anything]
+    # unknown (btrfs quotas off) when any of what went has no size
+    reclaimed = None if any(r.reclaimed_bytes is None for r in destroyed) else job.reclaimed_bytes
+    _say(out, f"job {job.id} {job.state}: {counts}; reclaimed {bytes_exact(reclaimed)}")
     _say(
         out,
         f"audit log: entries {audit_before + 1}-{audit_after} by {actor} in "
