@@ -1,6 +1,8 @@
-"""``janitor-agent``: serve the API, make tokens, check the config, health-check.
+"""``janitor-agent``: serve the API, set up an agent (``init``), scan and clean one NAS
+without a server (``scan``, ``clean``), make tokens, check the config, health-check.
 
-Exit codes: 0 ok, 1 a check failed, 2 bad configuration or usage.
+Exit codes: 0 ok, 1 a check failed, 2 bad configuration or usage; ``scan`` and ``clean``
+also 3 (something found but not cleaned: see ``agent.local``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -23,6 +26,7 @@ from agent.domain.paths import PathMap
 from agent.http.auth import hash_token, new_token
 from agent.http.gunicorn import use_problem_pages
 from agent.http.worker import buffering_worker
+from shared.policy import DEFAULT_MIN_AGE_SECONDS, FINDING_KINDS, MAX_AGE_SECONDS
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -117,6 +121,148 @@ def serve(config_path: str | None) -> None:
             return create_app(config)
 
     Server().run()
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--listen", required=True, help="HOST:PORT the agent listens on, e.g. 192.168.1.10:8443."
+)
+@click.option(
+    "--san",
+    "sans",
+    multiple=True,
+    help="A DNS name or IP address the certificate names (repeatable); the listen "
+    "address's host is named already when it is one.",
+)
+@click.option("--name", default=None, help="The agent's name in the fleet file.")
+@click.option("--url", default=None, help="The URL janitorctl uses (default from the names).")
+@click.option("--data-root", default=None, help="Act only under this path (Docker's data root).")
+@click.option("--docker-host", default=None, help="Docker's socket URL.")
+@click.option("--state-dir", default=None, help="Plans, jobs and the audit log.")
+@click.option("--token-id", default="controller", show_default=True, help="The token's name.")
+@click.option("--force", is_flag=True, help="Replace a setup that is there.")
+def init(
+    directory: Path,
+    listen: str,
+    sans: tuple[str, ...],
+    name: str | None,
+    url: str | None,
+    data_root: str | None,
+    docker_host: str | None,
+    state_dir: str | None,
+    token_id: str,
+    force: bool,
+) -> None:
+    """Make a CA, the agent's certificate, a token, the agent's config and a fleet file
+    for janitorctl in DIRECTORY. Exit 0 made, 1 refused or failed, 2 bad options."""
+    from agent.setup import SetupOptions, run_init
+
+    opts = SetupOptions(
+        dir=directory,
+        listen=listen,
+        sans=sans,
+        name=name,
+        url=url,
+        token_id=token_id,
+        data_root=data_root,
+        docker_host=docker_host,
+        state_dir=state_dir,
+    )
+    raise SystemExit(run_init(opts, force=force, echo=click.echo))
+
+
+KIND_OPTION = click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice(FINDING_KINDS),
+    help="Only findings of this kind (repeatable).",
+)
+MIN_AGE_OPTION = click.option(
+    "--min-age",
+    "min_age",
+    type=click.IntRange(0, MAX_AGE_SECONDS),
+    default=DEFAULT_MIN_AGE_SECONDS,
+    show_default=True,
+    help="Seconds a finding must be old (an orphan layer: never under the config's "
+    "orphan_min_age_seconds).",
+)
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="The findings as the API's JSON.")
+@KIND_OPTION
+@MIN_AGE_OPTION
+@click.pass_context
+def scan(
+    ctx: click.Context,
+    config_path: str | None,
+    as_json: bool,
+    kinds: tuple[str, ...],
+    min_age: int,
+) -> None:
+    """What is left over on this NAS (no server needed). Exit 0 nothing found, 3 found,
+    1 failed, 2 bad usage or config."""
+    from agent.local import LocalEnv, make_console
+    from agent.local import scan as run_scan
+
+    config = _load(config_path)
+    env = ctx.obj if isinstance(ctx.obj, LocalEnv) else LocalEnv()
+    raise SystemExit(
+        run_scan(
+            config,
+            env,
+            make_console(),
+            make_console(stderr=True),
+            as_json=as_json,
+            kinds=kinds,
+            min_age_seconds=min_age,
+        )
+    )
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--yes", is_flag=True, help="Delete for real (without it: a dry run).")
+@KIND_OPTION
+@MIN_AGE_OPTION
+@click.option("--include-named", is_flag=True, help="Named docker-in-docker volumes too.")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=click.FloatRange(0, 86400),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for a running agent's job to end before giving up (exit 1).",
+)
+@click.pass_context
+def clean(
+    ctx: click.Context,
+    config_path: str | None,
+    yes: bool,
+    kinds: tuple[str, ...],
+    min_age: int,
+    include_named: bool,
+    wait_seconds: float,
+) -> None:
+    """Plan a clean-up of this NAS and, with --yes, carry it out (no server needed).
+    Exit 0 nothing to do or all done, 1 something failed, 2 bad usage or config,
+    3 found but not cleaned (a dry run, or blocked)."""
+    from agent.local import CleanOptions, LocalEnv, make_console
+    from agent.local import clean as run_clean
+
+    config = _load(config_path)
+    env = ctx.obj if isinstance(ctx.obj, LocalEnv) else LocalEnv()
+    opts = CleanOptions(
+        yes=yes,
+        min_age_seconds=min_age,
+        kinds=kinds or CleanOptions.kinds,
+        include_named=include_named,
+        wait_seconds=wait_seconds,
+    )
+    raise SystemExit(run_clean(config, env, opts, make_console(), make_console(stderr=True)))
 
 
 @cli.group()

@@ -13,7 +13,9 @@
     │   ├── InUse                    (409 in_use)
     │   ├── OutsideRoots             (409 outside_roots)
     │   ├── PlanExpired              (409 plan_expired)
-    │   └── Conflict                 (409 conflict)
+    │   ├── Conflict                 (409 conflict)
+    │   └── Busy                     (409 busy: another process is cleaning through the
+    │                                 same state directory, e.g. ``janitor-agent clean``)
     ├── Unavailable                  (503)
     │   ├── DockerUnavailable        (503 docker_unavailable)
     │   ├── BtrfsUnavailable         (503 btrfs_unavailable)
@@ -102,6 +104,13 @@ class PlanExpired(Refused):
 
 class Conflict(Refused):
     code, title = "conflict", "Conflict"
+
+
+class Busy(Refused):
+    """Another process holds the state directory's mutation lease (``agent.store.lease``):
+    a local ``janitor-agent clean``, or an agent running a job. Nothing was done."""
+
+    code, title = "busy", "Busy"
 
 
 class Unavailable(AgentError):

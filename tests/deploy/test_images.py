@@ -405,3 +405,69 @@ def test_controller_image_dry_run_against_the_agent(stack: Stack) -> None:
     assert agent["deleted"] == 0 and agent["failed"] == 0
     assert agent["error"] is None and agent["job_id"] is None
     assert_nothing_deleted(stack.lab)
+
+
+def local_run(stack: Stack, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The README's ``docker run --rm`` one-liner of the agent image (the lab's paths for
+    the NAS's: its btrfs mount for /volume1, ``folder`` for the project's folder), on
+    the compose agent's own state volume."""
+    lab = stack.lab
+    project = stack.compose[stack.compose.index("--project-name") + 1]
+    return run(
+        [
+            "docker", "run", "--rm", "--network", "none", "--pid", "host",
+            "--read-only", "--tmpfs", "/tmp",
+            "--cap-drop", "ALL", "--cap-add", "SYS_ADMIN", "--cap-add", "DAC_OVERRIDE",
+            "--cap-add", "FOWNER", "--security-opt", "no-new-privileges",
+            "-v", f"{lab.docker_socket}:/var/run/docker.sock",
+            "-v", f"{lab.mnt}:{lab.mnt}",
+            "-v", f"{folder}:{folder}",
+            "-v", f"{project}_agent-state:/var/lib/nas-janitor",
+            f"{AGENT_IMAGE}:{version()}", *args,
+        ],
+        stack.env,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+
+
+def test_init_in_the_image_then_scan_and_clean_with_docker_run(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """``init`` run from the agent image, then ``scan`` and a dry-run ``clean`` with the
+    one-liner, on the state volume the compose agent uses: one audit chain."""
+    folder = tmp_path / "nas-janitor"
+    folder.mkdir()
+    made = run(
+        [
+            "docker", "run", "--rm", "--network", "none", "-v", f"{folder}:{folder}",
+            f"{AGENT_IMAGE}:{version()}", "init", str(folder),
+            "--listen", "127.0.0.1:8443", "--san", "localhost",
+            "--data-root", str(stack.lab.data_root),
+        ],
+        stack.env,
+    ).stdout  # fmt: skip
+    assert "token: nj_" in made
+    config = str(folder / "agent.yaml")
+    for secret in ("ca.key", "secrets/tls.key", "secrets/tokens.yaml", "agent.yaml"):
+        assert (folder / secret).stat().st_mode & 0o777 == 0o600
+
+    scan = local_run(stack, folder, "scan", "--config", config, "--json", "--min-age", "0")
+    assert scan.returncode == 3, scan.stdout + scan.stderr
+    items = json.loads(scan.stdout)["items"]
+    seeded = stack.lab.seeded
+    assert seeded.dind.volume in {f["target"]["name"] for f in items}
+    assert str(seeded.orphan.path) in {f["target"]["path"] for f in items}
+
+    dry = local_run(stack, folder, "clean", "--config", config, "--min-age", "0")
+    assert dry.returncode == 3, dry.stdout + dry.stderr
+    assert "would delete" in dry.stdout and seeded.dind.volume in dry.stdout
+    assert_nothing_deleted(stack.lab)
+
+    # the compose agent sees the local plan in its own audit log, and the chain holds
+    with stack.client(stack.token) as c:
+        entries = c.get("/v1/audit", params={"limit": 1000}).json()["items"]
+        verify = c.get("/v1/audit/verify").json()
+    local = [e for e in entries if e["actor"] == "local:root"]
+    assert [e["action"] for e in local] == ["plan.create"]
+    assert verify["ok"] is True
