@@ -28,8 +28,8 @@ from agent.clean.planner import Planner
 from agent.clean.qgroups import QgroupSweeper
 from agent.config import AgentConfig
 from agent.domain.inventory import Clock, Inventory, utcnow
+from agent.domain.mounts import read_mounts
 from agent.domain.plans import Plan
-from agent.domain.snapshot import read_mounts
 from agent.errors import Unavailable
 from agent.host.backend import Btrfs, Docker
 from agent.store.audit import AuditLog

@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from agent.domain.mounts import MountIndex, UseIndex
 from agent.domain.plans import Deleted
 from agent.domain.safety import DeleteSet, check_guard
-from agent.domain.snapshot import MountIndex, Snapshot, UseIndex
+from agent.domain.snapshot import Snapshot
 from agent.errors import AgentError, BtrfsCommandError
 from agent.host.backend import Btrfs, Docker
 

@@ -52,9 +52,10 @@ def check_abs(path: str) -> str:
 
 def is_under(path: str, root: str) -> bool:
     """True when ``path`` is ``root`` or inside it (by path components, not by string)."""
-    if root == "/":
+    base = root.rstrip("/")
+    if not base:
         return True
-    return path == root or path.startswith(root.rstrip("/") + "/")
+    return path == base or path.startswith(base + "/")
 
 
 def under_any(path: str, roots: Iterable[str]) -> bool:

@@ -30,16 +30,9 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from agent.domain.mounts import MountIndex, UseIndex
 from agent.domain.paths import VOLUME_NAME, PathRefused, check_abs, is_under, under_any
-from agent.domain.snapshot import (
-    TOP_LEVEL_ID,
-    LayerFolder,
-    MountIndex,
-    Snapshot,
-    SubvolView,
-    UseIndex,
-    VolumeView,
-)
+from agent.domain.snapshot import TOP_LEVEL_ID, LayerFolder, Snapshot, SubvolView, VolumeView
 from agent.errors import (
     HostMountsUnavailable,
     InUse,

@@ -32,6 +32,10 @@ def test_is_under_is_by_component() -> None:
     assert is_under("/v/docker/x", "/v/docker")
     assert is_under("/v/docker", "/v/docker")
     assert not is_under("/v/dockerfoo", "/v/docker")
+    # a root written with a trailing slash holds itself too
+    assert is_under("/v/docker", "/v/docker/")
+    assert not is_under("/v/dockerfoo", "/v/docker/")
+    assert is_under("/anything", "/")
 
 
 def test_pathmap_prefix() -> None:

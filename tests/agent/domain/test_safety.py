@@ -310,7 +310,7 @@ def test_qgroups_of_live_subvolumes_are_never_destroyed(sc: LeakScenario, tmp_pa
 def test_a_mount_of_another_namespace_is_placed_by_what_it_sits_on() -> None:
     """A container that bind-mounts the data root (/docker of the btrfs) at /host and
     mounts a tmpfs below it: the tmpfs sits in the btrfs at /docker/volumes/v/_data/p."""
-    from agent.domain.snapshot import MountIndex, foreign_mounts
+    from agent.domain.mounts import MountIndex, foreign_mounts
     from agent.host.records import MountEntry, NamespaceTable
 
     table = NamespaceTable(

@@ -1,0 +1,251 @@
+"""What is mounted where, and what containers use: the in-use rules read these.
+
+``MountIndex`` holds every mount of the host, of this process and of every other mount
+namespace, by host path; ``UseIndex`` every volume and bind mount of every container, by
+source path. ``read_mounts`` reads them as they are now (the executor does, before each
+step); ``take_snapshot`` builds the ones a ``Snapshot`` carries.
+"""
+
+from __future__ import annotations
+
+import bisect
+import posixpath
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from agent.domain.paths import PathMap, is_under
+from agent.errors import Unavailable
+from agent.host.backend import Btrfs
+from agent.host.records import ContainerMount, ContainerRecord, MountEntry, NamespaceTable
+
+
+@dataclass(frozen=True)
+class MountView:
+    """One mount, of any type, as the in-use rules read it."""
+
+    mountpoint: str  # host path
+    fstype: str
+    source: str
+    root: str  # what is mounted there: a path inside its filesystem ("/" = its top)
+    dev: str  # the filesystem's "major:minor"
+
+    def describe(self) -> str:
+        what = self.fstype if self.root == "/" else f"{self.fstype} {self.root}"
+        return f"{self.mountpoint} ({what} from {self.source})"
+
+    def place(self) -> str:
+        return self.mountpoint
+
+
+@dataclass(frozen=True)
+class ForeignMount:
+    """A mount in another mount namespace (a service with private mounts, a
+    container), placed by what it sits on: ``on_dev``/``on_path``, the filesystem and
+    the path inside it of the folder it covers (its parent mount's root and the rest of
+    its mount point). That is where removing a folder or deleting a subvolume would
+    detach it in that namespace: the kernel does, since Linux 3.18."""
+
+    pid: int  # a process of that namespace
+    mountpoint: str  # as that process sees it
+    fstype: str
+    source: str
+    root: str
+    dev: str
+    on_dev: str
+    on_path: str
+
+    def describe(self) -> str:
+        return f"{self.mountpoint} ({self.fstype} from {self.source}) in {self.namespace()}"
+
+    def namespace(self) -> str:
+        return f"the mount namespace of pid {self.pid}"
+
+    def place(self) -> str:
+        return f"{self.mountpoint} in {self.namespace()}"
+
+
+def foreign_mounts(tables: Iterable[NamespaceTable]) -> list[ForeignMount]:
+    """The mounts of other namespaces' tables, each placed by its parent mount (a
+    namespace's root mount sits on nothing that table shows: left out)."""
+    out = []
+    for table in tables:
+        by_id = {m.mount_id: m for m in table.mounts}
+        for m in table.mounts:
+            parent = by_id.get(m.parent_id)
+            if parent is None or parent is m or not is_under(m.mountpoint, parent.mountpoint):
+                continue
+            rest = m.mountpoint[len(parent.mountpoint.rstrip("/")) :]
+            on_path = posixpath.normpath(parent.root.rstrip("/") + rest) if rest else parent.root
+            out.append(
+                ForeignMount(
+                    table.pid, m.mountpoint, m.fstype, m.source, m.root, m.dev, parent.dev, on_path
+                )
+            )
+    return out
+
+
+def _prefixed(items: Sequence[str], path: str) -> range:
+    """Indexes of the sorted ``items`` equal to ``path`` or below it (``path/...``)."""
+    base = path.rstrip("/")
+    lo = bisect.bisect_left(items, base)
+    hi = bisect.bisect_left(items, base + "0")  # "0" sorts right after "/"
+    return range(lo, hi)
+
+
+class MountIndex:
+    """Mounts of any type, looked up by host path and by what they show.
+
+    ``known`` is False when the host's mount table could not be read: then only this
+    process's mounts are in it, and ``unknown_reason`` says why (every delete is refused).
+    ``foreign``: the mounts of every other mount namespace, looked up by what they sit
+    on and by what they show (their mount points mean nothing on the host).
+    """
+
+    def __init__(
+        self,
+        mounts: Iterable[MountView],
+        *,
+        unknown_reason: str | None = None,
+        foreign: Iterable[ForeignMount] = (),
+    ) -> None:
+        unique = {(m.mountpoint, m.dev, m.root): m for m in mounts}
+        self.all: tuple[MountView, ...] = tuple(sorted(unique.values(), key=lambda m: m.mountpoint))
+        self._points = [m.mountpoint for m in self.all]
+        by_dev: dict[str, list[MountView]] = {}
+        for m in self.all:
+            by_dev.setdefault(m.dev, []).append(m)
+        self._by_dev = {d: sorted(ms, key=lambda m: m.root) for d, ms in by_dev.items()}
+        self._roots = {d: [m.root for m in ms] for d, ms in self._by_dev.items()}
+        self.unknown_reason = unknown_reason
+        self.foreign = tuple(foreign)
+        on: dict[str, list[ForeignMount]] = {}
+        shows: dict[str, list[ForeignMount]] = {}
+        for f in self.foreign:
+            on.setdefault(f.on_dev, []).append(f)
+            shows.setdefault(f.dev, []).append(f)
+        self._on = {d: sorted(fs, key=lambda f: f.on_path) for d, fs in on.items()}
+        self._on_paths = {d: [f.on_path for f in fs] for d, fs in self._on.items()}
+        self._shows = {d: sorted(fs, key=lambda f: f.root) for d, fs in shows.items()}
+        self._shows_roots = {d: [f.root for f in fs] for d, fs in self._shows.items()}
+
+    @property
+    def known(self) -> bool:
+        return self.unknown_reason is None
+
+    def at_or_under(self, path: str) -> list[MountView]:
+        """Mounts whose mount point is ``path`` or inside it (``path`` a host path)."""
+        hits = [self.all[i] for i in _prefixed(self._points, path)]
+        return [m for m in hits if is_under(m.mountpoint, path)]
+
+    def exposing(self, dev: str, in_fs: str) -> list[MountView | ForeignMount]:
+        """Mounts of filesystem ``dev``, in any mount namespace, that show ``in_fs`` or
+        something inside it: what deleting ``in_fs`` would take away from under another
+        mount point."""
+        out: list[MountView | ForeignMount] = []
+        for by_dev, roots_by_dev in ((self._by_dev, self._roots), (self._shows, self._shows_roots)):
+            roots = roots_by_dev.get(dev)
+            if roots:
+                mounts: Sequence[MountView | ForeignMount] = by_dev[dev]
+                hits = [mounts[i] for i in _prefixed(roots, in_fs)]
+                out.extend(m for m in hits if is_under(m.root, in_fs))
+        return out
+
+    def sitting_in(self, dev: str, in_fs: str) -> list[ForeignMount]:
+        """Mounts of other mount namespaces that sit at or inside ``in_fs`` (a path
+        inside filesystem ``dev``): what removing it would detach there."""
+        paths = self._on_paths.get(dev)
+        if not paths:
+            return []
+        hits = [self._on[dev][i] for i in _prefixed(paths, in_fs)]
+        return [f for f in hits if is_under(f.on_path, in_fs)]
+
+
+@dataclass(frozen=True)
+class ContainerUse:
+    """One volume or bind mount of one container (any state)."""
+
+    container_id: str
+    container_name: str
+    running: bool
+    mount: ContainerMount
+
+    def describe(self) -> str:
+        state = "running" if self.running else "stopped"
+        what = f"volume {self.mount.name}" if self.mount.type == "volume" else self.mount.source
+        return (
+            f"container {self.container_name or self.container_id[:12]} ({state}) mounts "
+            f"{what} at {self.mount.destination}"
+        )
+
+
+class UseIndex:
+    """What containers mount from the host, by source path."""
+
+    def __init__(self, containers: Iterable[ContainerRecord]) -> None:
+        uses = [
+            ContainerUse(c.id, c.name, c.running, m)
+            for c in containers
+            for m in c.mounts
+            if m.source.startswith("/")
+        ]
+        uses.sort(key=lambda u: u.mount.source)
+        self._uses = uses
+        self._sources = [posixpath.normpath(u.mount.source) for u in uses]
+        self._by_source: dict[str, list[ContainerUse]] = {}
+        for src, use in zip(self._sources, uses, strict=True):
+            self._by_source.setdefault(src, []).append(use)
+
+    def overlapping(self, path: str, *, wide: Sequence[str] = ()) -> list[ContainerUse]:
+        """Uses whose source is ``path``, inside it, or holds it. A source that holds
+        one of the ``wide`` paths (Docker's data root, a configured root: a view of
+        everything, as a monitoring or backup container has) does not count as a use of
+        what is inside it."""
+        hits = [self._uses[i] for i in _prefixed(self._sources, path)]
+        out = [u for u in hits if is_under(posixpath.normpath(u.mount.source), path)]
+        parent = posixpath.dirname(path)
+        while True:
+            for use in self._by_source.get(parent, ()):
+                if not any(is_under(w, parent) for w in wide):
+                    out.append(use)
+            if parent == "/":
+                break
+            parent = posixpath.dirname(parent)
+        return out
+
+
+def read_mounts(btrfs: Btrfs, pathmap: PathMap) -> MountIndex:
+    """The mount tables as they are now (the host's, this process's, every other
+    namespace's)."""
+    host: Future[list[MountEntry]] = Future()
+    others: Future[list[NamespaceTable]] = Future()
+    for future, read in ((host, btrfs.host_mounts), (others, btrfs.namespace_mounts)):
+        try:
+            future.set_result(read())  # type: ignore[arg-type]
+        except Unavailable as exc:
+            future.set_exception(exc)
+    return mount_index(btrfs.mounts(), host, pathmap, others)
+
+
+def mount_index(
+    local: Sequence[MountEntry],
+    host: Future[list[MountEntry]],
+    pathmap: PathMap,
+    others: Future[list[NamespaceTable]],
+) -> MountIndex:
+    """The host's mounts (host paths already), this process's (mapped to host paths;
+    those outside the host's view are left out) and every other namespace's (placed by
+    what they sit on). When the host's table, or another namespace's, cannot be read,
+    the index says why and holds this process's mounts only."""
+    views = [
+        MountView(hp, m.fstype, m.source, m.root, m.dev)
+        for m in local
+        if (hp := pathmap.to_host(m.mountpoint)) is not None
+    ]
+    try:
+        host_mounts = host.result()
+        tables = others.result()
+    except Unavailable as exc:
+        return MountIndex(views, unknown_reason=exc.detail)
+    views.extend(MountView(m.mountpoint, m.fstype, m.source, m.root, m.dev) for m in host_mounts)
+    return MountIndex(views, foreign=foreign_mounts(tables))
