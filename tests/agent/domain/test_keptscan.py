@@ -224,3 +224,20 @@ def test_a_delete_drops_the_kept_scan(rt: Runtime, sc: LeakScenario) -> None:
     sc.docker.quiet = True  # the agent's own change must show without any event
     rt.deletes.volume(sc.dind_volume, dry_run=False, actor="test")
     assert sc.dind_volume not in inv.current().volumes
+
+
+def test_a_complete_listing_keeps_the_kept_scan(inv: Inventory, sc: LeakScenario) -> None:
+    """The last page drops the listing's own snapshot, not the scan every read shares."""
+    scans = warm(inv)
+    items, cursor = inv.subvolumes(sc.fs_uuid, under=None, limit=2, cursor=None)
+    pages = [items]
+    while cursor is not None:
+        items, cursor = inv.subvolumes(sc.fs_uuid, under=None, limit=2, cursor=cursor)
+        pages.append(items)
+    assert len(pages) > 1
+    inv.current()
+    assert inv.scans == scans
+    # a real change still makes the next read scan
+    sc.btrfs.create_subvolume(f"{sc.data_root}/btrfs/subvolumes/{'f' * 64}")
+    inv.current()
+    assert inv.scans == scans + 1
