@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 import agent.host.btrfs_ioctl as agent_ioctl
-from agent.errors import BtrfsCommandError, BtrfsUnavailable, HostMountsUnavailable
-from agent.host.btrfs import PROC_PID_INIT_INO, BtrfsTimeout, BtrfsTool
+from agent.errors import BtrfsCommandError, BtrfsUnavailable
+from agent.host.btrfs import BtrfsTimeout, BtrfsTool
 from agent.host.btrfs_ioctl import otime_via_subvol_info, otime_via_tree_search
 from agent.host.records import DeleteResult, FilesystemIdent, MountEntry, Qgroup
 from tests.agent.conftest import LoopBtrfs
-from tests.agent.host.test_btrfs_parse import CAPTURES, VERSIONS, load_capture
+from tests.agent.host.test_btrfs_parse import VERSIONS, load_capture
 
 _real_run = subprocess.run  # the tests' own commands, never seen by the spy below
 
@@ -190,67 +190,6 @@ def test_paths_must_be_absolute_and_distinct() -> None:
         tool.qgroups("relative")
     with pytest.raises(ValueError, match="NUL"):
         tool.sync("/x\0y")
-
-
-def test_mounts_from_proc_root(tmp_path: Path) -> None:
-    (tmp_path / "self").mkdir()
-    (tmp_path / "self" / "mountinfo").write_bytes(
-        (CAPTURES / "linux" / "mountinfo.txt").read_bytes()
-    )
-    mounts = BtrfsTool(proc_root=str(tmp_path)).mounts()
-    # every type: a tmpfs or a bind mount of another filesystem can hold a target too
-    assert len(mounts) == 9
-    assert {m.fstype for m in mounts} >= {"tmpfs", "ext4", "btrfs", "proc"}
-    btrfs = [m for m in mounts if m.fstype == "btrfs"]
-    assert [m.mountpoint for m in btrfs] == [
-        "/srv/lab/volume 1",
-        "/srv/lab/back\\slash",
-        "/srv/lab/tab\tdir",
-    ]
-    assert btrfs[1].root == "/docker" and btrfs[1].dev == "0:43"
-
-
-def test_mounts_unreadable_is_unavailable(tmp_path: Path) -> None:
-    with pytest.raises(BtrfsUnavailable, match="mount table"):
-        BtrfsTool(proc_root=str(tmp_path / "nowhere")).mounts()
-
-
-def _fake_proc(tmp_path: Path, *, pid_ns: int) -> Path:
-    """A proc tree with pid 1's mountinfo and this process's pid namespace link."""
-    proc = tmp_path / "proc"
-    (proc / "1").mkdir(parents=True)
-    (proc / "self" / "ns").mkdir(parents=True)
-    (proc / "1" / "mountinfo").write_bytes((CAPTURES / "linux" / "mountinfo.txt").read_bytes())
-    (proc / "self" / "ns" / "pid").symlink_to(f"pid:[{pid_ns}]")
-    return proc
-
-
-def test_host_mounts_are_pid_1s(tmp_path: Path) -> None:
-    proc = _fake_proc(tmp_path, pid_ns=PROC_PID_INIT_INO)
-    host = BtrfsTool(proc_root=str(proc)).host_mounts()
-    assert len(host) == 9 and host[0].mountpoint == "/proc"
-
-
-def test_host_mounts_need_the_hosts_pid_namespace(tmp_path: Path) -> None:
-    # a container without `pid: host`: pid 1 is the container's own first process
-    proc = _fake_proc(tmp_path, pid_ns=4026532201)
-    with pytest.raises(HostMountsUnavailable, match="pid: host"):
-        BtrfsTool(proc_root=str(proc)).host_mounts()
-
-
-def test_host_mounts_unreadable_is_unavailable(tmp_path: Path) -> None:
-    proc = _fake_proc(tmp_path, pid_ns=PROC_PID_INIT_INO)
-    (proc / "1" / "mountinfo").unlink()
-    with pytest.raises(HostMountsUnavailable, match="host's mount table"):
-        BtrfsTool(proc_root=str(proc)).host_mounts()
-
-
-def test_host_mounts_of_this_machine() -> None:
-    """Outside a pid namespace, pid 1's table is the host's: it holds / itself; and
-    this process's pid namespace is recognised as the initial one."""
-    if os.readlink("/proc/self/ns/pid") != f"pid:[{PROC_PID_INIT_INO}]":
-        pytest.skip("runs in a pid namespace of its own")
-    assert any(m.mountpoint == "/" for m in BtrfsTool().host_mounts())
 
 
 def test_rmdir_feature_from_sys_root(tmp_path: Path) -> None:

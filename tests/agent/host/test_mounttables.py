@@ -1,0 +1,133 @@
+"""The mount tables from ``/proc`` (``agent.host.mounttables``), over proc trees made
+in a temporary folder from a real captured table, and this machine's own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.errors import BtrfsUnavailable, HostMountsUnavailable
+from agent.host import mounttables
+from agent.host.mounttables import (
+    PROC_PID_INIT_INO,
+    read_host_mounts,
+    read_mounts,
+    read_namespace_mounts,
+)
+from tests.agent.host.test_btrfs_parse import CAPTURES
+
+
+def test_mounts_from_proc_root(tmp_path: Path) -> None:
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "mountinfo").write_bytes(
+        (CAPTURES / "linux" / "mountinfo.txt").read_bytes()
+    )
+    mounts = read_mounts(str(tmp_path))
+    # every type: a tmpfs or a bind mount of another filesystem can hold a target too
+    assert len(mounts) == 9
+    assert {m.fstype for m in mounts} >= {"tmpfs", "ext4", "btrfs", "proc"}
+    btrfs = [m for m in mounts if m.fstype == "btrfs"]
+    assert [m.mountpoint for m in btrfs] == [
+        "/srv/lab/volume 1",
+        "/srv/lab/back\\slash",
+        "/srv/lab/tab\tdir",
+    ]
+    assert btrfs[1].root == "/docker" and btrfs[1].dev == "0:43"
+
+
+def test_mounts_unreadable_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(BtrfsUnavailable, match="mount table"):
+        read_mounts(str(tmp_path / "nowhere"))
+
+
+def _fake_proc(tmp_path: Path, *, pid_ns: int) -> Path:
+    """A proc tree with pid 1's mountinfo and this process's pid namespace link."""
+    proc = tmp_path / "proc"
+    (proc / "1").mkdir(parents=True)
+    (proc / "self" / "ns").mkdir(parents=True)
+    (proc / "1" / "mountinfo").write_bytes((CAPTURES / "linux" / "mountinfo.txt").read_bytes())
+    (proc / "self" / "ns" / "pid").symlink_to(f"pid:[{pid_ns}]")
+    return proc
+
+
+def test_host_mounts_are_pid_1s(tmp_path: Path) -> None:
+    proc = _fake_proc(tmp_path, pid_ns=PROC_PID_INIT_INO)
+    host = read_host_mounts(str(proc))
+    assert len(host) == 9 and host[0].mountpoint == "/proc"
+
+
+def test_host_mounts_need_the_hosts_pid_namespace(tmp_path: Path) -> None:
+    # a container without `pid: host`: pid 1 is the container's own first process
+    proc = _fake_proc(tmp_path, pid_ns=4026532201)
+    with pytest.raises(HostMountsUnavailable, match="pid: host"):
+        read_host_mounts(str(proc))
+
+
+def test_host_mounts_unreadable_is_unavailable(tmp_path: Path) -> None:
+    proc = _fake_proc(tmp_path, pid_ns=PROC_PID_INIT_INO)
+    (proc / "1" / "mountinfo").unlink()
+    with pytest.raises(HostMountsUnavailable, match="host's mount table"):
+        read_host_mounts(str(proc))
+
+
+def test_host_mounts_of_this_machine() -> None:
+    """Outside a pid namespace, pid 1's table is the host's: it holds / itself; and
+    this process's pid namespace is recognised as the initial one."""
+    if os.readlink("/proc/self/ns/pid") != f"pid:[{PROC_PID_INIT_INO}]":
+        pytest.skip("runs in a pid namespace of its own")
+    assert any(m.mountpoint == "/" for m in read_host_mounts("/proc"))
+
+
+def _table(first_id: int) -> str:
+    return (
+        f"{first_id} 1 0:90 / / rw - overlay overlay rw\n"
+        f"{first_id + 1} {first_id} 0:91 / /in rw - tmpfs tmpfs rw\n"
+    )
+
+
+def _namespaces(tmp_path: Path) -> Path:
+    """pid 1 and this process in the host's namespace, pid 100 too, pid 200 and 201 in
+    one other namespace, pid 300 gone (no table)."""
+    proc = _fake_proc(tmp_path, pid_ns=PROC_PID_INIT_INO)
+    host = (proc / "1" / "mountinfo").read_text()
+    (proc / "self" / "mountinfo").write_text(host)
+    for pid, text in (("100", host), ("200", _table(500)), ("201", _table(500))):
+        (proc / pid).mkdir()
+        (proc / pid / "mountinfo").write_text(text)
+    (proc / "300").mkdir()
+    return proc
+
+
+def test_other_namespaces_are_read_once_each(tmp_path: Path) -> None:
+    tables = read_namespace_mounts(str(_namespaces(tmp_path)))
+    assert [t.pid for t in tables] == [200]
+    assert [m.mountpoint for m in tables[0].mounts] == ["/", "/in"]
+
+
+def test_other_namespaces_need_the_hosts_pid_namespace(tmp_path: Path) -> None:
+    proc = _namespaces(tmp_path)
+    (proc / "self" / "ns" / "pid").unlink()
+    (proc / "self" / "ns" / "pid").symlink_to("pid:[4026532201]")
+    with pytest.raises(HostMountsUnavailable, match="pid: host"):
+        read_namespace_mounts(str(proc))
+
+
+def test_too_many_namespaces_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = _namespaces(tmp_path)
+    (proc / "400").mkdir()
+    (proc / "400" / "mountinfo").write_text(_table(700))
+    monkeypatch.setattr(mounttables, "MAX_MOUNT_NAMESPACES", 1)
+    with pytest.raises(HostMountsUnavailable, match="more than 1 mount namespaces"):
+        read_namespace_mounts(str(proc))
+
+
+def test_an_unreadable_table_of_another_namespace_is_unavailable(tmp_path: Path) -> None:
+    proc = _namespaces(tmp_path)
+    (proc / "200" / "mountinfo").unlink()
+    (proc / "200" / "mountinfo").mkdir()  # reading it fails (EISDIR), even for root
+    with pytest.raises(HostMountsUnavailable, match="200/mountinfo"):
+        read_namespace_mounts(str(proc))
