@@ -43,9 +43,9 @@ def test_benchmark_runs_tiny(script: str, lab_host: None, tmp_path: Path) -> Non
     assert data["name"] == script[:2]
     assert data["tables"] and all(t["rows"] for t in data["tables"])
     assert "| ---" in proc.stdout  # the Markdown table was printed
-    doc = f"# x\n<!-- bench:{data['name']} -->\nold\n<!-- /bench:{data['name']} -->\n"
+    doc = f"# x\n<!-- bench:{data['name']} -->\nSTALE-SECTION\n<!-- /bench:{data['name']} -->\n"
     new = rewrite(doc, {data["name"]: data}, "now")
-    assert "old" not in new and data["markdown"] in new
+    assert "STALE-SECTION" not in new and data["markdown"] in new
 
 
 def test_benchmarks_md_has_a_section_per_benchmark() -> None:

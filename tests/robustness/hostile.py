@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -310,32 +310,58 @@ def write_fleet(folder: Path, agents: dict[str, str], **extra: Any) -> Path:
     return path
 
 
+# Runs one command and writes its own peak RSS (KiB) to a file descriptor. The peak a
+# parent reads of a child it forked holds the parent's size at the fork (Linux keeps the
+# old memory's high-water mark across exec), and the test process can be hundreds of MiB:
+# this small process forks the command instead, so the peak read is the command's own
+# (plus this interpreter's few MiB).
+_PEAK_RSS = """
+import os, resource, sys
+limit, fd, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+pid = os.fork()
+if pid == 0:
+    os.close(fd)
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(fd, str(usage.ru_maxrss).encode())
+code = os.waitstatus_to_exitcode(status)
+os._exit(code if code >= 0 else 128 - code)
+"""
+
+
 def janitorctl(
     *args: str, patience: float, address_space: int | None = None, env: dict[str, str] | None = None
 ) -> Finished:
     """``janitorctl ARGS`` in a process of its own; killed after ``patience`` seconds.
     ``address_space`` caps its virtual memory (RLIMIT_AS), so that a controller that
-    reads without bound hits MemoryError instead of the machine's memory."""
+    reads without bound hits MemoryError instead of the machine's memory. ``max_rss_kib``
+    is its own peak (see ``_PEAK_RSS``)."""
     exe = Path(sys.executable).parent / "janitorctl"
-
-    def limit() -> None:
-        if address_space is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-
     environ = {**os.environ, "MALLOC_ARENA_MAX": "2", "COLUMNS": "200", **(env or {})}
+    peak_r, peak_w = os.pipe()
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [str(exe), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=environ,
-        preexec_fn=limit,
-    )
+    try:
+        wrapper = [sys.executable, "-S", "-c", _PEAK_RSS, str(address_space or 0), str(peak_w)]
+        proc = subprocess.Popen(
+            [*wrapper, str(exe), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environ,
+            pass_fds=(peak_w,),
+            start_new_session=True,  # its own process group: both end when killed
+        )
+    finally:
+        os.close(peak_w)
     killed = threading.Event()
 
     def kill() -> None:
         killed.set()
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
 
     timer = threading.Timer(patience, kill)
     timer.start()
@@ -346,18 +372,18 @@ def janitorctl(
     ]
     for t in readers:
         t.start()
-    # wait4: the peak memory of this child alone
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc.wait()
     timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     for t in readers:
         t.join()
+    with os.fdopen(peak_r, "rb") as f:
+        peak = f.read().decode() or "0"  # nothing when it was killed
     return Finished(
         code=None if killed.is_set() else proc.returncode,
         stdout=outputs["out"].decode(errors="replace"),
         stderr=outputs["err"].decode(errors="replace"),
         seconds=time.monotonic() - start,
-        max_rss_kib=int(usage.ru_maxrss),
+        max_rss_kib=int(peak),
     )
 
 
