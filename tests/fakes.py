@@ -688,6 +688,9 @@ class FakeBtrfs:
         self._process("version")
         return self.progs_version
 
+    def tool_present(self) -> bool:
+        return not self.missing
+
     def kernel_release(self) -> str:
         return self.kernel
 

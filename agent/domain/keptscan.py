@@ -10,6 +10,7 @@ is used again only while:
   subvolume root item moved by a commit;
 - the mount tables (this process's and the host's) are the same, and so is the stamp
   of Docker's ``btrfs/subvolumes`` folder (a plain folder made there);
+- btrfs-progs is still there (without it a scan cannot be made: the read says so);
 - the agent changed nothing itself (``forget``, called after every change);
 - it is younger than ``inventory_max_age_seconds`` (what no signal shows, e.g. files
   written in a plain folder of an unused volume, which moves its age, or the usage).
@@ -186,6 +187,8 @@ class KeptScan:
             return False
         if self.watch.state() != (True, kept.epoch):
             return False
+        if not self.btrfs.tool_present():
+            return False  # a scan now says why it cannot be made (a 503)
         try:
             if self.btrfs.mounts() != kept.mounts or self._host_mounts() != kept.host_mounts:
                 return False

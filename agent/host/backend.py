@@ -39,6 +39,10 @@ class Btrfs(Protocol):
 
     def kernel_release(self) -> str: ...
 
+    def tool_present(self) -> bool:
+        """True when the btrfs-progs binary is there to be started (a lookup and a
+        stat, no process)."""
+
     def rmdir_deletes_subvolumes(self) -> bool:
         """True when the kernel lets rmdir remove an empty subvolume (Linux >= 4.18),
         read from ``/sys/fs/btrfs/features/rmdir_subvol``."""

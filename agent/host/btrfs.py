@@ -169,6 +169,12 @@ class BtrfsTool:
     def version(self) -> str:
         return parse_version(self._output(["--version"]))
 
+    def tool_present(self) -> bool:
+        try:
+            return os.access(self._executable(), os.X_OK)
+        except BtrfsUnavailable:
+            return False
+
     def kernel_release(self) -> str:
         return os.uname().release
 

@@ -241,3 +241,18 @@ def test_a_complete_listing_keeps_the_kept_scan(inv: Inventory, sc: LeakScenario
     sc.btrfs.create_subvolume(f"{sc.data_root}/btrfs/subvolumes/{'f' * 64}")
     inv.current()
     assert inv.scans == scans + 1
+
+
+def test_btrfs_progs_gone_is_said_at_the_next_read(inv: Inventory, sc: LeakScenario) -> None:
+    """No signal moves when the binary goes away; the kept scan is not used then, so
+    the read fails as a scan would (BtrfsUnavailable: a 503). Back, with nothing else
+    changed, the kept scan serves again."""
+    from agent.errors import BtrfsUnavailable
+
+    scans = warm(inv)
+    sc.btrfs.missing = True
+    with pytest.raises(BtrfsUnavailable):
+        inv.current()
+    sc.btrfs.missing = False
+    assert sc.fs_uuid in inv.current().subvolumes
+    assert inv.scans == scans
