@@ -1,3 +1,3 @@
 """nas-janitor controller: drives many agents (scan, plan, apply, audit) for a fleet."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -328,7 +328,7 @@ class FakeAgent:
     def host(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "hostname": self.hostname,
-            "agent_version": "0.1.0",
+            "agent_version": "0.3.0",
             "kernel": {"release": self.kernel, "rmdir_deletes_subvolumes": False},
             "btrfs_progs_version": "4.4.1",
             "docker": {

@@ -26,7 +26,7 @@ from shared.models import (
 
 HOST: dict[str, Any] = {
     "hostname": "nas1",
-    "agent_version": "0.1.0",
+    "agent_version": "0.3.0",
     "kernel": {"release": "4.4.302+", "rmdir_deletes_subvolumes": False},
     "btrfs_progs_version": "4.4.1",
     "docker": {
