@@ -13,7 +13,7 @@ from agent.domain.findings import Finding, compute_findings
 from agent.domain.inventory import Inventory
 from agent.domain.snapshot import Snapshot
 from tests.agent.http.apphelpers import agent_config
-from tests.fakes import LeakScenario, fake_hex, make_leak_scenario
+from tests.fakes import FakeSubvolume, LeakScenario, fake_hex, make_leak_scenario
 
 
 def snapshot(sc: LeakScenario, tmp_path: Path, **cfg: Any) -> Snapshot:
@@ -44,16 +44,19 @@ def advance(sc: LeakScenario, by: timedelta) -> None:
     sc.docker.now = sc.btrfs.now
 
 
-def sub_id(sc: LeakScenario, path: str) -> int:
+def subvolume(sc: LeakScenario, path: str) -> FakeSubvolume:
+    """The fake's live subvolume at local ``path`` (which must be one)."""
     sub = sc.btrfs.subvolume(path)
     assert sub is not None, path
-    return sub.id
+    return sub
+
+
+def sub_id(sc: LeakScenario, path: str) -> int:
+    return subvolume(sc, path).id
 
 
 def generation(sc: LeakScenario, path: str) -> int:
-    sub = sc.btrfs.subvolume(path)
-    assert sub is not None, path
-    return sub.generation
+    return subvolume(sc, path).generation
 
 
 def of_kind(found: Sequence[Finding], kind: str) -> list[Finding]:

@@ -30,6 +30,7 @@ from tests.agent.domain.scenes import (
     replace_with_folder,
     snapshot,
     sub_id,
+    subvolume,
 )
 from tests.fakes import KiB, LeakScenario, MiB, fake_hex, make_leak_scenario
 
@@ -70,7 +71,7 @@ def test_the_leaked_dind_volume_with_its_evidence(tmp_path: Path, kernel: str) -
     # children first: the writable child before the read-only subvolume holding it
     child, parent = sub_id(sc, sc.dind_ro_parent_child), sub_id(sc, sc.dind_ro_parent)
     assert f.subvolume_ids.index(child) < f.subvolume_ids.index(parent)
-    sizes = {i: sc.btrfs.subvolume(p).exclusive_bytes for i, p in nested.items()}  # type: ignore[union-attr]
+    sizes = {i: subvolume(sc, p).exclusive_bytes for i, p in nested.items()}
     assert f.reclaimable_bytes == sum(sizes.values()) == 8 * MiB + 6 * 16 * KiB
     assert dict(f.generations) == {i: generation(sc, p) for i, p in nested.items()}
     assert f.age_seconds == THREE_DAYS and f.blocked_by == ()
@@ -378,7 +379,7 @@ def test_an_orphan_of_unknown_age_is_too_young_unless_its_creation_is_told(
     assert f.id == about(findings(snap, sc, min_age_seconds=0), path=sc.orphan_layer).id
 
 
-WRITES: dict[str, Callable[[LeakScenario], None]] = {
+WRITES: dict[str, Callable[[LeakScenario], object]] = {
     "a new name in a nested subvolume": lambda sc: sc.btrfs.touch(
         f"{sc.dind_ro_parent_child}/cache.db", new_name=True
     ),
