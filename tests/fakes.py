@@ -159,8 +159,24 @@ class FakeSubvolume:
     ctransid: int = 0
     # False: the kernel cannot give its path (ENAMETOOLONG...): listed with path None.
     path_known: bool = True
+    # True: made before Linux 3.6, its root item lacks what was added then (uuids,
+    # otime, ctime, ctransid): listed with those None.
+    legacy: bool = False
 
     def record(self) -> SubvolumeRecord:
+        if self.legacy:
+            return SubvolumeRecord(
+                id=self.id,
+                parent_id=self.parent_id,
+                generation=self.generation,
+                uuid=None,
+                parent_uuid=None,
+                read_only=self.read_only,
+                created_at=None,
+                changed_at=None,
+                ctransid=None,
+                path=self.path if self.path_known else None,
+            )
         return SubvolumeRecord(
             id=self.id,
             parent_id=self.parent_id,
@@ -567,6 +583,26 @@ class FakeBtrfs:
                 raise ValueError(f"{path} is not a subvolume")
             sub.path_known = False
 
+    def make_legacy(self, path: str) -> None:
+        """The subvolume at local ``path`` as a filesystem made before Linux 3.6 keeps
+        it: its root item has no uuids, creation or change time, nor ctransid, so it is
+        listed with them None and ``created_at`` answers None."""
+        with self._lock:
+            sub = self.subvolume(path)
+            if sub is None or sub.id == TOP_LEVEL:
+                raise ValueError(f"{path} is not a subvolume")
+            sub.legacy = True
+
+    def forget_folder_time(self, path: str) -> None:
+        """``plain_folders`` lists the plain folder at local ``path`` with no change time
+        (``FolderEntry.changed_at`` None, which the ``Btrfs`` protocol allows though
+        ``agent.host.files`` always reads one) until a name is next made in it."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            if rel not in fs.directories:
+                raise ValueError(f"{path} is not a plain folder")
+            fs.times.pop(rel, None)
+
     def fail_next(self, op: str, error: Exception) -> None:
         """The next process ``op`` (e.g. ``"subvolume list"``) raises ``error``."""
         with self._lock:
@@ -759,7 +795,9 @@ class FakeBtrfs:
         if not self.created_at_supported:
             return None
         sub = self.subvolume(path)
-        return sub.created_at if sub is not None and sub.id != TOP_LEVEL else None
+        if sub is None or sub.id == TOP_LEVEL or sub.legacy:
+            return None
+        return sub.created_at
 
     def change_mark(self, mount: str, since: ChangeMark | None = None) -> ChangeMark:
         """A digest of what ``list_subvolumes``, ``qgroups`` and ``default_subvolume``

@@ -127,6 +127,34 @@ def test_a_path_the_kernel_cannot_give_is_listed_as_none(fs: FakeBtrfs) -> None:
     assert rec.path is None and rec.parent_id == 256
 
 
+def test_a_subvolume_made_before_linux_3_6_is_listed_without_uuids_or_times(
+    fs: FakeBtrfs,
+) -> None:
+    old = fs.create_subvolume(f"{V}/docker/old")
+    fs.make_legacy(f"{V}/docker/old")
+    [rec] = [r for r in fs.list_subvolumes(V) if r.id == old.id]
+    assert (rec.uuid, rec.parent_uuid, rec.created_at, rec.changed_at, rec.ctransid) == (
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+    assert rec.generation == old.generation and rec.path == "docker/old"
+    assert fs.created_at(f"{V}/docker/old") is None
+
+
+def test_a_folder_time_forgotten_until_the_next_change(fs: FakeBtrfs) -> None:
+    fs.make_dirs(f"{V}/docker/layers/a")
+    fs.forget_folder_time(f"{V}/docker/layers/a")
+    assert [e.changed_at for e in fs.plain_folders(f"{V}/docker/layers")] == [None]
+    fs.now += timedelta(minutes=5)
+    fs.make_dirs(f"{V}/docker/layers/a/etc")
+    assert [e.changed_at for e in fs.plain_folders(f"{V}/docker/layers")] == [fs.now]
+    with pytest.raises(ValueError, match="not a plain folder"):
+        fs.forget_folder_time(f"{V}/docker")
+
+
 def test_a_new_child_moves_the_generation_of_the_subvolume_holding_it(fs: FakeBtrfs) -> None:
     before = fs.subvolume(f"{V}/docker")
     assert before is not None

@@ -156,7 +156,7 @@ def build_plan(
     named and the policy neither includes named volumes nor names the finding: those
     are skipped, with the reason. Finding ids the policy names that are not among the
     findings are skipped as ``not_found``. Actions are numbered from 1 in findings
-    order."""
+    order, or in the order of the policy's ``finding_ids`` when it names them."""
     by_id = {f.id: f for f in findings}
     named_ids = set(policy.finding_ids or ())
     chosen = list(policy.finding_ids) if policy.finding_ids is not None else list(by_id)
