@@ -295,10 +295,18 @@ class Jobs:
                 snap = self.inventory.fresh_snapshot(
                     commit=(action.filesystem_uuid,) if action.filesystem_uuid else ()
                 )
+                checked = recheck(
+                    snap,
+                    plan,
+                    action,
+                    resuming=audited == "started",
+                    orphan_floor=self.inventory.config.orphan_min_age_seconds,
+                )
             except STORE_FAULTS:
                 raise
             except AgentError as exc:
-                # Docker or btrfs away (or failing): the action cannot even be checked.
+                # Docker, btrfs or the host's mount tables away (or failing): the action
+                # cannot even be checked.
                 self.audit.append(
                     actor=actor,
                     action=action.op,
@@ -308,13 +316,6 @@ class Jobs:
                 )
                 self._on_action(action.op, "failed", None)
                 return ActionResult(action.seq, "failed", f"{exc.code}: {exc.detail}")
-            checked = recheck(
-                snap,
-                plan,
-                action,
-                resuming=audited == "started",
-                orphan_floor=self.inventory.config.orphan_min_age_seconds,
-            )
             if isinstance(checked, Skipped):
                 outcome, why = "skipped", str(checked)
                 if audited in ("started", "deleted") and checked.code == "gone":

@@ -80,6 +80,26 @@ def test_a_mount_made_in_another_namespace_after_the_plan_stops_the_action(
     assert sc.btrfs.detached == [] and sc.docker.volume(sc.dind_volume) is not None
 
 
+def test_mount_tables_lost_after_the_plan_fail_the_action_audited(agent: AgentUnderTest) -> None:
+    """The host's mount table unreadable at apply time: nothing can be checked, so the
+    action fails with the problem's code (not an internal error), is audited as such,
+    and nothing is deleted."""
+    sc = agent.sc
+    p = plan(agent, kinds=["dind-volume"])
+    assert len(p["actions"]) == 1
+    sc.btrfs.host_mounts_error = "the agent runs in a pid namespace of its own"
+    job = run(agent, p["id"])
+    (result,) = job["results"]
+    assert result["outcome"] == "failed", result
+    assert result["detail"].startswith("host_mounts_unavailable: "), result
+    assert job["state"] == "failed"
+    failed = [e for e in audit(agent) if e["action"] == "remove_volume"]
+    assert [e["outcome"] for e in failed] == ["failed"], failed
+    assert failed[0]["detail"]["code"] == "host_mounts_unavailable"
+    assert sc.docker.volume(sc.dind_volume) is not None
+    assert exists(sc, sc.dind_nested) == list(sc.dind_nested)
+
+
 def test_a_planned_orphan_renamed_elsewhere_is_left_alone(tmp_path: Path) -> None:
     """Renamed into someone's folder next to it after the plan, the orphan keeps its id
     and its generation: the action must not follow it there."""
