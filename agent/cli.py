@@ -8,6 +8,7 @@ also 3 (something found but not cleaned: see ``agent.local``).
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import sys
 import urllib.error
@@ -120,6 +121,11 @@ def serve(config_path: str | None) -> None:
 
             return create_app(config)
 
+    # This process becomes gunicorn's master; it and its worker are the agent, whose own
+    # open files never count as a use of a target.
+    from agent.host import holders
+
+    holders.serving(os.getpid())
     Server().run()
 
 
@@ -361,6 +367,7 @@ def check_config(config_path: str | None) -> None:
         "host_prefix": config.host_prefix,
         "plan_ttl_seconds": config.plan_ttl_seconds,
         "orphan_min_age_seconds": config.orphan_min_age_seconds,
+        "unreadable_pids_allowed": list(config.unreadable_pids_allowed),
         "allow_plaintext": config.allow_plaintext,
         "gunicorn": {
             "threads": config.gunicorn.threads,

@@ -15,6 +15,7 @@
     allow_plaintext: false         # serve plain HTTP on a non-loopback address (say so)
     max_stored_plans: 1000         # plans kept at most (expired ones purged first)
     inventory_max_age_seconds: 300 # reads share one kept scan at most this old (0: none)
+    unreadable_pids_allowed: []    # pids passed over when what they hold cannot be read
 
 The file is ``$NAS_JANITOR_CONFIG`` (default ``/etc/nas-janitor/agent.yaml``); each
 ``NAS_JANITOR_<KEY>`` variable below overrides one key. A bad config raises
@@ -63,6 +64,7 @@ ENV_KEYS = {
     "NAS_JANITOR_ALLOW_PLAINTEXT": "allow_plaintext",
     "NAS_JANITOR_MAX_STORED_PLANS": "max_stored_plans",
     "NAS_JANITOR_INVENTORY_MAX_AGE_SECONDS": "inventory_max_age_seconds",
+    "NAS_JANITOR_UNREADABLE_PIDS_ALLOWED": "unreadable_pids_allowed",
 }
 
 
@@ -121,11 +123,40 @@ class AgentConfig:
     # events, the btrfs trees or the mount tables say something changed, and at the
     # latest when it is this old; 0 keeps nothing (every read scans).
     inventory_max_age_seconds: int = 300
+    # Processes whose open files the agent may fail to read (even root may not, where a
+    # supervisor forbids it: some virtual machines' init). Any other process that cannot
+    # be read refuses every delete (503 holders_unavailable); one of these is passed
+    # over, and each delete then stays blind to what it holds. Empty by default.
+    unreadable_pids_allowed: tuple[int, ...] = ()
 
     @property
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+
+def _pids(value: Any, problems: list[str]) -> tuple[int, ...]:
+    """A list of process ids (from the environment: separated by commas or colons)."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[,:\s]+", value) if v]
+    if not isinstance(value, list):
+        problems.append("unreadable_pids_allowed: a list of process ids")
+        return ()
+    out: list[int] = []
+    for v in value:
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            pid = int(v)
+            if not 1 <= pid <= 4_194_304:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"unreadable_pids_allowed: {v!r} is not a process id")
+            continue
+        out.append(pid)
+    return tuple(out)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -252,6 +283,7 @@ def load_config(
         "allow_plaintext",
         "max_stored_plans",
         "inventory_max_age_seconds",
+        "unreadable_pids_allowed",
     }
     for key in sorted(set(raw) - known):
         problems.append(f"{key}: unknown setting")
@@ -402,6 +434,8 @@ def load_config(
         problems.append("orphan_min_age_seconds: a whole number from 0 to 604800")
         orphan_floor = ORPHAN_MIN_AGE_FLOOR_SECONDS
 
+    unreadable = _pids(raw.get("unreadable_pids_allowed"), problems)
+
     if problems:
         raise ConfigError(problems)
     assert state_dir is not None
@@ -417,6 +451,7 @@ def load_config(
         gunicorn=gun,
         btrfs_binary=btrfs_binary,
         orphan_min_age_seconds=orphan_floor,
+        unreadable_pids_allowed=unreadable,
         allow_plaintext=allow_plaintext,
         max_stored_plans=max_plans,
         inventory_max_age_seconds=max_age,

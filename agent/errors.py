@@ -20,6 +20,8 @@
     │   ├── DockerUnavailable        (503 docker_unavailable)
     │   ├── BtrfsUnavailable         (503 btrfs_unavailable)
     │   ├── HostMountsUnavailable    (503 host_mounts_unavailable)
+    │   ├── HoldersUnavailable       (503 holders_unavailable: what processes hold open
+    │   │                             cannot be read)
     │   ├── StorageUnavailable       (503 storage_unavailable: the state or audit store
     │   │                             is locked, full or failing)
     │   └── AuditUnavailable         (503 audit_unavailable: the audit log is missing or
@@ -134,6 +136,15 @@ class HostMountsUnavailable(Unavailable):
     inside a target would be invisible: nothing is deleted."""
 
     code, title = "host_mounts_unavailable", "The host's mount table is not visible"
+
+
+class HoldersUnavailable(Unavailable):
+    """What processes hold open cannot be read (an agent in a container without
+    ``CAP_SYS_PTRACE``, a process whose files even root may not see, more than the
+    agent reads at once): a process holding a file inside a target would be invisible,
+    so nothing is deleted."""
+
+    code, title = "holders_unavailable", "What processes hold open is not visible"
 
 
 class StorageUnavailable(Unavailable):

@@ -58,7 +58,9 @@ def real_backends(config: AgentConfig) -> Backends:
     from agent.host.dockerd import DockerClient
 
     return Backends(
-        btrfs=BtrfsTool(binary=config.btrfs_binary),
+        btrfs=BtrfsTool(
+            binary=config.btrfs_binary, unreadable_pids_allowed=config.unreadable_pids_allowed
+        ),
         docker=DockerClient(
             base_url=config.docker_host,
             timeout=DOCKER_TIMEOUT,

@@ -57,6 +57,7 @@ from agent.errors import (
     BtrfsCommandError,
     BtrfsUnavailable,
     DockerUnavailable,
+    HoldersUnavailable,
     HostMountsUnavailable,
     InUse,
     NotFound,
@@ -75,6 +76,9 @@ from agent.host.records import (
     FilesystemIdent,
     FolderEntry,
     FsUsage,
+    HeldPath,
+    Holders,
+    HolderTable,
     LayerRefs,
     MountEntry,
     NamespaceTable,
@@ -293,6 +297,13 @@ class FakeBtrfs:
         # mount points whose other filesystem a RemoveAll emptied (what must never happen)
         self.emptied_mounts: list[str] = []
         self.qgroup_busy = 0  # the next N qgroup destroys fail with "busy"
+        # what processes and the kernel hold open (``hold``, ``back_loop``): (filesystem,
+        # top-level-relative path, local path, who, held by the kernel)
+        self._held: list[tuple[FakeFilesystem, str, str, str, bool]] = []
+        self.holders_error: str | None = None  # holders() raises with it
+        # held paths a delete or a removal destroyed under their holder (what must never
+        # happen: the process or the loop device loses its data)
+        self.lost_held: list[str] = []
         self._next_mount_id = 100
         self._failures: dict[str, list[Exception]] = {}
         self._refusals: dict[str, str] = {}
@@ -603,6 +614,28 @@ class FakeBtrfs:
                 raise ValueError(f"{path} is not a plain folder")
             fs.times.pop(rel, None)
 
+    def hold(self, path: str, who: str = "pid 4242 (sleep), working folder") -> None:
+        """A process holds local ``path`` open (its working folder, an open file...)."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            self._held.append((fs, rel, self._norm(path), who, False))
+
+    def back_loop(self, path: str, device: str = "/dev/loop7") -> None:
+        """A loop device is bound to the file at local ``path`` (the filesystem on it
+        may be mounted anywhere)."""
+        with self._lock:
+            fs, rel = self._resolve(path)
+            who = f"loop device {device} (its backing file)"
+            self._held.append((fs, rel, self._norm(path), who, True))
+
+    def release(self, path: str) -> None:
+        """Nothing holds local ``path`` any longer."""
+        with self._lock:
+            self._held = [h for h in self._held if h[2] != self._norm(path)]
+
+    def _lose_held(self, fs: FakeFilesystem, rel: str) -> None:
+        self.lost_held.extend(h[2] for h in self._held if h[0] is fs and _under(h[1], rel))
+
     def fail_next(self, op: str, error: Exception) -> None:
         """The next process ``op`` (e.g. ``"subvolume list"``) raises ``error``."""
         with self._lock:
@@ -649,6 +682,7 @@ class FakeBtrfs:
             if crossed:
                 self.emptied_mounts.extend(crossed)
                 return f"unlinkat {crossed[0]}: device or resource busy"
+            self._lose_held(fs, top)
             inside = sorted(
                 (s for s in fs.subvolumes.values() if _under(s.path, top)),
                 key=lambda s: s.path.count("/"),
@@ -753,6 +787,19 @@ class FakeBtrfs:
             if self.host_mounts_error is not None:
                 raise HostMountsUnavailable(self.host_mounts_error)
             return [table for table, _, _ in self._private]
+
+    def holders(self) -> Holders:
+        """What ``hold`` and ``back_loop`` made, as the host's namespace holds it (the
+        host's mount table, local paths: the fake's host and local paths are one)."""
+        with self._lock:
+            if self.holders_error is not None:
+                raise HoldersUnavailable(self.holders_error)
+            table = tuple(entry for entry, _ in self._mounts) + tuple(
+                e for e, _ in self._other_mounts
+            )
+            procs = tuple(HeldPath(h[2], h[3]) for h in self._held if not h[4])
+            kernel = tuple(HeldPath(h[2], h[3]) for h in self._held if h[4])
+            return Holders((HolderTable(1, table, procs),), kernel)
 
     def filesystem(self, mount: str) -> FilesystemIdent:
         with self._lock:
@@ -920,6 +967,7 @@ class FakeBtrfs:
                 return TreeRemoval(path, 0, 0, f"{path}: Read-only file system")
             files = {f for f in fs.files if _under(f, top)}
             dirs = {d for d in fs.directories if _under(d, top) and (d != top or not keep_top)}
+            self._lose_held(fs, top)
             fs.files -= files
             fs.directories -= dirs
             self._detach_gone()
@@ -980,6 +1028,7 @@ class FakeBtrfs:
 
     def _destroy(self, fs: FakeFilesystem, sub: FakeSubvolume) -> None:
         """Remove ``sub`` (which holds no subvolume) and the folders in it."""
+        self._lose_held(fs, sub.path)
         del fs.subvolumes[sub.id]
         del fs.by_path[sub.path]
         fs.directories = {d for d in fs.directories if not _under(d, sub.path)}

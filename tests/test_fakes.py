@@ -23,6 +23,7 @@ from agent.errors import (
     BtrfsCommandError,
     BtrfsUnavailable,
     DockerUnavailable,
+    HoldersUnavailable,
     InUse,
     NotFound,
     ToolFailed,
@@ -378,6 +379,29 @@ def test_deleting_a_mounted_subvolume_takes_its_mounts_along(fs: FakeBtrfs) -> N
     fs.mount_subvolume(f"{V}/t2", "/mnt/t2")
     assert fs.delete([f"{V}/t2"])[0].ok
     assert all(m.mountpoint != "/mnt/t2" for m in fs.mounts())
+
+
+def test_what_is_held_open_and_what_a_delete_destroys_under_it(fs: FakeBtrfs) -> None:
+    """Like the kernel: a delete succeeds under a holder (``btrfs subvolume delete``
+    does on a subvolume with open files); the fake records the loss."""
+    fs.create_subvolume(f"{V}/docker/held")
+    fs.create_subvolume(f"{V}/docker/img")
+    fs.hold(f"{V}/docker/held/db", "pid 9 (db), open file")
+    fs.back_loop(f"{V}/docker/img/disk.img", "/dev/loop3")
+    held = fs.holders()
+    (table,) = held.tables
+    assert [(h.path, h.who) for h in table.held] == [
+        (f"{V}/docker/held/db", "pid 9 (db), open file")
+    ]
+    assert [h.who for h in held.kernel] == ["loop device /dev/loop3 (its backing file)"]
+    assert any(m.mountpoint == V for m in table.mounts)  # to place by
+    assert fs.delete([f"{V}/docker/held"])[0].ok
+    assert fs.lost_held == [f"{V}/docker/held/db"]
+    fs.release(f"{V}/docker/img/disk.img")
+    assert fs.holders().kernel == ()
+    fs.holders_error = "cannot read what pid 1 holds (fd): Permission denied"
+    with pytest.raises(HoldersUnavailable, match="pid 1"):
+        fs.holders()
 
 
 def test_several_filesystems() -> None:

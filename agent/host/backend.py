@@ -24,6 +24,7 @@ from agent.host.records import (
     FilesystemIdent,
     FolderEntry,
     FsUsage,
+    Holders,
     LayerRefs,
     MountEntry,
     NamespaceTable,
@@ -58,6 +59,12 @@ class Btrfs(Protocol):
         """The mount tables of every other mount namespace on the host (services with
         private mounts, containers), one process's view of each.
         ``HostMountsUnavailable`` when they cannot all be seen."""
+
+    def holders(self) -> Holders:
+        """What every process but the agent's own, and the kernel, hold open: working
+        folders, roots, programs, open and mapped files by mount namespace, with that
+        namespace's mount table; loop devices' backing files and swap files.
+        ``HoldersUnavailable`` when it cannot all be seen."""
 
     def filesystem(self, mount: str) -> FilesystemIdent: ...
 

@@ -35,7 +35,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable
-from agent.host import files, mounttables
+from agent.host import files, holders, mounttables
 from agent.host.btrfs_ioctl import SUBVOLUME_ROOT_INO, BtrfsIoctlError, Ioctls, _arg
 from agent.host.btrfs_parse import (
     DeleteMessage,
@@ -55,6 +55,7 @@ from agent.host.records import (
     FilesystemIdent,
     FolderEntry,
     FsUsage,
+    Holders,
     MountEntry,
     NamespaceTable,
     QgroupReport,
@@ -102,6 +103,7 @@ class BtrfsTool:
         sync_timeout: float = 3600.0,
         max_args_bytes: int = 128 * 1024,
         search_buffer_bytes: int = 256 * 1024,
+        unreadable_pids_allowed: Collection[int] = (),
     ) -> None:
         if timeout <= 0 or sync_timeout <= 0 or max_args_bytes <= 0:
             raise ValueError("timeouts and max_args_bytes must be positive")
@@ -113,6 +115,7 @@ class BtrfsTool:
         self._sync_timeout = sync_timeout
         self._max_args_bytes = max_args_bytes
         self._resolved: str | None = None
+        self._unreadable_allowed = tuple(unreadable_pids_allowed)
 
     # ------------------------------------------------------------------ the one runner
 
@@ -193,6 +196,22 @@ class BtrfsTool:
     def namespace_mounts(self) -> list[NamespaceTable]:
         """Every other mount namespace's table (``read_namespace_mounts``)."""
         return mounttables.read_namespace_mounts(self._proc_root)
+
+    def holders(self) -> Holders:
+        """What every other process and the kernel hold open
+        (``agent.host.holders.read_holders``), the agent's own processes left out: the
+        server and its workers, and the btrfs-progs processes they run."""
+        try:
+            helpers = {os.path.realpath(self._executable())}
+        except BtrfsUnavailable:
+            helpers = set()
+        return holders.read_holders(
+            self._proc_root,
+            self._sys_root,
+            agent_pids=holders.server_pids(),
+            helper_exes=helpers,
+            allowed_unreadable=self._unreadable_allowed,
+        )
 
     def filesystem(self, mount: str) -> FilesystemIdent:
         # The kernel names the filesystem of each device in sysfs: no process, and no

@@ -138,6 +138,41 @@ class NamespaceTable:
 
 
 @dataclass(frozen=True)
+class HeldPath:
+    """A path that something holds open: a process's working folder, root, program,
+    open file or mapped file, a loop device's backing file, an active swap file, a
+    folder an overlay mount is made of. The path is as the kernel prints it for the
+    agent (``d_path``): a path of the agent's view when the agent can reach it, else
+    one from the root of the holder's mount namespace."""
+
+    path: str  # absolute; the kernel's bytes as ``os.fsdecode`` keeps them
+    who: str  # "pid 812 (rsync), open file", "loop device /dev/loop3 (its backing file)"
+
+
+@dataclass(frozen=True)
+class HolderTable:
+    """What the processes of one mount namespace hold (``held``), with that
+    namespace's mount table (``mounts``, as process ``pid`` of it sees it) to place
+    each path inside its filesystem."""
+
+    pid: int
+    mounts: tuple[MountEntry, ...]
+    held: tuple[HeldPath, ...]
+
+
+@dataclass(frozen=True)
+class Holders:
+    """What every process holds, by mount namespace (``tables``: the agent's own and
+    the host's among them), what the kernel itself holds (``kernel``: loop devices'
+    backing files and swap files, whose namespace is not told), and the processes that
+    could not be read and were passed over as configured (``skipped``)."""
+
+    tables: tuple[HolderTable, ...]
+    kernel: tuple[HeldPath, ...] = ()
+    skipped: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class FilesystemIdent:
     """``btrfs filesystem show <mount>``."""
 

@@ -23,6 +23,16 @@ def test_defaults_need_no_file_but_tls(tmp_path: Path) -> None:
     assert cfg.gunicorn.workers == 1 and cfg.gunicorn.threads == 4
     assert cfg.gunicorn.request_timeout == 10
     assert not cfg.tls.enabled
+    assert cfg.unreadable_pids_allowed == ()  # every process must be readable
+
+
+def test_unreadable_pids_from_the_file_and_the_environment() -> None:
+    base = {"allow_plaintext": True}
+    assert load_config(
+        data={**base, "unreadable_pids_allowed": [1]}, env={}
+    ).unreadable_pids_allowed == (1,)
+    env = {"NAS_JANITOR_UNREADABLE_PIDS_ALLOWED": "1,2"}
+    assert load_config(data=base, env=env).unreadable_pids_allowed == (1, 2)
 
 
 @pytest.mark.parametrize(
@@ -152,6 +162,10 @@ def test_tokens_file(tmp_path: Path) -> None:
         ({"allow_plaintext": "maybe"}, "allow_plaintext: true or false"),
         ({"plan_ttl_seconds": 5}, "plan_ttl_seconds"),
         ({"colour": "blue"}, "unknown setting"),
+        ({"unreadable_pids_allowed": 1}, "a list of process ids"),
+        ({"unreadable_pids_allowed": [0]}, "is not a process id"),
+        ({"unreadable_pids_allowed": ["init"]}, "is not a process id"),
+        ({"unreadable_pids_allowed": [True]}, "is not a process id"),
     ],
 )
 def test_bad_config_says_what_is_wrong(data: dict[str, object], needle: str) -> None:

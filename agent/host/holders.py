@@ -1,0 +1,411 @@
+"""What processes and the kernel hold open, from ``/proc`` and ``/sys``: a target that
+holds any of it is in use (``agent.domain.holders`` places each path in its filesystem).
+
+Read for every process but the agent's own, in every mount namespace:
+``/proc/<pid>/cwd``, ``root`` and ``exe`` (``readlink``), every ``/proc/<pid>/fd/*``
+(``readlink``) and the files in ``/proc/<pid>/maps`` (a file mapped and closed). Kernel
+threads hold nothing of their own and are passed over. Read of the kernel: each
+``/sys/block/loop*/loop/backing_file`` (a loop device's file: the filesystem on it may
+be mounted anywhere, and the mount table shows ``/dev/loopN``, not the file),
+``/proc/swaps`` (active swap files) and the ``lowerdir``, ``upperdir`` and ``workdir``
+of every overlay mount in every namespace's mount table (absolute ones: a relative one,
+as Docker's overlay2 driver gives a long lower list, is relative to where its mounting
+process was, which no table tells).
+
+The kernel prints each path for the reader (``d_path``): a path of the agent's view when
+the agent can reach it, else one from the root of the holder's mount namespace. So each
+process's paths come with the mount table of its own namespace (``HolderTable``).
+Where the kernel itself holds a file (a loop device, a swap file), which namespace its
+path is of is not told: ``Holders.kernel`` is placed in every table.
+
+Bounds: at most ``MAX_HELD`` links, mapped files and mounts are read in one look (a NAS
+has a few thousand); beyond it, or when anything cannot be read (``EACCES``: an agent in
+a container without ``CAP_SYS_PTRACE``), the read raises ``HoldersUnavailable``: what
+is in use cannot be told, and every delete is refused. A process named in
+``allowed_unreadable`` that cannot be read is passed over instead (``Holders.skipped``
+names it). A process that ends while it is read is passed over: what it held is free.
+Works the same on Linux 4.4 (every file above is older).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Collection
+
+from agent.errors import HoldersUnavailable
+from agent.host.btrfs_parse import parse_mountinfo, unescape_mountinfo
+from agent.host.records import HeldPath, Holders, HolderTable, MountEntry
+
+__all__ = [
+    "MAX_HELD",
+    "overlay_dirs",
+    "parse_maps",
+    "parse_stat",
+    "parse_swaps",
+    "read_holders",
+    "server_pids",
+    "serving",
+]
+
+# Links, mapped files and mounts read at most in one look.
+MAX_HELD = 500_000
+
+# include/linux/proc_ns.h: the inode number of the initial pid namespace (Linux >= 3.8)
+PROC_PID_INIT_INO = 0xEFFFFFFC
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: a kernel thread
+
+# The gunicorn master serving the agent (``serving``; its workers are forked from it and
+# inherit this): it and its workers are the agent's own processes.
+_SERVER_PIDS: set[int] = set()
+
+_DELETED = " (deleted)"
+_GONE = (errno.ENOENT, errno.ESRCH)
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
+# ---------------------------------------------------------------------- parsing (pure)
+
+
+def _clean(path: str) -> str | None:
+    """An absolute path as a holder names it, without the kernel's ``" (deleted)"``
+    (the file is gone from its folder but not from its subvolume); None for what is
+    not a file's path (``socket:[12]``, ``anon_inode:[eventfd]``, ``[heap]``)."""
+    if not path.startswith("/"):
+        return None
+    if path.endswith(_DELETED):
+        path = path[: -len(_DELETED)]
+    return path or None
+
+
+def parse_maps(text: str) -> list[str]:
+    """The files in ``/proc/<pid>/maps`` (each once). The kernel escapes only a
+    newline in a name there (``\\012``), not a backslash: a name holding ``\\012``
+    is given both ways."""
+    out: dict[str, None] = {}
+    for line in text.split("\n"):
+        fields = line.split(None, 5)
+        if len(fields) != 6:
+            continue
+        for name in {fields[5], fields[5].replace("\\012", "\n")}:
+            path = _clean(name)
+            if path is not None:
+                out[path] = None
+    return list(out)
+
+
+def parse_swaps(text: str) -> list[str]:
+    """The swap files and partitions in ``/proc/swaps`` (names escaped as in a mount
+    table: space, tab, newline and backslash in octal)."""
+    out = []
+    for line in text.split("\n")[1:]:
+        fields = line.split()
+        if fields:
+            path = _clean(unescape_mountinfo(fields[0]))
+            if path is not None:
+                out.append(path)
+    return out
+
+
+def parse_stat(text: str) -> tuple[int, int]:
+    """(parent pid, flags) from ``/proc/<pid>/stat`` (the name in parentheses may hold
+    spaces and parentheses: the fields start after the last ``)``)."""
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[1]), int(fields[6])
+
+
+_OVERLAY_KEYS = ("lowerdir", "upperdir", "workdir", "lowerdir+", "datadir+")
+
+
+def _overlay_split(value: str, *, many: bool) -> list[str]:
+    """An overlay option's value (already unescaped from the mount table) -> its
+    folders: a backslash makes the next character plain (``\\:``, ``\\,``); an unescaped
+    ``:`` separates the folders of a lower list (``::`` before data-only layers)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    chars = iter(value)
+    for ch in chars:
+        if ch == "\\":
+            cur.append(next(chars, ""))
+        elif ch == ":" and many:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in parts if p]
+
+
+def overlay_dirs(entry: MountEntry) -> list[str]:
+    """The folders an overlay mount is made of (its super options ``lowerdir``,
+    ``upperdir``, ``workdir``, and ``lowerdir+``/``datadir+`` of newer kernels),
+    absolute ones only: a relative one is relative to where the mounting process was."""
+    if entry.fstype != "overlay":
+        return []
+    out = []
+    for option in entry.options.split(","):  # a comma in a value is escaped (\054)
+        key, _, value = option.partition("=")
+        if key not in _OVERLAY_KEYS or not value:
+            continue
+        for part in _overlay_split(unescape_mountinfo(value), many=key == "lowerdir"):
+            path = _clean(part)
+            if path is not None:
+                out.append(path)
+    return out
+
+
+# ---------------------------------------------------------------------- reading
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.left = MAX_HELD
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise HoldersUnavailable(
+                f"more than {MAX_HELD} open files, mapped files and mounts: what is in use "
+                "cannot be told"
+            )
+
+
+class _Unreadable(Exception):
+    def __init__(self, pid: int, what: str, exc: OSError) -> None:
+        super().__init__(pid, what, exc)
+        self.pid, self.what, self.exc = pid, what, exc
+
+    def refusal(self) -> HoldersUnavailable:
+        hint = (
+            " (an agent in a container needs CAP_SYS_PTRACE, and no security profile "
+            "that forbids it, to see what other processes hold)"
+            if self.exc.errno in _DENIED
+            else ""
+        )
+        return HoldersUnavailable(
+            f"cannot read what pid {self.pid} holds ({self.what}): {self.exc.strerror}{hint}"
+        )
+
+
+def _readlink(base: str, name: str, pid: int) -> str | None:
+    try:
+        return os.readlink(os.path.join(base, name))
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None  # closed meanwhile, a kernel thread's exe, a zombie
+        raise _Unreadable(pid, name, exc) from exc
+
+
+def _process_held(proc_root: str, pid: int, budget: _Budget) -> dict[str, str] | None:
+    """What ``pid`` holds (path -> how); None when it is gone."""
+    base = os.path.join(proc_root, str(pid))
+    found: dict[str, str] = {}
+    for link, what in (("cwd", "working folder"), ("root", "root"), ("exe", "program")):
+        path = _clean(_readlink(base, link, pid) or "")
+        if path is not None:
+            found.setdefault(path, what)
+    fd_dir = os.path.join(base, "fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None
+        raise _Unreadable(pid, "fd", exc) from exc
+    budget.spend(len(fds) + 3)
+    for fd in fds:
+        path = _clean(_readlink(fd_dir, fd, pid) or "")
+        if path is not None:
+            found.setdefault(path, "open file")
+    try:
+        with open(os.path.join(base, "maps"), encoding="utf-8", errors="surrogateescape") as f:
+            maps = f.read()
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None
+        raise _Unreadable(pid, "maps", exc) from exc
+    mapped = parse_maps(maps)
+    budget.spend(len(mapped))
+    for path in mapped:
+        found.setdefault(path, "mapped file")
+    return found
+
+
+def _read_text(path: str) -> str | None:
+    """A small /proc file; None when its process is gone (or a zombie's)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError as exc:
+        if exc.errno in _GONE or exc.errno == errno.EINVAL:
+            return None
+        raise HoldersUnavailable(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _first_mount_id(path: str) -> bytes | None:
+    """The mount id on the first line of a mount table (it names the namespace)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.readline(64)
+    except OSError as exc:
+        if exc.errno in (*_GONE, errno.EINVAL):
+            return None
+        raise HoldersUnavailable(f"cannot read the mount table {path}: {exc.strerror}") from exc
+    return head.split(b" ", 1)[0] or None
+
+
+def _kernel_held(proc_root: str, sys_root: str) -> list[HeldPath]:
+    out = []
+    block = os.path.join(sys_root, "block")
+    try:
+        names = sorted(n for n in os.listdir(block) if n.startswith("loop"))
+    except OSError as exc:
+        raise HoldersUnavailable(f"cannot list {block}: {exc.strerror}") from exc
+    for name in names:
+        try:
+            with open(
+                os.path.join(block, name, "loop", "backing_file"),
+                encoding="utf-8",
+                errors="surrogateescape",
+            ) as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue  # not bound to a file (or detached meanwhile)
+        except OSError as exc:
+            raise HoldersUnavailable(
+                f"cannot read the backing file of /dev/{name}: {exc.strerror}"
+            ) from exc
+        path = _clean(text[:-1] if text.endswith("\n") else text)
+        if path is not None:
+            out.append(HeldPath(path, f"loop device /dev/{name} (its backing file)"))
+    swaps = os.path.join(proc_root, "swaps")
+    try:
+        with open(swaps, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""  # a kernel without swap support
+    except OSError as exc:
+        raise HoldersUnavailable(f"cannot read {swaps}: {exc.strerror}") from exc
+    out.extend(HeldPath(p, "the kernel (an active swap file)") for p in parse_swaps(text))
+    return out
+
+
+def _in_initial_pid_namespace(proc_root: str) -> bool:
+    try:
+        link = os.readlink(os.path.join(proc_root, "self/ns/pid"))
+    except OSError as exc:
+        raise HoldersUnavailable(f"cannot read {proc_root}/self/ns/pid: {exc.strerror}") from exc
+    return link == f"pid:[{PROC_PID_INIT_INO}]"
+
+
+def read_holders(
+    proc_root: str = "/proc",
+    sys_root: str = "/sys",
+    *,
+    agent_pids: Collection[int] = (),
+    helper_exes: Collection[str] = (),
+    allowed_unreadable: Collection[int] = (),
+) -> Holders:
+    """What every process holds, by mount namespace, and what the kernel holds.
+
+    Not counted (the agent's own processes, and what holds nothing): this process,
+    ``agent_pids`` (the gunicorn master serving the agent) and their children (its
+    workers), a child of any of those whose program is one of ``helper_exes`` (the
+    btrfs-progs the agent runs: they open the paths the agent names), kernel threads.
+    A process in ``allowed_unreadable`` that cannot be read is passed over
+    (``Holders.skipped``). Needs the host's pid namespace; ``HoldersUnavailable`` when
+    anything else cannot be read."""
+    if not _in_initial_pid_namespace(proc_root):
+        raise HoldersUnavailable(
+            "the agent runs in a pid namespace of its own: what the host's processes "
+            "hold is invisible; run it with `pid: host`"
+        )
+    try:
+        pids = sorted(int(p) for p in os.listdir(proc_root) if p.isdigit())
+    except OSError as exc:
+        raise HoldersUnavailable(f"cannot list {proc_root}: {exc.strerror}") from exc
+    parents: dict[int, int] = {}
+    for pid in pids:
+        stat = _read_text(os.path.join(proc_root, str(pid), "stat"))
+        if stat is not None:
+            try:
+                ppid, flags = parse_stat(stat)
+            except (ValueError, IndexError):
+                raise HoldersUnavailable(f"/proc/{pid}/stat cannot be read: {stat!r}") from None
+            if not flags & PF_KTHREAD:
+                parents[pid] = ppid
+    server = set(agent_pids)
+    own = {os.getpid(), *server, *(p for p, pp in parents.items() if pp in server)}
+    helpers = set(helper_exes)
+    budget = _Budget()
+    # namespace -> (pids of it, path -> who holds it)
+    spaces: dict[bytes, tuple[list[int], dict[str, str]]] = {}
+    skipped: list[int] = []
+    for pid, ppid in parents.items():
+        if pid in own:
+            continue
+        base = os.path.join(proc_root, str(pid))
+        if ppid in own and helpers:
+            exe = _readlink_quiet(os.path.join(base, "exe"))
+            if exe is not None and exe in helpers:
+                continue  # a btrfs process of the agent's
+        key = _first_mount_id(os.path.join(base, "mountinfo"))
+        if key is None:
+            continue  # gone, or a zombie
+        try:
+            held = _process_held(proc_root, pid, budget)
+        except _Unreadable as exc:
+            if exc.exc.errno in _DENIED and pid in allowed_unreadable:
+                skipped.append(pid)
+                continue
+            raise exc.refusal() from exc.exc
+        if held is None:
+            continue
+        comm = (_read_text(os.path.join(base, "comm")) or "?").strip()
+        pids_of, found = spaces.setdefault(key, ([], {}))
+        pids_of.append(pid)
+        for path, what in held.items():
+            found.setdefault(path, f"pid {pid} ({comm}), {what}")
+    for who in ("self", "1"):  # the agent's and the host's tables, held or not
+        key = _first_mount_id(os.path.join(proc_root, who, "mountinfo"))
+        if key is None:
+            raise HoldersUnavailable(f"cannot read the mount table of {who}")
+        pids_of, _ = spaces.setdefault(key, ([], {}))
+        pids_of.insert(0, os.getpid() if who == "self" else 1)
+    tables = []
+    for pids_of, found in spaces.values():
+        mounts: tuple[MountEntry, ...] | None = None
+        for pid in pids_of:  # the first that is still there
+            who = "self" if pid == os.getpid() else str(pid)
+            text = _read_text(os.path.join(proc_root, who, "mountinfo"))
+            if text is not None:
+                mounts = tuple(parse_mountinfo(text))
+                break
+        if mounts is None:
+            continue  # every process of that namespace ended meanwhile: nothing held
+        budget.spend(len(mounts))
+        listed = [HeldPath(path, who) for path, who in found.items()]
+        listed.extend(
+            HeldPath(d, f"the overlay mounted at {m.mountpoint} (a folder it is made of)")
+            for m in mounts
+            for d in overlay_dirs(m)
+        )
+        tables.append(HolderTable(pid, mounts, tuple(listed)))
+    kernel = _kernel_held(proc_root, sys_root)
+    return Holders(tuple(tables), tuple(kernel), tuple(skipped))
+
+
+def serving(pid: int) -> None:
+    """Record that ``pid`` is the server process whose workers are the agent (called by
+    ``janitor-agent serve`` before gunicorn forks them)."""
+    _SERVER_PIDS.add(pid)
+
+
+def server_pids() -> frozenset[int]:
+    return frozenset(_SERVER_PIDS)
+
+
+def _readlink_quiet(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
