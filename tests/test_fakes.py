@@ -393,12 +393,12 @@ def test_what_is_held_open_and_what_a_delete_destroys_under_it(fs: FakeBtrfs) ->
     assert [(h.path, h.who) for h in table.held] == [
         (f"{V}/docker/held/db", "pid 9 (db), open file")
     ]
-    assert [h.who for h in held.kernel] == ["loop device /dev/loop3 (its backing file)"]
+    assert [h.who for h in held.everywhere] == ["loop device /dev/loop3 (its backing file)"]
     assert any(m.mountpoint == V for m in table.mounts)  # to place by
     assert fs.delete([f"{V}/docker/held"])[0].ok
     assert fs.lost_held == [f"{V}/docker/held/db"]
     fs.release(f"{V}/docker/img/disk.img")
-    assert fs.holders().kernel == ()
+    assert fs.holders().everywhere == ()
     fs.holders_error = "cannot read what pid 1 holds (fd): Permission denied"
     with pytest.raises(HoldersUnavailable, match="pid 1"):
         fs.holders()

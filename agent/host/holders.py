@@ -2,7 +2,8 @@
 holds any of it is in use (``agent.domain.holders`` places each path in its filesystem).
 
 Read for every process but the agent's own, in every mount namespace:
-``/proc/<pid>/cwd``, ``root`` and ``exe`` (``readlink``), every ``/proc/<pid>/fd/*``
+``/proc/<pid>/cwd``, ``root`` and ``exe`` (``readlink``), each thread's ``cwd`` and
+``root`` (``/proc/<pid>/task/<tid>/``), every ``/proc/<pid>/fd/*``
 (``readlink``) and the files in ``/proc/<pid>/maps`` (a file mapped and closed). Kernel
 threads hold nothing of their own and are passed over. Read of the kernel: each
 ``/sys/block/loop*/loop/backing_file`` (a loop device's file: the filesystem on it may
@@ -14,9 +15,12 @@ process was, which no table tells).
 
 The kernel prints each path for the reader (``d_path``): a path of the agent's view when
 the agent can reach it, else one from the root of the holder's mount namespace. So each
-process's paths come with the mount table of its own namespace (``HolderTable``).
-Where the kernel itself holds a file (a loop device, a swap file), which namespace its
-path is of is not told: ``Holders.kernel`` is placed in every table.
+process's paths come with the mount table of its own namespace (``HolderTable``), as a
+process of it whose root is that namespace's sees it (a chrooted process's table shows
+only what lies below its root). Where the kernel itself holds a file (a loop device, a
+swap file), which namespace its path is of is not told; nor for a namespace whose every
+process is chrooted: those are ``Holders.everywhere``, placed in every table. Threads
+are read too: one may have a working folder of its own (``unshare(CLONE_FS)``).
 
 Bounds: at most ``MAX_HELD`` links, mapped files and mounts are read in one look (a NAS
 has a few thousand); beyond it, or when anything cannot be read (``EACCES``: an agent in
@@ -196,14 +200,33 @@ def _readlink(base: str, name: str, pid: int) -> str | None:
         raise _Unreadable(pid, name, exc) from exc
 
 
-def _process_held(proc_root: str, pid: int, budget: _Budget) -> dict[str, str] | None:
-    """What ``pid`` holds (path -> how); None when it is gone."""
+def _process_held(
+    proc_root: str, pid: int, budget: _Budget
+) -> tuple[dict[str, str], str | None] | None:
+    """What ``pid`` holds (path -> how), and its root; None when it is gone. A thread
+    may have a working folder of its own (``unshare(CLONE_FS)``, as Samba's do)."""
     base = os.path.join(proc_root, str(pid))
     found: dict[str, str] = {}
-    for link, what in (("cwd", "working folder"), ("root", "root"), ("exe", "program")):
+    root = _readlink(base, "root", pid)
+    for link, what in (("cwd", "working folder"), ("exe", "program")):
         path = _clean(_readlink(base, link, pid) or "")
         if path is not None:
             found.setdefault(path, what)
+    if root is not None and root.startswith("/"):
+        found.setdefault(root, "root")
+    try:
+        tids = [t for t in os.listdir(os.path.join(base, "task")) if t != str(pid)]
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None
+        raise _Unreadable(pid, "task", exc) from exc
+    budget.spend(len(tids))
+    for tid in tids:
+        task = os.path.join(base, "task", tid)
+        for link, what in (("cwd", "working folder"), ("root", "root")):
+            path = _clean(_readlink(task, link, pid) or "")
+            if path is not None:
+                found.setdefault(path, f"{what} of thread {tid}")
     fd_dir = os.path.join(base, "fd")
     try:
         fds = os.listdir(fd_dir)
@@ -227,7 +250,7 @@ def _process_held(proc_root: str, pid: int, budget: _Budget) -> dict[str, str] |
     budget.spend(len(mapped))
     for path in mapped:
         found.setdefault(path, "mapped file")
-    return found
+    return found, root
 
 
 def _read_text(path: str) -> str | None:
@@ -289,6 +312,28 @@ def _kernel_held(proc_root: str, sys_root: str) -> list[HeldPath]:
     return out
 
 
+def _own_namespace(proc_root: str) -> str:
+    try:
+        return os.readlink(os.path.join(proc_root, "self/ns/mnt"))
+    except OSError as exc:
+        raise HoldersUnavailable(f"cannot read {proc_root}/self/ns/mnt: {exc.strerror}") from exc
+
+
+def _host_namespace(proc_root: str, own: str) -> str:
+    """pid 1's mount namespace; where its link may not be read (a pid 1 allowed to be
+    unreadable), told apart from this process's by the first line of its table."""
+    try:
+        return os.readlink(os.path.join(proc_root, "1/ns/mnt"))
+    except OSError as exc:
+        if exc.errno not in _DENIED:
+            raise HoldersUnavailable(f"cannot read {proc_root}/1/ns/mnt: {exc.strerror}") from exc
+    first = _first_mount_id(os.path.join(proc_root, "1/mountinfo"))
+    if first is None:
+        raise HoldersUnavailable(f"cannot read the mount table {proc_root}/1/mountinfo")
+    same = first == _first_mount_id(os.path.join(proc_root, "self/mountinfo"))
+    return own if same else "the host's (pid 1)"
+
+
 def _in_initial_pid_namespace(proc_root: str) -> bool:
     try:
         link = os.readlink(os.path.join(proc_root, "self/ns/pid"))
@@ -337,8 +382,8 @@ def read_holders(
     own = {os.getpid(), *server, *(p for p, pp in parents.items() if pp in server)}
     helpers = set(helper_exes)
     budget = _Budget()
-    # namespace -> (pids of it, path -> who holds it)
-    spaces: dict[bytes, tuple[list[int], dict[str, str]]] = {}
+    # mount namespace -> (its processes at its root, path -> who holds it)
+    spaces: dict[str, tuple[list[int], dict[str, str]]] = {}
     skipped: list[int] = []
     for pid, ppid in parents.items():
         if pid in own:
@@ -348,10 +393,11 @@ def read_holders(
             exe = _readlink_quiet(os.path.join(base, "exe"))
             if exe is not None and exe in helpers:
                 continue  # a btrfs process of the agent's
-        key = _first_mount_id(os.path.join(base, "mountinfo"))
-        if key is None:
-            continue  # gone, or a zombie
         try:
+            # the namespace by its link (a chrooted process's mount table may be empty)
+            key = _readlink(base, "ns/mnt", pid)
+            if key is None:
+                continue  # gone, or a zombie
             held = _process_held(proc_root, pid, budget)
         except _Unreadable as exc:
             if exc.exc.errno in _DENIED and pid in allowed_unreadable:
@@ -362,16 +408,18 @@ def read_holders(
             continue
         comm = (_read_text(os.path.join(base, "comm")) or "?").strip()
         pids_of, found = spaces.setdefault(key, ([], {}))
-        pids_of.append(pid)
-        for path, what in held.items():
+        # the table to place by is that of a process at the namespace's root: the
+        # kernel prints paths from there, and a chrooted process's table from its root
+        if held[1] == "/":
+            pids_of.append(pid)
+        for path, what in held[0].items():
             found.setdefault(path, f"pid {pid} ({comm}), {what}")
-    for who in ("self", "1"):  # the agent's and the host's tables, held or not
-        key = _first_mount_id(os.path.join(proc_root, who, "mountinfo"))
-        if key is None:
-            raise HoldersUnavailable(f"cannot read the mount table of {who}")
-        pids_of, _ = spaces.setdefault(key, ([], {}))
-        pids_of.insert(0, os.getpid() if who == "self" else 1)
+    # the agent's and the host's tables, held or not
+    own_ns = _own_namespace(proc_root)
+    spaces.setdefault(own_ns, ([], {}))[0].insert(0, os.getpid())
+    spaces.setdefault(_host_namespace(proc_root, own_ns), ([], {}))[0].insert(0, 1)
     tables = []
+    everywhere: list[HeldPath] = []
     for pids_of, found in spaces.values():
         mounts: tuple[MountEntry, ...] | None = None
         for pid in pids_of:  # the first that is still there
@@ -381,7 +429,10 @@ def read_holders(
                 mounts = tuple(parse_mountinfo(text))
                 break
         if mounts is None:
-            continue  # every process of that namespace ended meanwhile: nothing held
+            # every process of it has a root of its own (a chroot: its table shows only
+            # what lies below that root), or ended meanwhile: placed in every table
+            everywhere.extend(HeldPath(path, who) for path, who in found.items())
+            continue
         budget.spend(len(mounts))
         listed = [HeldPath(path, who) for path, who in found.items()]
         listed.extend(
@@ -391,7 +442,7 @@ def read_holders(
         )
         tables.append(HolderTable(pid, mounts, tuple(listed)))
     kernel = _kernel_held(proc_root, sys_root)
-    return Holders(tuple(tables), tuple(kernel), tuple(skipped))
+    return Holders(tuple(tables), (*kernel, *everywhere), tuple(skipped))
 
 
 def serving(pid: int) -> None:

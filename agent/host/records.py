@@ -163,12 +163,14 @@ class HolderTable:
 @dataclass(frozen=True)
 class Holders:
     """What every process holds, by mount namespace (``tables``: the agent's own and
-    the host's among them), what the kernel itself holds (``kernel``: loop devices'
-    backing files and swap files, whose namespace is not told), and the processes that
-    could not be read and were passed over as configured (``skipped``)."""
+    the host's among them); what is held where no table tells which namespace's path it
+    is (``everywhere``: loop devices' backing files and swap files, what the processes
+    of a namespace whose every process is chrooted hold), placed in every table; and
+    the processes that could not be read and were passed over as configured
+    (``skipped``)."""
 
     tables: tuple[HolderTable, ...]
-    kernel: tuple[HeldPath, ...] = ()
+    everywhere: tuple[HeldPath, ...] = ()
     skipped: tuple[int, ...] = ()
 
 

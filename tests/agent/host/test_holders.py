@@ -174,6 +174,71 @@ def test_a_loop_devices_backing_file_from_sysfs(tmp_path: Path) -> None:
     (tmp_path / "sys" / "block" / "loop4").mkdir()
     (tmp_path / "sys" / "block" / "sda").mkdir()
     found = read_holders("/proc", str(tmp_path / "sys"), allowed_unreadable=_unreadable_here())
-    assert [(h.path, h.who) for h in found.kernel if "loop" in h.who] == [
+    assert [(h.path, h.who) for h in found.everywhere if "loop" in h.who] == [
         ("/srv/lab/v/disk.img", "loop device /dev/loop3 (its backing file)")
     ]
+
+
+_THREAD_CWD = """
+import ctypes, os, sys, threading, time
+def run():
+    ctypes.CDLL(None, use_errno=True).unshare(0x200)  # CLONE_FS: a folder of its own
+    os.chdir(sys.argv[1])
+    print(threading.get_native_id(), flush=True)
+    time.sleep(600)
+threading.Thread(target=run, daemon=True).start()
+time.sleep(600)
+"""
+
+
+def test_a_threads_own_working_folder(tmp_path: Path) -> None:
+    """A thread that unshared its filesystem context (as Samba's do) and went into a
+    folder: the process's own working folder is elsewhere."""
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _THREAD_CWD, str(tmp_path)], stdout=subprocess.PIPE, cwd="/"
+    )
+    try:
+        assert proc.stdout is not None
+        tid = int(proc.stdout.readline())
+        found = read_holders(allowed_unreadable=_unreadable_here())
+        assert _held_by(found, proc.pid)[str(tmp_path)].endswith(f"working folder of thread {tid}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_what_a_namespace_of_only_chrooted_processes_holds_is_placed_everywhere(
+    tmp_path: Path,
+) -> None:
+    """``unshare -m chroot``: the only process of its namespace has a root of its own;
+    its table shows nothing its paths could be placed by."""
+    box = tmp_path / "box"
+    (box / "bin").mkdir(parents=True)
+    busybox = box / "bin" / "busybox"
+    busybox.write_bytes(Path("/usr/bin/busybox").read_bytes())  # static
+    busybox.chmod(0o755)
+    (box / "work").mkdir()
+    proc = subprocess.Popen(
+        [
+            "unshare", "-m", "chroot", str(box),
+            "/bin/busybox", "sh", "-c", "cd /work && echo ready && exec /bin/busybox sleep 600",
+        ],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        comm = Path(f"/proc/{proc.pid}/comm")
+        while comm.read_text().strip() != "busybox" or Path(
+            f"/proc/{proc.pid}/cwd"
+        ).resolve() == Path("/"):
+            time.sleep(0.01)
+        found = read_holders(allowed_unreadable=_unreadable_here())
+        assert not _held_by(found, proc.pid)  # in no table
+        mine = {h.path: h.who for h in found.everywhere if h.who.startswith(f"pid {proc.pid} ")}
+        assert mine[str(box / "work")].endswith("working folder")
+        assert mine[str(box)].endswith(", root")
+    finally:
+        proc.kill()
+        proc.wait()
