@@ -11,6 +11,10 @@
     ├── Refused                      (409, code says why)
     │   ├── Protected                (409 protected)
     │   ├── InUse                    (409 in_use)
+    │   │   ├── HeldByProcess        (409 held_by_process: a process holds a file or
+    │   │   │                         folder inside the target)
+    │   │   └── HeldByKernel         (409 held_by_kernel: a loop device's backing file,
+    │   │                             a swap file, an overlay mount's folder inside it)
     │   ├── OutsideRoots             (409 outside_roots)
     │   ├── PlanExpired              (409 plan_expired)
     │   ├── Conflict                 (409 conflict)
@@ -90,6 +94,22 @@ class Protected(Refused):
 
 class InUse(Refused):
     code, title = "in_use", "Target in use"
+
+
+class HeldByProcess(InUse):
+    """A process holds something inside the target: its working folder or root, its
+    program, an open file or a mapped one (deleting the subvolume would pull it from
+    under the process and lose what it writes)."""
+
+    code, title = "held_by_process", "A process holds the target open"
+
+
+class HeldByKernel(InUse):
+    """The kernel holds a file inside the target: a loop device's backing file (the
+    image of a filesystem that may be mounted anywhere), an active swap file, or a
+    folder an overlay mount is made of."""
+
+    code, title = "held_by_kernel", "The kernel holds the target open"
 
 
 class TooYoung(Refused):

@@ -24,6 +24,20 @@ import yaml
 from agent.http.auth import hash_token, new_token
 
 
+def pids_root_may_not_read() -> list[int]:
+    """``[1]`` where even root may not read what the host's init holds (a virtual
+    machine's supervisor can forbid it; a NAS's init is readable), else ``[]``: the
+    lab's agents pass over that one process (``unreadable_pids_allowed``) instead of
+    refusing every delete."""
+    try:
+        os.readlink("/proc/1/cwd")
+    except PermissionError:
+        return [1]
+    except OSError:
+        return []
+    return []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,6 +144,7 @@ def write_config(
         # The lab's orphan layers are seconds old and nothing pulls images meanwhile: no
         # floor here. An agent on a NAS keeps the default (an hour unchanged).
         "orphan_min_age_seconds": 0,
+        "unreadable_pids_allowed": pids_root_may_not_read(),
     }
     if roots:
         cfg["roots"] = roots

@@ -208,11 +208,13 @@ class Inventory:
 
     # -- health ----------------------------------------------------------------------
     def readiness(self) -> None:
-        """Raise an ``Unavailable`` when Docker, btrfs or the host's mount table cannot
-        be reached. All are probed: the problem's ``unavailable`` member names every one
-        that is down (the code and detail are the first one's)."""
+        """Raise an ``Unavailable`` when Docker, btrfs, the host's mount table or what
+        processes hold open cannot be read. All are probed: the problem's
+        ``unavailable`` member names every one that is down (the code and detail are the
+        first one's)."""
         down: list[Unavailable] = []
-        for probe in (self.docker.ping, self.btrfs.version, self.btrfs.host_mounts):
+        probes = (self.docker.ping, self.btrfs.version, self.btrfs.host_mounts, self.btrfs.holders)
+        for probe in probes:
             try:
                 probe()
             except Unavailable as exc:

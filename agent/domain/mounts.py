@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import bisect
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
+from agent.domain.holders import HeldIndex
 from agent.domain.paths import PathMap, is_under
 from agent.errors import Unavailable
 from agent.host.backend import Btrfs
-from agent.host.records import ContainerMount, ContainerRecord, MountEntry, NamespaceTable
+from agent.host.records import (
+    ContainerMount,
+    ContainerRecord,
+    Holders,
+    MountEntry,
+    NamespaceTable,
+)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,8 @@ class MountIndex:
     process's mounts are in it, and ``unknown_reason`` says why (every delete is refused).
     ``foreign``: the mounts of every other mount namespace, looked up by what they sit
     on and by what they show (their mount points mean nothing on the host).
+    ``held``: what processes and the kernel hold open, read with the tables (by default
+    nothing is known of it: every delete is refused).
     """
 
     def __init__(
@@ -108,6 +120,7 @@ class MountIndex:
         *,
         unknown_reason: str | None = None,
         foreign: Iterable[ForeignMount] = (),
+        held: HeldIndex | None = None,
     ) -> None:
         unique = {(m.mountpoint, m.dev, m.root): m for m in mounts}
         self.all: tuple[MountView, ...] = tuple(sorted(unique.values(), key=lambda m: m.mountpoint))
@@ -118,6 +131,7 @@ class MountIndex:
         self._by_dev = {d: sorted(ms, key=lambda m: m.root) for d, ms in by_dev.items()}
         self._roots = {d: [m.root for m in ms] for d, ms in self._by_dev.items()}
         self.unknown_reason = unknown_reason
+        self.held = held or HeldIndex(unknown_reason="what processes hold was not read")
         self.foreign = tuple(foreign)
         on: dict[str, list[ForeignMount]] = {}
         shows: dict[str, list[ForeignMount]] = {}
@@ -216,15 +230,21 @@ class UseIndex:
 
 def read_mounts(btrfs: Btrfs, pathmap: PathMap) -> MountIndex:
     """The mount tables as they are now (the host's, this process's, every other
-    namespace's)."""
+    namespace's), and what processes and the kernel hold open now."""
     host: Future[list[MountEntry]] = Future()
     others: Future[list[NamespaceTable]] = Future()
-    for future, read in ((host, btrfs.host_mounts), (others, btrfs.namespace_mounts)):
-        try:
-            future.set_result(read())  # type: ignore[arg-type]
-        except Unavailable as exc:
-            future.set_exception(exc)
-    return mount_index(btrfs.mounts(), host, pathmap, others)
+    held: Future[Holders] = Future()
+    _settle(host, btrfs.host_mounts)
+    _settle(others, btrfs.namespace_mounts)
+    _settle(held, btrfs.holders)
+    return mount_index(btrfs.mounts(), host, pathmap, others, held)
+
+
+def _settle(future: Future[T], read: Callable[[], T]) -> None:
+    try:
+        future.set_result(read())
+    except Unavailable as exc:
+        future.set_exception(exc)
 
 
 def mount_index(
@@ -232,11 +252,14 @@ def mount_index(
     host: Future[list[MountEntry]],
     pathmap: PathMap,
     others: Future[list[NamespaceTable]],
+    held: Future[Holders],
 ) -> MountIndex:
     """The host's mounts (host paths already), this process's (mapped to host paths;
     those outside the host's view are left out) and every other namespace's (placed by
-    what they sit on). When the host's table, or another namespace's, cannot be read,
-    the index says why and holds this process's mounts only."""
+    what they sit on), with what is held open (``agent.domain.holders``). When the
+    host's table, or another namespace's, cannot be read, the index says why and holds
+    this process's mounts only; when what is held cannot be read, its ``held`` says
+    why."""
     views = [
         MountView(hp, m.fstype, m.source, m.root, m.dev)
         for m in local
@@ -248,4 +271,8 @@ def mount_index(
     except Unavailable as exc:
         return MountIndex(views, unknown_reason=exc.detail)
     views.extend(MountView(m.mountpoint, m.fstype, m.source, m.root, m.dev) for m in host_mounts)
-    return MountIndex(views, foreign=foreign_mounts(tables))
+    try:
+        held_index = HeldIndex.of(held.result())
+    except Unavailable as exc:
+        held_index = HeldIndex(unknown_reason=exc.detail)
+    return MountIndex(views, foreign=foreign_mounts(tables), held=held_index)

@@ -15,7 +15,11 @@ Rules (the contract's numbering):
      anything inside it (found by what each mount of the same filesystem shows);
    - no container, running or stopped, that mounts the target, something inside it,
      or a folder holding it, as a volume or a bind mount (``check_no_container_uses``);
-   - when the host's mount table cannot be read, nothing at all.
+   - nothing held open inside the target, placed in its filesystem by the holder's
+     mount table (``check_not_held``): no process's working folder, root, program,
+     open or mapped file (``held_by_process``), no loop device's backing file, active
+     swap file or overlay mount's folder (``held_by_kernel``);
+   - when the host's mount table, or what is held open, cannot be read, nothing at all.
 3. Children before parents (``Snapshot.delete_order``); the executor uses the btrfs
    subvolume-destroy operation for subvolumes, and removes plain files only through
    ``agent.host.files.remove_tree``, which never crosses a mount.
@@ -34,6 +38,9 @@ from agent.domain.mounts import MountIndex, UseIndex
 from agent.domain.paths import VOLUME_NAME, PathRefused, check_abs, is_under, under_any
 from agent.domain.snapshot import TOP_LEVEL_ID, LayerFolder, Snapshot, SubvolView, VolumeView
 from agent.errors import (
+    HeldByKernel,
+    HeldByProcess,
+    HoldersUnavailable,
     HostMountsUnavailable,
     InUse,
     NotFound,
@@ -50,7 +57,7 @@ class DeleteSet:
     """What a delete would remove, children first, and which read-only flags it must
     clear on the way (parents of something that goes). ``folder``: a plain folder
     removed as a whole (an orphan layer folder). ``guard``: the paths (host) that must
-    hold no mount and no container use right before each step."""
+    hold no mount, no container use and nothing held open right before each step."""
 
     fs_uuid: str
     subvolumes: tuple[SubvolView, ...]
@@ -122,6 +129,27 @@ def check_no_mounts(
             raise Protected(f"{what} is also mounted elsewhere: {shown} at {shower.place()}")
 
 
+def check_not_held(mounts: MountIndex, path: str, *, dev: str, in_fs: str | None) -> None:
+    """Nothing that processes or the kernel hold open lies at or inside ``path``: its
+    place inside filesystem ``dev`` is ``in_fs``, and each held path is placed by the
+    mount table of its holder's namespace (``agent.domain.holders``). A process first
+    (``HeldByProcess``), else the kernel (``HeldByKernel``)."""
+    held = mounts.held
+    if not held.known:
+        raise HoldersUnavailable(
+            f"cannot tell what is held open inside {path}: {held.unknown_reason}"
+        )
+    if in_fs is None:
+        raise Protected(f"{path}: where it lies inside its filesystem is not known")
+    found = held.inside(dev, in_fs) if dev else []
+    if not found:
+        return
+    found.sort(key=lambda p: (p.kernel, p.in_fs))
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    text = "; ".join(p.describe() for p in found[:3]) + more + f", inside {path}"
+    raise (HeldByKernel if found[0].kernel else HeldByProcess)(text)
+
+
 def check_no_container_uses(uses: UseIndex, path: str, *, wide: Sequence[str]) -> None:
     """No container (running or stopped) mounts ``path``, something inside it, or a
     folder holding it, as a volume or a bind mount. A container that mounts all of
@@ -139,12 +167,15 @@ def check_guard(
     mounts: MountIndex,
     uses: UseIndex | None = None,
 ) -> None:
-    """Every guarded path holds no container use and no mount, against ``uses`` and
-    ``mounts`` (read right now; the snapshot's uses by default). Containers first: a
-    container's bind mount is also a mount of its namespace, and its name says more."""
+    """Every guarded path holds no container use, no mount and nothing held open,
+    against ``uses`` and ``mounts`` (read right now; the snapshot's uses by default).
+    Containers first: a container's bind mount is also a mount of its namespace, and
+    its name says more; then mounts (a process inside a mount inside the target is
+    told by the mount)."""
     for path, dev, in_fs in guard:
         check_no_container_uses(uses or snap.uses, path, wide=snap.wide_paths())
         check_no_mounts(mounts, path, dev=dev, in_fs=in_fs)
+        check_not_held(mounts, path, dev=dev, in_fs=in_fs)
 
 
 def _guard_entry(snap: Snapshot, fs_uuid: str, path: str) -> tuple[str, str, str | None]:

@@ -268,6 +268,7 @@ def take_snapshot(
     f_mounts = _POOL.submit(btrfs.mounts)
     f_host_mounts = _POOL.submit(btrfs.host_mounts)
     f_namespaces = _POOL.submit(btrfs.namespace_mounts)
+    f_holders = _POOL.submit(btrfs.holders)
     info = f_info.result()
     data_root = info.data_root
     roots = tuple(roots) or (data_root,)
@@ -279,7 +280,7 @@ def take_snapshot(
     for m in all_mounts:
         if m.fstype == "btrfs":
             by_source.setdefault(m.source, []).append(m)
-    mounts_index = mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces)
+    mounts_index = mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces, f_holders)
 
     filesystems: dict[str, FsView] = {}
     subvolumes: dict[str, dict[int, SubvolView]] = {}

@@ -448,3 +448,48 @@ def test_a_job_says_what_is_deleted_but_not_freed_yet(agent: AgentUnderTest) -> 
     assert agent.get(f"/v1/jobs/{job['id']}").get_json()["pending_bytes"] == 0
     assert pending_metric(agent, sc.fs_uuid) == 0  # freed: said once, then forgotten
     assert pending_metric(agent, sc.fs_uuid) is None
+
+
+# --------------------------------------------------------------------------- held open
+
+
+def test_a_process_holding_a_file_right_before_docker_rm_stops_it(agent: AgentUnderTest) -> None:
+    """The guard right before ``docker volume rm`` reads what is held open again: a
+    process that opened a file in the volume's folder meanwhile stops the step, and
+    nothing it holds is removed under it."""
+    sc = agent.sc
+    p = plan(agent, kinds=["dind-volume"])
+    real = sc.btrfs.remove_tree
+    held = f"{sc.dind_mountpoint}/late.log"
+
+    def empty_then_hold(path: str, *, keep_top: bool = False) -> Any:
+        out = real(path, keep_top=keep_top)
+        sc.btrfs.write_file(held)
+        sc.btrfs.hold(held, "pid 4243 (tail), open file")
+        return out
+
+    sc.btrfs.remove_tree = empty_then_hold  # type: ignore[method-assign]
+    removes = sc.docker.calls.count("remove_volume")
+    (result,) = run(agent, p["id"])["results"]
+    assert result["outcome"] == "failed" and "docker volume rm" in result["detail"]
+    assert "held_by_process" in result["detail"] and "pid 4243" in result["detail"]
+    assert sc.docker.calls.count("remove_volume") == removes
+    assert sc.btrfs.lost_held == []
+
+
+def test_what_is_held_unreadable_after_the_plan_fails_the_action_audited(
+    agent: AgentUnderTest,
+) -> None:
+    sc = agent.sc
+    p = plan(agent, kinds=["dind-volume"])
+    assert len(p["actions"]) == 1
+    sc.btrfs.holders_error = "cannot read what pid 1 holds (fd): Permission denied"
+    job = run(agent, p["id"])
+    (result,) = job["results"]
+    assert result["outcome"] == "failed", result
+    assert result["detail"].startswith("holders_unavailable: "), result
+    failed = [e for e in audit(agent) if e["action"] == "remove_volume"]
+    assert [e["outcome"] for e in failed] == ["failed"], failed
+    assert failed[0]["detail"]["code"] == "holders_unavailable"
+    assert exists(sc, sc.dind_nested) == list(sc.dind_nested)
+    assert sc.btrfs.lost_held == []

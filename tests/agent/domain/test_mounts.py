@@ -7,7 +7,13 @@ from concurrent.futures import Future
 from agent.domain.mounts import MountIndex, MountView, UseIndex, mount_index
 from agent.domain.paths import PathMap
 from agent.errors import HostMountsUnavailable
-from agent.host.records import ContainerMount, ContainerRecord, MountEntry, NamespaceTable
+from agent.host.records import (
+    ContainerMount,
+    ContainerRecord,
+    Holders,
+    MountEntry,
+    NamespaceTable,
+)
 
 
 def _view(mountpoint: str, root: str = "/", dev: str = "0:43") -> MountView:
@@ -74,7 +80,7 @@ def test_an_unreadable_host_table_makes_the_index_unknown_with_the_reason() -> N
     host: Future[list[MountEntry]] = Future()
     host.set_exception(HostMountsUnavailable("the host's mount table is out of reach"))
     local = [MountEntry("/d", "/docker", "/dev/loop2", "rw", dev="0:43")]
-    index = mount_index(local, host, PathMap(), _done([]))
+    index = mount_index(local, host, PathMap(), _done([]), _done(Holders(())))
     assert not index.known
     assert index.unknown_reason is not None and "out of reach" in index.unknown_reason
     assert [m.mountpoint for m in index.at_or_under("/d")] == ["/d"]
@@ -93,7 +99,7 @@ def test_local_mounts_outside_the_host_view_are_left_out_and_host_ones_kept() ->
             MountEntry("/in", "/", "tmpfs", "rw", "tmpfs", "0:91", 11, 10),
         ),
     )
-    index = mount_index(local, _done(host), PathMap("/host"), _done([table]))
+    index = mount_index(local, _done(host), PathMap("/host"), _done([table]), _done(Holders(())))
     assert index.known
     assert [m.mountpoint for m in index.all] == ["/d", "/srv/x"]
     assert [f.place() for f in index.foreign] == ["/in in the mount namespace of pid 9"]

@@ -14,7 +14,7 @@ import pytest
 from agent.domain.plans import Action, Plan, build_plan
 from agent.domain.recheck import Skipped, recheck
 from agent.domain.safety import DeleteSet
-from agent.errors import HostMountsUnavailable
+from agent.errors import HoldersUnavailable, HostMountsUnavailable
 from agent.host.records import LayerRefs
 from shared.policy import FINDING_KINDS, ORPHAN_MIN_AGE_FLOOR_SECONDS, Policy
 from tests.agent.domain.scenes import (
@@ -396,3 +396,30 @@ def test_an_orphan_layer_changed_within_the_floor(p: Planned) -> None:
     assert isinstance(result, Skipped) and result.code == "too_young", result
     # past the floor it is the generation that moved
     assert "generation moved" in changed(p.recheck("orphan-layer", orphan_floor=0))
+
+
+# --------------------------------------------------------------------------- held open
+
+
+@pytest.mark.parametrize("kind", ["dind-volume", "orphan-layer", "orphan-layer-folder"])
+def test_a_process_holding_a_file_inside_since_the_plan(p: Planned, kind: str) -> None:
+    target = p.action(kind).target
+    inside = f"{p.sc.dind_ro_parent_child}/etc" if kind == "dind-volume" else f"{target.path}/etc"
+    p.sc.btrfs.hold(inside, "pid 4242 (rsync), open file")
+    result = p.recheck(kind)
+    assert isinstance(result, Skipped) and result.code == "held_by_process", result
+    assert "pid 4242 (rsync), open file holds" in result.detail
+
+
+def test_a_loop_device_backed_by_a_file_inside_since_the_plan(p: Planned) -> None:
+    p.sc.btrfs.back_loop(f"{p.sc.dind_ro_leaf}/disk.img", "/dev/loop5")
+    result = p.recheck("dind-volume")
+    assert isinstance(result, Skipped) and result.code == "held_by_kernel", result
+    assert "loop device /dev/loop5" in result.detail
+
+
+def test_without_what_is_held_open_nothing_is_decided(p: Planned) -> None:
+    p.sc.btrfs.holders_error = "cannot read what pid 1 holds (fd): Permission denied"
+    for kind in ("dind-volume", "orphan-layer", "orphan-layer-folder"):
+        with pytest.raises(HoldersUnavailable, match="pid 1"):
+            p.recheck(kind)

@@ -18,6 +18,9 @@ from agent.domain.safety import (
 )
 from agent.domain.snapshot import Snapshot
 from agent.errors import (
+    HeldByKernel,
+    HeldByProcess,
+    HoldersUnavailable,
     HostMountsUnavailable,
     InUse,
     NotFound,
@@ -331,3 +334,53 @@ def test_a_mount_of_another_namespace_is_placed_by_what_it_sits_on() -> None:
         check_no_mounts(index, "/d/volumes/v", dev="0:43", in_fs="/docker/volumes/v")
     # the bind of the whole data root shows the volume from above: not a use of it
     check_no_mounts(index, "/d/volumes/w", dev="0:43", in_fs="/docker/volumes/w")
+
+
+# --------------------------------------------------------------------------- held open
+
+
+def test_a_process_holding_a_file_inside_a_nested_subvolume_blocks_it_and_its_volume(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.btrfs.hold(f"{sc.dind_ro_parent_child}/etc", "pid 812 (rsync), working folder")
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(HeldByProcess, match=r"pid 812 \(rsync\), working folder holds"):
+        volume(snap, sc)
+    with pytest.raises(HeldByProcess, match="pid 812"):
+        plan_subvolume_delete(
+            snap, sc.fs_uuid, sub_id(sc, sc.dind_ro_parent), protect_labels=LABELS
+        )
+    orphan(snap, sc)  # what holds nothing still goes
+
+
+def test_a_loop_devices_backing_file_inside_an_orphan_layer_blocks_it(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.btrfs.back_loop(f"{sc.orphan_layer}/disk.img", "/dev/loop9")
+    with pytest.raises(HeldByKernel, match="loop device /dev/loop9"):
+        orphan(snapshot(sc, tmp_path), sc)
+
+
+def test_a_process_is_named_before_the_kernel(sc: LeakScenario, tmp_path: Path) -> None:
+    sc.btrfs.back_loop(f"{sc.orphan_layer}/disk.img")
+    sc.btrfs.hold(f"{sc.orphan_layer}/log", "pid 9 (tail), open file")
+    with pytest.raises(HeldByProcess, match="pid 9"):
+        orphan(snapshot(sc, tmp_path), sc)
+
+
+def test_a_held_path_beside_the_target_does_not_block(sc: LeakScenario, tmp_path: Path) -> None:
+    sc.btrfs.hold(f"{sc.data_root}/volumes", "pid 7 (ls), working folder")
+    sc.btrfs.hold(f"{sc.data_root}/btrfs/subvolumes", "pid 8 (ls), working folder")
+    snap = snapshot(sc, tmp_path)
+    volume(snap, sc)
+    orphan(snap, sc)
+
+
+def test_without_what_is_held_open_nothing_goes(sc: LeakScenario, tmp_path: Path) -> None:
+    sc.btrfs.holders_error = "cannot read what pid 1 holds (fd): Permission denied"
+    snap = snapshot(sc, tmp_path)
+    assert snap.mounts.known and not snap.mounts.held.known
+    with pytest.raises(HoldersUnavailable, match="pid 1"):
+        volume(snap, sc)
+    with pytest.raises(HoldersUnavailable):
+        orphan(snap, sc)

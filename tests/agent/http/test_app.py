@@ -225,6 +225,31 @@ def test_readyz_names_what_is_down_and_recovers(agent: AgentUnderTest) -> None:
     assert agent.get("/v1/findings").status_code == 200
 
 
+def test_readyz_says_when_what_is_held_open_cannot_be_read(agent: AgentUnderTest) -> None:
+    """Every delete is refused then (503); the findings say why each is blocked."""
+    agent.sc.btrfs.holders_error = "cannot read what pid 1 holds (fd): Permission denied"
+    body = is_problem(agent.client.get("/readyz"), 503, "holders_unavailable")
+    assert body["unavailable"] == ["holders_unavailable"]
+    assert "pid 1" not in body["detail"]  # where and why: for a read token only
+    detail = agent.client.get("/readyz", headers=auth(READ)).get_json()["detail"]
+    assert "pid 1 holds (fd)" in detail
+    fs = agent.get("/v1/filesystems").get_json()["items"][0]["uuid"]
+    sub = agent.sc.btrfs.subvolume(agent.sc.orphan_layer)
+    assert sub is not None
+    r = agent.client.delete(
+        f"/v1/filesystems/{fs}/subvolumes/{sub.id}?dry_run=false", headers=auth(CLEAN)
+    )
+    is_problem(r, 503, "holders_unavailable")
+    items = agent.get("/v1/findings?min_age_seconds=0").get_json()["items"]
+    assert items and all(
+        any(b.startswith("holders_unavailable:") for b in f["blocked_by"])
+        for f in items
+        if f["kind"] in ("dind-volume", "orphan-layer")
+    )
+    agent.sc.btrfs.holders_error = None
+    assert agent.client.get("/readyz").status_code == 200
+
+
 def test_unknown_path_and_method_are_problems(agent: AgentUnderTest) -> None:
     is_problem(agent.client.get("/nope"), 404, "not_found")
     is_problem(agent.client.put("/v1/findings", headers=auth()), 405, "method_not_allowed")
