@@ -39,6 +39,7 @@ from flask.testing import FlaskClient
 from agent.http.app import create_app
 from agent.runtime import real_backends
 from lab import BUSYBOX_IMAGE, Lab, SeededDind
+from lab.agentproc import pids_root_may_not_read
 from shared.policy import FINDING_KINDS
 from shared.wirepath import from_wire
 from tests.agent.http.apphelpers import BOTH, CLEAN, agent_config, auth
@@ -188,6 +189,7 @@ def make_app(lab: Lab, state_dir: Path, btrfs_binary: str = "btrfs", **cfg: Any)
     floor = cfg.pop("orphan_min_age_seconds", 0)
     if floor is not None:
         cfg["orphan_min_age_seconds"] = floor
+    cfg.setdefault("unreadable_pids_allowed", pids_root_may_not_read())
     config = agent_config(state_dir, docker_host=lab.docker_host, btrfs_binary=btrfs_binary, **cfg)
     app = create_app(config, backend=real_backends(config))
     app.testing = True
@@ -1178,3 +1180,131 @@ def test_attack_a_container_made_after_the_plan(slab: Lab, api: Api, guarded: Gu
         guarded.assert_intact()
     finally:
         slab.docker("rm", "-f", *made, check=False)
+
+
+# =========================================================================== held open
+
+
+@contextlib.contextmanager
+def holding(*commands: tuple[str, Path]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes started here, each a shell command run in a folder (``(command, cwd)``)
+    that prints ``ready`` once it holds what it should; ended by pid afterwards."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for command, cwd in commands:
+            proc = subprocess.Popen(
+                ["sh", "-c", f"{command} && echo ready && exec sleep 600"],
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_class11_processes_holding_files_inside_targets(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """A process whose working folder is inside a nested subvolume of a leaked volume, one
+    holding a file of an orphan layer open (``exec 3<file``), and one that starts holding
+    a planned orphan's file between plan and apply: ``btrfs subvolume delete`` would
+    succeed under them and their data would be gone. All refused as held by a process,
+    every byte kept; the plain leak goes."""
+    vol = slab.seed_dind_volume()
+    orphan = slab.seed_orphan_subvolume()
+    late = slab.seed_orphan_subvolume()
+    leak = slab.seed_dind_volume()
+    leak_orphan = slab.seed_orphan_subvolume()
+    nested = vol.inner_container_subvolumes[1]
+    (orphan / "held.bin").write_bytes(secrets.token_bytes(4000))
+    (late / "held.bin").write_bytes(secrets.token_bytes(4000))
+    slab.settle()
+    guarded.add(vol.mountpoint, orphan, late)
+    with holding(("true", nested), (f"exec 3< '{orphan}/held.bin'", slab.root)) as (cwd, fd):
+        plan = api.plan(**BROAD)
+        reason = skip_for(plan, finding_for(api, vol.volume))
+        assert reason.startswith("held_by_process:") and f"pid {cwd.pid} " in reason, reason
+        assert os.fsdecode(nested) in reason, reason
+        reason = skip_for(plan, finding_for(api, orphan.name))
+        assert reason.startswith("held_by_process:") and f"pid {fd.pid} " in reason, reason
+        assert "open file" in reason and str(orphan / "held.bin") in reason, reason
+        assert action_for(plan, late.name) is not None
+        with holding((f"exec 4< '{late}/held.bin'", slab.root)) as (arrived,):
+            job = api.apply(plan)
+            result = result_for(job, plan, late.name)
+            assert result["outcome"] == "skipped", result
+            assert result["detail"].startswith("held_by_process:"), result
+            assert f"pid {arrived.pid} " in result["detail"], result
+            refused(api.delete_subvolume(rootid(late)), "held_by_process", f"pid {arrived.pid} ")
+        assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+        assert result_for(job, plan, leak_orphan.name)["outcome"] == "deleted"
+        refused(api.delete_volume(vol.volume), "held_by_process", f"pid {cwd.pid} ")
+        refused(api.delete_subvolume(rootid(nested)), "held_by_process", f"pid {cwd.pid} ")
+        refused(api.delete_subvolume(rootid(orphan)), "held_by_process", f"pid {fd.pid} ")
+        guarded.assert_intact()
+    assert vol.volume in volume_names(slab) and orphan.exists() and late.exists()
+    assert_dind_gone(slab, leak)
+    assert not leak_orphan.exists()
+    assert api.get("/v1/audit/verify")["ok"] is True
+
+
+@contextlib.contextmanager
+def loop_filesystem(image: Path, at: Path) -> Iterator[str]:
+    """An ext4 filesystem in the file ``image`` on a loop device of its own, mounted at
+    ``at`` with a few files; unmounted and the device detached afterwards. Yields the
+    device."""
+    run("truncate", "-s", "16M", image)
+    run("mkfs.ext4", "-q", "-F", image)
+    device = run("losetup", "--find", "--show", image).stdout.decode().strip()
+    try:
+        at.mkdir(parents=True, exist_ok=True)
+        run("mount", device, at)
+        try:
+            for i in range(3):
+                (at / f"f{i}").write_bytes(secrets.token_bytes(2000 + i))
+            yield device
+        finally:
+            run("umount", at)
+    finally:
+        run("losetup", "-d", device)
+
+
+def test_class12_a_loop_device_backed_by_a_file_inside_targets(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """A loop device whose backing file is in an orphan layer, another whose file is in
+    a nested subvolume of a leaked volume, each with a filesystem mounted under the
+    lab's folder: the mount table shows ``/dev/loopN`` there, not the file, and
+    deleting the subvolume would destroy a mounted filesystem's image. Both refused as
+    held by the kernel, the mounted files intact; the plain leak goes."""
+    tag = secrets.token_hex(3)
+    vol = slab.seed_dind_volume()
+    orphan = slab.seed_orphan_subvolume()
+    leak = slab.seed_dind_volume()
+    leak_orphan = slab.seed_orphan_subvolume()
+    nested = vol.inner_container_subvolumes[0]
+    with (
+        loop_filesystem(orphan / "disk.img", slab.root / f"loop-a-{tag}") as dev_a,
+        loop_filesystem(nested / "disk.img", slab.root / f"loop-b-{tag}") as dev_b,
+    ):
+        slab.settle()
+        guarded.add(slab.root / f"loop-a-{tag}", slab.root / f"loop-b-{tag}")
+        plan, job = api.broad()
+        for name, dev, image in ((orphan.name, dev_a, orphan), (vol.volume, dev_b, nested)):
+            reason = skip_for(plan, finding_for(api, name))
+            assert reason.startswith("held_by_kernel:") and f"loop device {dev} " in reason
+            assert str(image / "disk.img") in reason, reason
+        assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+        assert result_for(job, plan, leak_orphan.name)["outcome"] == "deleted"
+        refused(api.delete_volume(vol.volume), "held_by_kernel", f"loop device {dev_b} ")
+        refused(api.delete_subvolume(rootid(nested)), "held_by_kernel", f"loop device {dev_b} ")
+        refused(api.delete_subvolume(rootid(orphan)), "held_by_kernel", f"loop device {dev_a} ")
+        guarded.assert_intact()
+        assert (orphan / "disk.img").is_file() and (nested / "disk.img").is_file()
+    assert vol.volume in volume_names(slab) and orphan.exists()
+    assert_dind_gone(slab, leak)
+    assert not leak_orphan.exists()
