@@ -1,5 +1,6 @@
 """docker-compose.yml is valid for docker-compose 1.29 (``docker-compose config``) and
-carries the settings the agent needs and no more: SYS_ADMIN but not privileged, the
+carries the settings the agent needs and no more: SYS_ADMIN and SYS_PTRACE but not
+privileged, the
 Docker socket, the NAS volume at the same path, secrets, a healthcheck, a restart policy;
 the controller behind its profile, as a non-root user."""
 
@@ -69,8 +70,8 @@ def defaults(docker_compose: str, tmp_path: Path) -> dict[str, Any]:
 def test_agent_is_not_privileged_and_adds_only_what_it_needs(defaults: dict[str, Any]) -> None:
     agent = defaults["services"]["agent"]
     assert not agent.get("privileged", False)
-    assert "SYS_ADMIN" in agent["cap_add"]
-    assert set(agent["cap_add"]) <= {"SYS_ADMIN", "DAC_OVERRIDE", "FOWNER"}
+    assert {"SYS_ADMIN", "SYS_PTRACE"} <= set(agent["cap_add"])  # ptrace: what is held open
+    assert set(agent["cap_add"]) <= {"SYS_ADMIN", "DAC_OVERRIDE", "FOWNER", "SYS_PTRACE"}
     assert agent["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in agent["security_opt"]
     assert agent["read_only"] is True

@@ -28,6 +28,7 @@ import trustme
 import yaml
 
 from lab import Lab, is_subvolume
+from lab.agentproc import pids_root_may_not_read
 from tests.deploy.conftest import (
     COMPOSE_FILE,
     COMPOSE_LAB_OVERRIDE,
@@ -213,6 +214,8 @@ def stack(lab: Lab, built: Built, tmp_path_factory: pytest.TempPathFactory) -> I
                 "AGENT_LISTEN": f"127.0.0.1:{port}",
                 "AGENT_SECRETS_DIR": work / "secrets",
                 "CONTROLLER_CONFIG_DIR": controller_dir,
+                # where even root may not read this machine's pid 1
+                "UNREADABLE_PIDS_ALLOWED": ",".join(map(str, pids_root_may_not_read())),
             }.items()
         )
     )
@@ -418,7 +421,10 @@ def local_run(stack: Stack, folder: Path, *args: str) -> subprocess.CompletedPro
             "docker", "run", "--rm", "--network", "none", "--pid", "host",
             "--read-only", "--tmpfs", "/tmp",
             "--cap-drop", "ALL", "--cap-add", "SYS_ADMIN", "--cap-add", "DAC_OVERRIDE",
-            "--cap-add", "FOWNER", "--security-opt", "no-new-privileges",
+            "--cap-add", "FOWNER", "--cap-add", "SYS_PTRACE",
+            "--security-opt", "no-new-privileges",
+            "-e", "NAS_JANITOR_UNREADABLE_PIDS_ALLOWED="
+            + ",".join(map(str, pids_root_may_not_read())),
             "-v", f"{lab.docker_socket}:/var/run/docker.sock",
             "-v", f"{lab.mnt}:{lab.mnt}",
             "-v", f"{folder}:{folder}",
