@@ -1,8 +1,9 @@
 """Unauthenticated liveness and readiness.
 
 ``/readyz`` names which dependency is down by its code (``docker_unavailable``,
-``btrfs_unavailable``, ``audit_unavailable``, ...) to anyone; where it lives (a socket
-path, a binary, a file) and what it said only to a caller with a ``read`` token."""
+``btrfs_unavailable``, ``holders_unavailable``, ``audit_unavailable``, ...) to anyone;
+where it lives (a socket path, a binary, a file) and what it said only to a caller with
+a ``read`` token."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def healthz() -> dict[str, Any]:
 @blp.response(200, HealthSchema)
 @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
 def readyz() -> dict[str, Any]:
-    """Docker and btrfs are reachable and the audit log is the one the agent opened
-    (503 problem naming by code which is not; details for ``read`` tokens only)."""
+    """Docker and btrfs are reachable, the host's mount table and what processes hold
+    open can be read, and the audit log is the one the agent opened (503 problem naming
+    by code which is not; details for ``read`` tokens only)."""
     rt = runtime()
     down: list[Unavailable] = []
     for probe in (rt.inventory.readiness, rt.audit.check_file):
