@@ -24,6 +24,7 @@ from agent.host.btrfs import BtrfsTool
 from agent.http.app import create_app
 from agent.runtime import real_backends
 from lab import DIND_IMAGE, Lab
+from lab.agentproc import pids_root_may_not_read
 from tests.agent.http.apphelpers import BOTH, CLEAN, agent_config, auth
 from tests.agent.http.test_app import TRAVERSAL
 from tests.agentproc import AgentProcess, start_agent
@@ -37,6 +38,7 @@ def make_app(lab: Lab, state_dir: Path, btrfs_binary: str = "btrfs") -> Flask:
         docker_host=lab.docker_host,
         btrfs_binary=btrfs_binary,
         orphan_min_age_seconds=0,
+        unreadable_pids_allowed=pids_root_may_not_read(),
     )
     app = create_app(cfg, backend=real_backends(cfg))
     app.testing = True

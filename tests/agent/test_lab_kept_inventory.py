@@ -16,12 +16,17 @@ from agent.domain.inventory import Inventory
 from agent.runtime import real_backends
 from bench.common import make_subvolumes
 from lab import Lab
+from lab.agentproc import pids_root_may_not_read
 from tests.agent.http.apphelpers import agent_config
 
 
 @pytest.fixture
 def inv(lab: Lab, tmp_path: Path) -> Iterator[Inventory]:
-    cfg = agent_config(tmp_path / "state", docker_host=lab.docker_host)
+    cfg = agent_config(
+        tmp_path / "state",
+        docker_host=lab.docker_host,
+        unreadable_pids_allowed=pids_root_may_not_read(),
+    )
     be = real_backends(cfg)
     inventory = Inventory(cfg, btrfs=be.btrfs, docker=be.docker)
     inventory.current()

@@ -26,7 +26,7 @@ import yaml
 
 from agent.store.audit import AuditLog
 from lab import DIND_IMAGE, Lab
-from lab.agentproc import free_port
+from lab.agentproc import free_port, pids_root_may_not_read
 from tests.agent.test_lab_agent import never_touch_digests, subvolume_paths
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("NAS_JANITOR_")}
@@ -160,6 +160,7 @@ def test_scan_and_clean_yes_on_the_real_lab(
     cfg = yaml.safe_load((d / "agent.yaml").read_text())
     assert "orphan_min_age_seconds" not in cfg  # init keeps the default floor
     cfg["orphan_min_age_seconds"] = 0  # the lab's orphan is seconds old
+    cfg["unreadable_pids_allowed"] = pids_root_may_not_read()  # this machine's pid 1
     lab_cfg = tmp_path / "lab-agent.yaml"
     lab_cfg.write_text(yaml.safe_dump(cfg))
     lab_cfg.chmod(0o600)
