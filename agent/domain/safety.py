@@ -139,9 +139,9 @@ def check_not_held(mounts: MountIndex, path: str, *, dev: str, in_fs: str | None
         raise HoldersUnavailable(
             f"cannot tell what is held open inside {path}: {held.unknown_reason}"
         )
-    if in_fs is None:
+    if in_fs is None or not dev:
         raise Protected(f"{path}: where it lies inside its filesystem is not known")
-    found = held.inside(dev, in_fs) if dev else []
+    found = held.inside(dev, in_fs)
     if not found:
         return
     found.sort(key=lambda p: (p.kernel, p.in_fs))
