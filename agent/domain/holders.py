@@ -15,7 +15,6 @@ files, what chrooted processes hold: ``Holders.everywhere``) is placed in every 
 from __future__ import annotations
 
 import bisect
-import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -38,25 +37,43 @@ class HeldPlace:
 
 
 class _Table:
-    """One namespace's mounts by mount point (the last mounted at a point wins)."""
+    """One namespace's mounts by mount point (the last mounted at a point wins), with
+    the places of the folders looked up so far (many held paths share a folder)."""
 
     def __init__(self, mounts: Sequence[MountEntry]) -> None:
         self.by_point: dict[str, MountEntry] = {}
         for m in mounts:
             self.by_point[m.mountpoint.rstrip("/") or "/"] = m
+        self._folders: dict[str, tuple[str, str] | None] = {}
 
     def place(self, path: str) -> tuple[str, str] | None:
-        """(dev, path inside the filesystem) of ``path``, by its covering mount."""
-        path = posixpath.normpath(path)
+        """(dev, path inside the filesystem) of ``path`` (absolute, normal: as the
+        kernel prints it), by the mount that covers it."""
+        m = self.by_point.get(path)
+        if m is not None:
+            return m.dev, m.root
+        cut = path.rfind("/")
+        if cut < 0:
+            return None
+        folder = path[:cut] or "/"
+        if folder in self._folders:
+            got = self._folders[folder]
+        else:
+            got = self._folders[folder] = self._walk(folder)
+        if got is None:
+            return None
+        return got[0], got[1].rstrip("/") + path[cut:]
+
+    def _walk(self, path: str) -> tuple[str, str] | None:
         cur = path
         while True:
             m = self.by_point.get(cur)
             if m is not None:
                 rest = path[len(cur.rstrip("/")) :]
-                return m.dev, posixpath.normpath(m.root.rstrip("/") + rest or "/")
+                return m.dev, (m.root.rstrip("/") + rest) or "/"
             if cur == "/":
                 return None
-            cur = posixpath.dirname(cur)
+            cur = cur[: cur.rfind("/")] or "/"
 
 
 def place_holders(holders: Holders) -> list[HeldPlace]:

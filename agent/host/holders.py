@@ -193,7 +193,7 @@ class _Unreadable(Exception):
 
 def _readlink(base: str, name: str, pid: int) -> str | None:
     try:
-        return os.readlink(os.path.join(base, name))
+        return os.readlink(f"{base}/{name}")
     except OSError as exc:
         if exc.errno in _GONE:
             return None  # closed meanwhile, a kernel thread's exe, a zombie
