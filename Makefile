@@ -89,6 +89,7 @@ bench: deps venv
 	$(PY) -m bench.b4_footprint --json $(BENCH_RESULTS)/b4.json
 	$(PY) -m bench.b5_enumeration --json $(BENCH_RESULTS)/b5.json
 	$(PY) -m bench.b6_kept --json $(BENCH_RESULTS)/b6.json
+	$(PY) -m bench.b7_holders --json $(BENCH_RESULTS)/b7.json
 	$(PY) -m bench.report $(BENCH_RESULTS) BENCHMARKS.md
 
 .PHONY: robustness

@@ -24,6 +24,7 @@ TINY = {
     "b4_footprint": ["--subvolumes", "200", "--volumes", "20", "--runs", "1", "--load-runs", "1"],
     "b5_enumeration": ["--subvolumes", "200", "--volumes", "20", "--runs", "1"],
     "b6_kept": ["--subvolumes", "200", "--volumes", "20", "--runs", "1", "--load", "4x1"],
+    "b7_holders": ["--runs", "1", "--processes", "5", "--fds", "2"],
 }
 
 
@@ -50,5 +51,5 @@ def test_benchmark_runs_tiny(script: str, lab_host: None, tmp_path: Path) -> Non
 
 def test_benchmarks_md_has_a_section_per_benchmark() -> None:
     doc = (REPO / "BENCHMARKS.md").read_text()
-    for name in ("b1", "b2", "b3", "b4", "b5"):
+    for name in ("b1", "b2", "b3", "b4", "b5", "b7"):
         assert f"<!-- bench:{name} -->" in doc and f"<!-- /bench:{name} -->" in doc
