@@ -717,17 +717,22 @@ def test_class6_a_real_folder_named_fs_tree(slab: Lab, odd_api: Api, guarded: Gu
 # =========================================================================== class 7
 
 
-@contextlib.contextmanager
-def importing(lab: Lab, image: str, data: bytes) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``docker import`` of a tar holding ``data`` as the file ``big``, stopped half way
-    through its input: yields (the import, the name of the layer subvolume Docker is
-    writing); the rest is sent when the block ends."""
+def tar_of_big(data: bytes) -> bytes:
+    """A tar holding ``data`` as the file ``big`` (what ``docker import`` takes)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:
         info = tarfile.TarInfo("big")
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
-    tar = buf.getvalue()
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def importing(lab: Lab, image: str, data: bytes) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``docker import`` of a tar holding ``data`` as the file ``big``, stopped half way
+    through its input: yields (the import, the name of the layer subvolume Docker is
+    writing); the rest is sent when the block ends."""
+    tar = tar_of_big(data)
     before = set(os.listdir(lab.layer_dir))
     proc = subprocess.Popen(
         ["docker", "import", "-", image],
@@ -1199,14 +1204,9 @@ def test_layers_that_are_plain_folders(
         (plain / "usr" / "lib" / f"lib{i}.so").write_bytes(secrets.token_bytes(3000 + i))
     # an image of one layer, then that layer made a plain folder holding the same files
     data = secrets.token_bytes(1 << 20)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        info = tarfile.TarInfo("big")
-        info.size = len(data)
-        t.addfile(info, io.BytesIO(data))
     image = f"moved-{tag}"
     before = set(os.listdir(slab.layer_dir))
-    slab.docker("import", "-", image, input=buf.getvalue())
+    slab.docker("import", "-", image, input=tar_of_big(data))
     (name,) = set(os.listdir(slab.layer_dir)) - before - {plain.name}
     layer = slab.layer_dir / name
     assert name in slab.layer_refs()
