@@ -11,8 +11,6 @@ import json
 import os
 import ssl
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,6 @@ import yaml
 
 from agent import __version__
 from agent.config import SCOPES, AgentConfig, ConfigError, load_config
-from agent.domain.inventory import resolve_roots
-from agent.domain.paths import PathMap
-from agent.http.auth import hash_token, new_token
 from agent.http.gunicorn import use_problem_pages
 from agent.http.worker import buffering_worker
 from shared.policy import DEFAULT_MIN_AGE_SECONDS, FINDING_KINDS, MAX_AGE_SECONDS
@@ -295,6 +290,8 @@ def token_new(token_id: str, scopes: str) -> None:
         )
     except ConfigError as exc:
         raise click.UsageError("; ".join(exc.problems)) from None
+    from agent.http.auth import hash_token, new_token
+
     tok = new_token()
     entry = {"id": token_id, "sha256": hash_token(tok), "scopes": wanted}
     click.echo(f"token: {tok}")
@@ -350,6 +347,9 @@ def audit_accept(config_path: str | None) -> None:
 @CONFIG_OPTION
 def check_config(config_path: str | None) -> None:
     """Validate the configuration and print it (token hashes elided)."""
+    from agent.domain.inventory import resolve_roots
+    from agent.domain.paths import PathMap
+
     config = _load(config_path)
     shown = {
         "listen": config.listen,
@@ -383,6 +383,9 @@ def check_config(config_path: str | None) -> None:
 @click.option("--timeout", default=5.0, show_default=True)
 def healthcheck(config_path: str | None, timeout: float) -> None:
     """GET /healthz on the configured listen address; exit 0 when it answers ok."""
+    import urllib.error
+    import urllib.request
+
     config = _load(config_path)
     host, port = config.host_port
     if host in ("", "0.0.0.0", "::"):

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from agent.domain.changes import DockerWatch
 from agent.domain.findings import Finding
+from agent.domain.paths import LinkMemo
 from agent.domain.snapshot import Snapshot
 from agent.errors import AgentError, Unavailable
 from agent.host.backend import Btrfs
@@ -250,6 +251,11 @@ class KeptScan:
                 if len(kept.findings) >= KEPT_FINDINGS:
                     kept.findings.clear()
                 kept.findings[key] = found
+                # The symlink answers of the safety checks are not kept with the scan
+                # (another question asks the file system again).
+                kept.snap.path_memo = LinkMemo()
+                if _size(kept.snap) > BIG_SCAN:
+                    release_memory()
             return found
 
 

@@ -64,8 +64,11 @@ class LayerFolder:
     referenced_by: str | None  # "an image layer", "a container layer", ... or None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SubvolView:
+    """One subvolume as the reads and the safety rules see it (slots: a kept scan
+    holds one per subvolume, by the ten thousand)."""
+
     fs_uuid: str
     id: int
     parent_id: int
@@ -364,8 +367,9 @@ def take_snapshot(
                         kind, ref = "other", name
                 elif host.startswith(volumes_dir + "/"):
                     vname = host[len(volumes_dir) + 1 :].split("/", 1)[0]
-                    if vname in vol_by_name:
-                        kind, ref = "docker-volume", vname
+                    vol = vol_by_name.get(vname)
+                    if vol is not None:  # the volume's own name: one string per volume
+                        kind, ref = "docker-volume", vol.name
             q = qg.get(rec.id) if qg is not None else None
             subs[rec.id] = SubvolView(
                 fs_uuid=uuid,

@@ -90,6 +90,10 @@ BTRFS_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)  # 0x81F8943C
 # The kernel caps a v2 result buffer at 16 MiB (btrfs_ioctl_tree_search_v2).
 _SEARCH_MIN_BUFFER = 4096
 _SEARCH_MAX_BUFFER = 16 << 20
+# The result buffer of a change mark read against an earlier one: an unchanged range
+# gives only the newest blocks' items (more pages, or a buffer grown for a large item,
+# when it changed).
+_MARK_BUFFER = 16 << 10
 
 
 class _Fs:
@@ -318,7 +322,17 @@ class Ioctls:
                 min_transid = since.ranges[i][0] if since and len(since.ranges) > i else 0
                 blocks = BlockDigest()
                 try:
-                    self._walk(fs, tree_id, start, end, blocks.page, min_transid=min_transid)
+                    self._walk(
+                        fs,
+                        tree_id,
+                        start,
+                        end,
+                        blocks.page,
+                        min_transid=min_transid,
+                        buffer_bytes=min(_MARK_BUFFER, self._search_buffer_bytes)
+                        if min_transid
+                        else None,
+                    )
                 except BtrfsIoctlError as e:
                     if tree_id == tree.QUOTA_TREE_OBJECTID and e.errno == errno.ENOENT:
                         out.append((0, b"quotas off"))
@@ -356,13 +370,15 @@ class Ioctls:
         page: tree.PageFn,
         *,
         min_transid: int = 0,
+        buffer_bytes: int | None = None,
     ) -> None:
         """A tree search over ``start``..``end``: BTRFS_IOC_TREE_SEARCH_V2 with a large
         buffer, or v1 (3992 bytes of results a call) where the kernel refuses v2
-        (ENOTTY or EINVAL on the first call; v2 is in every kernel since 3.15)."""
+        (ENOTTY or EINVAL on the first call; v2 is in every kernel since 3.15).
+        ``buffer_bytes``: v2's result buffer when not the configured one."""
         n, m = _U32_MAX, min_transid
         if self._search_v2:
-            search = _SearchV2(fs, self._search_buffer_bytes)
+            search = _SearchV2(fs, buffer_bytes or self._search_buffer_bytes)
             try:
                 tree.walk(search, tree_id, start, end, page, nr_items=n, min_transid=m)
                 return

@@ -283,26 +283,37 @@ class BlockDigest:
         self._digests: dict[int, Any] = {}  # block generation -> hashlib object
 
     def page(self, buf: Buffer, nr_items: int) -> Key:
-        data = bytes(buf)
+        # No copy of the buffer: the items of one block generation that follow each
+        # other are hashed in one piece (the same digest as item by item).
+        data = buf if isinstance(buf, memoryview) else memoryview(buf)
+        size = len(data)
         unpack = SEARCH_HEADER.unpack_from
         head = SEARCH_HEADER.size
-        digests = self._digests
-        pos = 0
+        pos = run_start = 0
+        run_transid: int | None = None
         transid = objectid = kind = offset = 0
         try:
             for _ in range(nr_items):
                 transid, objectid, offset, kind, length = unpack(data, pos)
                 end = pos + head + length
-                if end > len(data):
+                if end > size:
                     raise TreeFormatError(f"search result truncated: item of {length} at {pos}")
-                h = digests.get(transid)
-                if h is None:
-                    h = digests[transid] = hashlib.blake2b(digest_size=16)
-                h.update(data[pos:end])
+                if transid != run_transid:
+                    if run_transid is not None:
+                        self._feed(run_transid, data[run_start:pos])
+                    run_transid, run_start = transid, pos
                 pos = end
         except struct.error as e:
             raise TreeFormatError(f"search result truncated at {pos}: {e}") from None
+        if run_transid is not None:
+            self._feed(run_transid, data[run_start:pos])
         return (objectid, kind, offset)
+
+    def _feed(self, transid: int, items: memoryview) -> None:
+        h = self._digests.get(transid)
+        if h is None:
+            h = self._digests[transid] = hashlib.blake2b(digest_size=16)
+        h.update(items)
 
     def result(self, min_transid: int) -> tuple[int, bytes]:
         """(newest generation, digest of its blocks' items); ``(min_transid, b"")`` when

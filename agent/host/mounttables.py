@@ -14,6 +14,19 @@ from agent.host.records import MountEntry, NamespaceTable
 # Mount namespaces read at most (every container has one; beyond: not all are seen).
 MAX_MOUNT_NAMESPACES = 4096
 
+# The last table read from each path and its mounts: a table read again unchanged (the
+# kept scan's checks read two per request) is not parsed again.
+_parsed: dict[str, tuple[str, tuple[MountEntry, ...]]] = {}
+
+
+def _parse(path: str, text: str) -> list[MountEntry]:
+    last = _parsed.get(path)
+    if last is not None and last[0] == text:
+        return list(last[1])
+    mounts = parse_mountinfo(text)
+    _parsed[path] = (text, tuple(mounts))
+    return mounts
+
 
 def read_mounts(proc_root: str) -> list[MountEntry]:
     """Every mount this process sees, of any type (local paths)."""
@@ -23,7 +36,7 @@ def read_mounts(proc_root: str) -> list[MountEntry]:
             text = f.read()
     except OSError as e:
         raise BtrfsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
-    return parse_mountinfo(text)
+    return _parse(path, text)
 
 
 def read_host_mounts(proc_root: str) -> list[MountEntry]:
@@ -49,7 +62,7 @@ def read_host_mounts(proc_root: str) -> list[MountEntry]:
         raise HostMountsUnavailable(
             f"cannot read the host's mount table {path}: {e.strerror}"
         ) from e
-    return parse_mountinfo(text)
+    return _parse(path, text)
 
 
 def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:

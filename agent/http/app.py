@@ -68,7 +68,12 @@ def create_app(
     # what the scrape shows of each finding; from the kept scan, never waiting for one
     metrics.watch_findings(
         lambda: [
-            {"kind": f.kind, "reclaimable_bytes": f.reclaimable_bytes}
+            {
+                "kind": f.kind,
+                "reclaimable_bytes": f.reclaimable_bytes,
+                "fs_uuid": f.fs_uuid,
+                "qgroups": len(f.qgroup_ids),
+            }
             for f in rt.inventory.kept_findings()
         ]
     )

@@ -62,6 +62,12 @@ class FindingsCollector(Collector):
             "Bytes the current findings would free, by kind (known sizes only)",
             labels=["kind"],
         )
+        stale = GaugeMetricFamily(
+            "nas_janitor_stale_qgroups",
+            "Level-0 qgroups whose subvolume is gone, by filesystem (kernels before 6.11 "
+            "leave them behind)",
+            labels=["filesystem"],
+        )
         up = GaugeMetricFamily("nas_janitor_scan_ok", "1 when the last scan for metrics succeeded")
         try:
             found = self._compute()
@@ -74,8 +80,12 @@ class FindingsCollector(Collector):
             mine = [f for f in found if f["kind"] == kind]
             count.add_metric([kind], len(mine))
             size.add_metric([kind], sum(f["reclaimable_bytes"] or 0 for f in mine))
+        for f in found:
+            if f["kind"] == "stale-qgroups":
+                stale.add_metric([f["fs_uuid"]], f["qgroups"])
         yield count
         yield size
+        yield stale
         yield up
 
 

@@ -719,17 +719,22 @@ def test_class6_a_real_folder_named_fs_tree(slab: Lab, odd_api: Api, guarded: Gu
 # =========================================================================== class 7
 
 
-@contextlib.contextmanager
-def importing(lab: Lab, image: str, data: bytes) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``docker import`` of a tar holding ``data`` as the file ``big``, stopped half way
-    through its input: yields (the import, the name of the layer subvolume Docker is
-    writing); the rest is sent when the block ends."""
+def tar_of_big(data: bytes) -> bytes:
+    """A tar holding ``data`` as the file ``big`` (what ``docker import`` takes)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:
         info = tarfile.TarInfo("big")
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
-    tar = buf.getvalue()
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def importing(lab: Lab, image: str, data: bytes) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``docker import`` of a tar holding ``data`` as the file ``big``, stopped half way
+    through its input: yields (the import, the name of the layer subvolume Docker is
+    writing); the rest is sent when the block ends."""
+    tar = tar_of_big(data)
     before = set(os.listdir(lab.layer_dir))
     proc = subprocess.Popen(
         ["docker", "import", "-", image],
@@ -1308,3 +1313,64 @@ def test_class12_a_loop_device_backed_by_a_file_inside_targets(
     assert vol.volume in volume_names(slab) and orphan.exists()
     assert_dind_gone(slab, leak)
     assert not leak_orphan.exists()
+
+
+# ====================================================================== layer folders
+
+
+def test_layers_that_are_plain_folders(
+    slab: Lab, api: Api, guarded: Guarded, tmp_path: Path
+) -> None:
+    """What copying Docker's data root leaves, made for real: a plain folder in
+    ``btrfs/subvolumes/`` that no layer references is an ``orphan-layer-folder`` finding
+    and a broad plan removes it; an imported image's layer replaced by a plain folder of
+    the same files (what ``cp -a`` of ``@docker`` makes of a subvolume) is a
+    ``layer-folder`` finding, blocked as protected, skipped by the plan and intact byte
+    for byte after the apply."""
+    tag = secrets.token_hex(3)
+    plain = slab.layer_dir / secrets.token_hex(32)
+    (plain / "usr" / "lib").mkdir(parents=True)
+    for i in range(3):
+        (plain / "usr" / "lib" / f"lib{i}.so").write_bytes(secrets.token_bytes(3000 + i))
+    # an image of one layer, then that layer made a plain folder holding the same files
+    data = secrets.token_bytes(1 << 20)
+    image = f"moved-{tag}"
+    before = set(os.listdir(slab.layer_dir))
+    slab.docker("import", "-", image, input=tar_of_big(data))
+    (name,) = set(os.listdir(slab.layer_dir)) - before - {plain.name}
+    layer = slab.layer_dir / name
+    assert name in slab.layer_refs()
+    copy = tmp_path / "copy"
+    run("cp", "-a", layer, copy)
+    run("btrfs", "subvolume", "delete", layer)
+    run("cp", "-a", copy, layer)
+    assert rootid(layer) == rootid(slab.layer_dir), "the layer must be a plain folder now"
+    guarded.add(layer)
+    slab.settle()
+    try:
+        found = {
+            f["target"]["path"]: f
+            for f in api.findings()
+            if f["kind"] in ("orphan-layer-folder", "layer-folder")
+        }
+        orphan, referenced = found[str(plain)], found[str(layer)]
+        assert orphan["kind"] == "orphan-layer-folder" and orphan["blocked_by"] == [], orphan
+        assert referenced["kind"] == "layer-folder", referenced
+        assert referenced["blocked_by"][0].startswith("protected:"), referenced
+        assert any("invalid argument" in e for e in referenced["evidence"]), referenced
+        plan = api.plan(**BROAD)
+        assert action_for(plan, plain.name) is not None
+        assert action_for(plan, name) is None
+        assert skip_for(plan, referenced).startswith("protected:")
+        job = api.apply(plan)
+        assert result_for(job, plan, plain.name)["outcome"] == "deleted", job
+        assert not plain.exists()
+        assert (layer / "big").read_bytes() == data
+        guarded.assert_intact()
+        assert name in slab.layer_refs()
+    finally:
+        # put a subvolume back in the layer's place so that Docker can remove the image
+        run("rm", "-rf", layer)
+        subvolume(layer, files=0)
+        run("cp", "-a", f"{copy}/.", layer)
+        slab.docker("image", "rm", image)

@@ -48,6 +48,18 @@ def test_nothing_changed_no_scan(inv: Inventory) -> None:
     assert inv.scans == scans
 
 
+def test_the_safety_checks_symlink_answers_are_not_kept_with_the_scan(inv: Inventory) -> None:
+    warm(inv)
+    snap = inv.current()
+    found = inv.findings()
+    assert found and snap.path_memo.no_link("/") and not snap.path_memo._folders
+    # asked another way, the same scan is checked again from the file system
+    assert [f.id for f in inv.findings(kinds=["dind-volume"])] == [
+        f.id for f in found if f.kind == "dind-volume"
+    ]
+    assert not snap.path_memo._folders and inv.current() is snap
+
+
 def test_a_new_subvolume_is_seen(inv: Inventory, sc: LeakScenario) -> None:
     scans = warm(inv)
     sub = sc.btrfs.create_subvolume(f"{sc.data_root}/btrfs/subvolumes/{'e' * 64}")

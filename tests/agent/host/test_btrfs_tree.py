@@ -11,6 +11,7 @@ test_btrfs.py's lab tests.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import struct
 from bisect import bisect_left
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from agent.errors import ToolFailed
 from agent.host import btrfs_tree as tree
-from agent.host.btrfs_listing import QuotaTree, RootTree
+from agent.host.btrfs_listing import BlockDigest, QuotaTree, RootTree
 from agent.host.btrfs_tree import (
     BTRFS_LAST_FREE_OBJECTID,
     QGROUP_INFO_KEY,
@@ -494,3 +495,40 @@ def test_short_qgroup_items_are_refused() -> None:
         quota_tree({(0, QGROUP_INFO_KEY, 5): b"\0" * 39})
     with pytest.raises(TreeFormatError):
         quota_tree({(0, QGROUP_STATUS_KEY, 0): b"\0" * 16})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    items=st.lists(
+        st.tuples(st.sampled_from([7, 8, 9]), st.integers(0, 50)), min_size=0, max_size=40
+    ),
+    cut=st.integers(0, 40),
+    slack=st.integers(0, 64),
+)
+def test_block_digest_hashes_each_generations_items_in_order(
+    items: list[tuple[int, int]], cut: int, slack: int
+) -> None:
+    """The digest of a generation is that of its items' bytes (header and data) in
+    the order the pages gave them, however the items of generations interleave and
+    however the result is cut into pages; the unused rest of the buffer is not read."""
+    found = [
+        SearchItem(transid, 256 + i, i, ROOT_ITEM_KEY, bytes([i % 251]) * size)
+        for i, (transid, size) in enumerate(items)
+    ]
+    pages = [found[: min(cut, len(found))], found[min(cut, len(found)) :]]
+    digest = BlockDigest()
+    for page in pages:
+        if page:
+            buf = bytearray(enc.encode_items(page)) + b"\xff" * slack
+            digest.page(memoryview(buf), len(page))
+    want: dict[int, hashlib._Hash] = {}
+    for it in found:
+        h = want.setdefault(it.transid, hashlib.blake2b(digest_size=16))
+        h.update(enc.encode_items([it]))
+    if not found:
+        assert digest.result(5) == (5, b"")
+    else:
+        newest = max(want)
+        assert digest.result(5) == (newest, want[newest].digest())
+    with pytest.raises(TreeFormatError):
+        BlockDigest().page(enc.encode_items(found[:1] or [SearchItem(7, 1, 0, 1, b"ab")])[:-1], 1)

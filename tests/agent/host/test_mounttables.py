@@ -16,6 +16,7 @@ from agent.host.mounttables import (
     read_mounts,
     read_namespace_mounts,
 )
+from agent.host.records import MountEntry
 from tests.agent.host.test_btrfs_parse import CAPTURES
 
 
@@ -35,6 +36,30 @@ def test_mounts_from_proc_root(tmp_path: Path) -> None:
         "/srv/lab/tab\tdir",
     ]
     assert btrfs[1].root == "/docker" and btrfs[1].dev == "0:43"
+
+
+def test_a_table_read_again_is_parsed_again_only_when_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "self").mkdir()
+    table = tmp_path / "self" / "mountinfo"
+    text = (CAPTURES / "linux" / "mountinfo.txt").read_text()
+    table.write_text(text)
+    parsed: list[str] = []
+    real_parse = mounttables.parse_mountinfo
+
+    def counting_parse(text: str, fstype: str | None = None) -> list[MountEntry]:
+        parsed.append(text)
+        return real_parse(text, fstype)
+
+    monkeypatch.setattr(mounttables, "parse_mountinfo", counting_parse)
+    first = read_mounts(str(tmp_path))
+    first.clear()  # what a caller does with its list is its own
+    again = read_mounts(str(tmp_path))
+    assert len(parsed) == 1 and len(again) == 9
+    # one mount fewer: read as it is now
+    table.write_text("".join(text.splitlines(keepends=True)[:-1]))
+    assert len(read_mounts(str(tmp_path))) == 8 and len(parsed) == 2
 
 
 def test_mounts_unreadable_is_unavailable(tmp_path: Path) -> None:

@@ -281,6 +281,24 @@ def test_metrics_need_read_and_count_findings(agent: AgentUnderTest) -> None:
     assert "nas_janitor_http_requests_total" in text
 
 
+def test_metrics_count_stale_qgroups_by_filesystem(tmp_path: Path) -> None:
+    sc = make_leak_scenario(kernel="4.4.302+")
+    for name in ("tmp-a", "tmp-b", "tmp-c"):
+        sc.btrfs.create_subvolume(f"/volume1/photo/{name}")
+    sc.btrfs.delete([f"/volume1/photo/tmp-{n}" for n in "abc"])
+    text = build(tmp_path / "state", sc).get("/metrics", token=READ).get_data(as_text=True)
+    assert f'nas_janitor_stale_qgroups{{filesystem="{sc.fs_uuid}"}} 3.0' in text
+    assert 'nas_janitor_findings{kind="stale-qgroups"} 1.0' in text
+    # a kernel that drops them itself leaves none: the family is there, with no sample
+    text = (
+        build(tmp_path / "b", make_leak_scenario())
+        .get("/metrics", token=READ)
+        .get_data(as_text=True)
+    )
+    assert "# TYPE nas_janitor_stale_qgroups gauge" in text
+    assert "nas_janitor_stale_qgroups{" not in text
+
+
 # -- direct deletes ---------------------------------------------------------------------
 
 
