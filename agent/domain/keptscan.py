@@ -13,7 +13,10 @@ is used again only while:
 - btrfs-progs is still there (without it a scan cannot be made: the read says so);
 - the agent changed nothing itself (``forget``, called after every change);
 - it is younger than ``inventory_max_age_seconds`` (what no signal shows, e.g. files
-  written in a plain folder of an unused volume, which moves its age, or the usage).
+  written in a plain folder of an unused volume, which moves its age, or the usage, or
+  what processes hold open: the findings' ``held_by_*`` reasons are as of the scan);
+- what processes hold open could be read when it was scanned (no signal says when a
+  read that failed would succeed).
 
 Those checks cost a few system calls. A read that finds the kept scan stale scans
 again; concurrent reads wait for that one scan instead of making their own. Only one
@@ -151,6 +154,9 @@ class KeptScan:
         if prev is None or set(snap.filesystems) - set(marks):
             trusted = False
         elif snap.docker.data_root != prev.snap.docker.data_root:
+            trusted = False
+        elif not snap.mounts.held.known:
+            # what is held open could not be read: no signal says when it can again
             trusted = False
         kept = _Kept(
             snap=snap,

@@ -151,6 +151,23 @@ def test_a_mount_is_seen(inv: Inventory, sc: LeakScenario) -> None:
     assert any(b.startswith("in_use") for b in finding.blocked_by)
 
 
+def test_a_scan_that_could_not_read_what_is_held_is_not_kept(
+    inv: Inventory, sc: LeakScenario
+) -> None:
+    """No signal says when what processes hold becomes readable again: such a scan is
+    not used again, and the findings recover at the next read."""
+    warm(inv)
+    sc.btrfs.holders_error = "cannot read what pid 1 holds (fd): Permission denied"
+    inv.forget_kept()
+    (finding,) = [f for f in inv.findings() if f.target.name == sc.dind_volume]
+    assert any(b.startswith("holders_unavailable:") for b in finding.blocked_by)
+    sc.btrfs.holders_error = None
+    scans = inv.scans
+    (finding,) = [f for f in inv.findings() if f.target.name == sc.dind_volume]
+    assert inv.scans == scans + 1
+    assert not any(b.startswith("holders_unavailable:") for b in finding.blocked_by)
+
+
 def test_own_changes_and_age(sc: LeakScenario, tmp_path: Path) -> None:
     inv = Inventory(
         agent_config(tmp_path, inventory_max_age_seconds=1), btrfs=sc.btrfs, docker=sc.docker
