@@ -117,6 +117,10 @@ def test_init_then_the_agent_and_janitorctl_from_its_files(lab: Lab, tmp_path: P
     serve_cmd, ctl_cmd = lines[-2].split(), lines[-1].split()
     assert serve_cmd == ["janitor-agent", "serve", "--config", str(d / "agent.yaml")]
     assert ctl_cmd == ["janitorctl", "--fleet", str(d / "controller/fleet.yaml"), "findings"]
+    if pids_root_may_not_read():  # /readyz says holders_unavailable otherwise, here only
+        cfg = yaml.safe_load((d / "agent.yaml").read_text())
+        cfg["unreadable_pids_allowed"] = pids_root_may_not_read()
+        (d / "agent.yaml").write_text(yaml.safe_dump(cfg))
     with serving(d / "agent.yaml", tmp_path / "agent.log", port, d / "ca.pem"):
         # the second printed command, as printed (plus a store and JSON for the test)
         store = ["--store", str(tmp_path / "controller.db")]
