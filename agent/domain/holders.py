@@ -31,9 +31,11 @@ class HeldPlace:
     path: str  # as the kernel printed it
     who: str
     kernel: bool  # held by the kernel (a loop device, swap, an overlay), not a process
+    namespace: int | None = None  # a process of the other mount namespace it is a path of
 
     def describe(self) -> str:
-        return f"{self.who} holds {self.path}"
+        where = f" (in the mount namespace of pid {self.namespace})" if self.namespace else ""
+        return f"{self.who} holds {self.path}{where}"
 
 
 class _Table:
@@ -79,20 +81,21 @@ class _Table:
 def place_holders(holders: Holders) -> list[HeldPlace]:
     """Every held path inside its filesystem (a path no mount covers is left out)."""
     out: dict[tuple[str, str, str], HeldPlace] = {}
-    tables = [(_Table(t.mounts), t.held) for t in holders.tables]
+    tables = [(_Table(t.mounts), t) for t in holders.tables]
 
-    def add(table: _Table, held: HeldPath, kernel: bool) -> None:
+    def add(table: _Table, held: HeldPath, ns: int | None) -> None:
         placed = table.place(held.path)
         if placed is not None:
             key = (placed[0], placed[1], held.who)
-            out.setdefault(key, HeldPlace(placed[0], placed[1], held.path, held.who, kernel))
+            kernel = not held.who.startswith("pid ")
+            out.setdefault(key, HeldPlace(placed[0], placed[1], held.path, held.who, kernel, ns))
 
-    for table, held in tables:
-        for h in held:
-            add(table, h, not h.who.startswith("pid "))
-    for table, _ in tables:
+    for table, t in tables:
+        for h in t.held:
+            add(table, h, None if t.own else t.pid)
+    for table, t in tables:
         for h in holders.everywhere:
-            add(table, h, not h.who.startswith("pid "))
+            add(table, h, None if t.own else t.pid)
     return list(out.values())
 
 

@@ -440,7 +440,8 @@ def read_holders(
             for m in mounts
             for d in overlay_dirs(m)
         )
-        tables.append(HolderTable(pid, mounts, tuple(listed)))
+        own_table = os.getpid() in pids_of or 1 in pids_of
+        tables.append(HolderTable(pid, mounts, tuple(listed), own=own_table))
     kernel = _kernel_held(proc_root, sys_root)
     return Holders(tuple(tables), (*kernel, *everywhere), tuple(skipped))
 

@@ -153,11 +153,13 @@ class HeldPath:
 class HolderTable:
     """What the processes of one mount namespace hold (``held``), with that
     namespace's mount table (``mounts``, as process ``pid`` of it sees it) to place
-    each path inside its filesystem."""
+    each path inside its filesystem. ``own``: the agent's or the host's namespace, whose
+    paths are the ones a person on the host reads."""
 
     pid: int
     mounts: tuple[MountEntry, ...]
     held: tuple[HeldPath, ...]
+    own: bool = True
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,9 @@ def test_each_namespace_by_its_own_table_and_the_kernel_by_every_table() -> None
     holders = Holders(
         (
             HolderTable(1, HOST, ()),
-            HolderTable(812, container, (HeldPath("/data/db", "pid 812 (db), open file"),)),
+            HolderTable(
+                812, container, (HeldPath("/data/db", "pid 812 (db), open file"),), own=False
+            ),
         ),
         everywhere=(HeldPath("/data/disk.img", "loop device /dev/loop3 (its backing file)"),),
     )
@@ -73,6 +75,10 @@ def test_each_namespace_by_its_own_table_and_the_kernel_by_every_table() -> None
         "loop device /dev/loop3 (its backing file)",
         "pid 812 (db), open file",
     ]
+    by_who = {p.who: p.describe() for p in found}
+    assert by_who["pid 812 (db), open file"] == (
+        "pid 812 (db), open file holds /data/db (in the mount namespace of pid 812)"
+    )
     assert index.inside(BTRFS, "/docker/volumes/w") == []
     assert index.inside(BTRFS, "/docker/volumes/v/_data/db") != []  # the path itself
     assert index.inside("0:99", "/docker/volumes/v") == []  # another filesystem
