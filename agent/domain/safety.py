@@ -33,6 +33,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from agent.domain.mounts import MountIndex, UseIndex
 from agent.domain.paths import VOLUME_NAME, PathRefused, check_abs, is_under, under_any
@@ -199,6 +200,13 @@ def _check_member(
     path = _check_path(snap, sv)
     if sv.owner_kind == "docker-layer":
         raise Protected(f"{path} is a Docker layer that an image or container references")
+    layer = _layer_of(snap, path)
+    if layer is not None and layer != path and posixpath.basename(layer) in snap.refs.all:
+        # a subvolume made inside a layer, e.g. by a docker-in-docker container that
+        # keeps its data in its own (stopped) container layer
+        raise Protected(
+            f"{path} is inside {layer}, a Docker layer that an image or container references"
+        )
     if sv.owner_kind == "docker-volume" and sv.owner_ref and sv.owner_ref != own_volume:
         vol = snap.volumes.get(sv.owner_ref)
         if vol is not None:
@@ -241,25 +249,73 @@ def _readonly_parents(snap: Snapshot, subs: Sequence[SubvolView]) -> tuple[Subvo
 # ---------------------------------------------------------------------- deletes
 
 
-def check_orphan_age(snap: Snapshot, sv: SubvolView, floor: int) -> None:
-    """An orphan layer (a subvolume in the daemon's ``btrfs/subvolumes/`` that no layer
-    record names) goes only once it has not changed for ``floor`` seconds: Docker
-    creates a layer's subvolume first and records it when the layer is complete, so a
-    layer being pulled, imported or built looks orphaned meanwhile (``TooYoung``)."""
-    if sv.owner_kind != "orphan-layer" or floor <= 0:
-        return
-    times = [t for t in (sv.created_at, sv.changed_at) if t is not None]
+def _layer_of(snap: Snapshot, path: str) -> str | None:
+    """The layer (``<data_root>/btrfs/subvolumes/<name>``) that host path ``path`` is or
+    lies in; None when it is in none."""
+    layer_dir = posixpath.join(snap.docker.data_root, "btrfs", "subvolumes")
+    if not is_under(path, layer_dir) or path.rstrip("/") == layer_dir.rstrip("/"):
+        return None
+    name = path[len(layer_dir.rstrip("/")) + 1 :].split("/", 1)[0]
+    return posixpath.join(layer_dir, name)
+
+
+def _ancestor_at(snap: Snapshot, sv: SubvolView, path: str) -> SubvolView | None:
+    """The subvolume at host path ``path`` that holds ``sv`` (its parents, upwards)."""
+    subs = snap.subvolumes.get(sv.fs_uuid, {})
+    cur = subs.get(sv.parent_id)
+    for _ in range(len(subs)):
+        if cur is None or cur.id == TOP_LEVEL_ID:
+            return None
+        if cur.path == path:
+            return cur
+        cur = subs.get(cur.parent_id)
+    return None
+
+
+def _too_young(
+    snap: Snapshot, seen: Sequence[datetime | None], floor: int, path: str, what: str
+) -> None:
+    """``TooYoung`` when ``what`` (in words, about ``path``), whose creation and change
+    times are ``seen``, changed less than ``floor`` seconds ago, or when it changed
+    cannot be told."""
+    times = [t for t in seen if t is not None]
     if not times:
         raise TooYoung(
-            f"{sv.path}: when this orphan layer last changed cannot be told, and a layer "
-            "Docker is still writing looks orphaned"
+            f"{path}: when {what} last changed cannot be told, and a layer Docker is still "
+            "writing looks orphaned"
         )
     age = int((snap.taken_at - max(times)).total_seconds())
     if age < floor:
         raise TooYoung(
-            f"{sv.path}: an orphan layer that changed {max(age, 0)} s ago, less than "
-            f"{floor} s: Docker may be writing it"
+            f"{path}: {what} changed {max(age, 0)} s ago, less than {floor} s: Docker may "
+            "be writing it"
         )
+
+
+def check_orphan_age(snap: Snapshot, sv: SubvolView, floor: int) -> None:
+    """An orphan layer (a subvolume in the daemon's ``btrfs/subvolumes/`` that no layer
+    record names) goes only once it has not changed for ``floor`` seconds; so does a
+    subvolume inside one, and only while the layer holding it has not changed for as
+    long: Docker creates a layer's subvolume first and records it when the layer is
+    complete, so a layer being pulled, imported or built looks orphaned meanwhile
+    (``TooYoung``)."""
+    if floor <= 0 or sv.path is None:
+        return
+    if sv.owner_kind == "orphan-layer":
+        _too_young(snap, (sv.created_at, sv.changed_at), floor, sv.path, "this orphan layer")
+        return
+    layer = _layer_of(snap, sv.path)
+    if layer is None or not snap.layerdb_known or posixpath.basename(layer) in snap.refs.all:
+        return
+    what = f"this subvolume inside orphan layer {layer}"
+    _too_young(snap, (sv.created_at, sv.changed_at), floor, sv.path, what)
+    holder = _ancestor_at(snap, sv, layer)
+    if holder is not None:
+        seen: tuple[datetime | None, ...] = (holder.created_at, holder.changed_at)
+    else:  # a plain folder (what copying the data root leaves)
+        seen = tuple(f.changed_at for f in snap.layer_folders if f.path == layer)
+    if seen:
+        _too_young(snap, seen, floor, sv.path, f"orphan layer {layer}, which holds it,")
 
 
 def plan_subvolume_delete(

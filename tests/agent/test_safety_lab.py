@@ -1189,6 +1189,47 @@ def test_attack_a_container_made_after_the_plan(slab: Lab, api: Api, guarded: Gu
         slab.docker("rm", "-f", *made, check=False)
 
 
+def test_attack_subvolumes_inside_layers(
+    slab: Lab, api: Api, guarded: Guarded, tmp_path: Path
+) -> None:
+    """A docker-in-docker container run without a volume keeps its daemon's subvolumes in
+    its own container layer; stopped, nothing mounts them. Such a subvolume (one in a
+    stopped container's layer) is refused as protected by a direct DELETE and left by a
+    broad plan while the plain leak goes. With the agent's default age floor, a
+    subvolume made just now in an orphan layer (Docker may be writing the layer) is
+    refused as too young."""
+    tag = secrets.token_hex(3)
+    cid = slab.docker("create", "--name", f"held-{tag}", BUSYBOX_IMAGE, "true").stdout.strip()
+    made: list[bytes] = []
+    try:
+        _, layer = slab._container_layers(cid)
+        in_layer = subvolume(layer / "var-lib-docker")
+        made.append(in_layer)
+        guarded.add(in_layer)
+        leak = slab.seed_orphan_subvolume()
+        slab.settle()
+        refused(api.delete_subvolume(rootid(in_layer)), "protected", "a Docker layer")
+        api.broad()
+        assert not leak.exists()
+        guarded.assert_intact()
+        # an orphan layer Docker may be writing, holding a subvolume
+        young = slab.seed_orphan_subvolume()
+        in_young = subvolume(young / "inner")
+        made += [in_young, os.fsencode(young)]
+        guarded.add(in_young)
+        slab.settle()
+        default = Api(
+            make_app(slab, tmp_path / "default", orphan_min_age_seconds=None).test_client(), slab
+        )
+        refused(default.delete_subvolume(rootid(in_young)), "too_young", "inside orphan layer")
+        refused(default.delete_subvolume(rootid(young)), "too_young", "orphan layer")
+        guarded.assert_intact()
+    finally:
+        for p in reversed(made):
+            run("btrfs", "subvolume", "delete", p, check=False)
+        slab.docker("rm", "-f", cid, check=False)
+
+
 # =========================================================================== held open
 
 

@@ -28,6 +28,7 @@ import re
 import tempfile
 import time
 from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from shared.policy import ORPHAN_MIN_AGE_FLOOR_SECONDS
 from tests.agent.http.apphelpers import AgentUnderTest, auth, build
 from tests.fakes import TOP_LEVEL, fake_hex, make_leak_scenario
 from tests.robustness import knobs
@@ -50,12 +52,16 @@ EXTRA_LABEL = "precious"
 KEYS = ("k-1", "k-2", "k-3")
 
 
+FLOOR = timedelta(seconds=ORPHAN_MIN_AGE_FLOOR_SECONDS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sub:
     id: int
     path: str
     read_only: bool
     generation: int
+    changed: datetime  # its creation, or the last name made, renamed or removed in it
 
 
 @dataclasses.dataclass
@@ -91,7 +97,7 @@ class World:
             if s.id == TOP_LEVEL:
                 continue
             path = posixpath.join(self.sc.mount, s.path)
-            out[path] = Sub(s.id, path, s.read_only, s.generation)
+            out[path] = Sub(s.id, path, s.read_only, s.generation, s.changed_at or s.created_at)
         return out
 
     def volumes(self) -> dict[str, dict[str, str]]:
@@ -120,7 +126,9 @@ class World:
     def may_delete_subvolume(self, path: str, keys: tuple[str, ...] = DEFAULT_LABELS) -> bool:
         """The safety rules, restated over the fakes: under the root and not the root,
         not the top level or default subvolume, no mount point on or in it, not a layer
-        Docker references, not in a volume that is used or protected."""
+        Docker references nor inside one, not in a volume that is used or protected, not
+        an orphan layer (or in one, or in one that) changed less than the agent's age
+        floor ago."""
         fs = self.sc.btrfs.filesystem_at(self.sc.mount)
         sub = self.subs().get(path)
         if sub is None or not path.startswith(self.root + "/"):
@@ -130,8 +138,16 @@ class World:
         mounts = [m.mountpoint for m in self.sc.btrfs.mounts()]
         if any(m == path or m.startswith(path + "/") for m in mounts):
             return False
-        if path in self.sc.docker.layer_paths():
-            return False
+        layers = self.sc.docker.layer_paths()
+        layer_dir = f"{self.root}/btrfs/subvolumes/"
+        if path.startswith(layer_dir):
+            layer = layer_dir + path[len(layer_dir) :].split("/", 1)[0]
+            if layer in layers:  # a layer Docker references, or inside one
+                return False
+            holder = self.subs().get(layer)
+            for one in (sub, holder):
+                if one is not None and self.sc.now - one.changed < FLOOR:
+                    return False
         vols = f"{self.root}/volumes/"
         if path.startswith(vols):
             name = path[len(vols) :].split("/", 1)[0]
@@ -454,15 +470,18 @@ class AgentMachine(RuleBasedStateMachine):
         path = data.draw(st.sampled_from(sorted(self.world.subs())))
         self.agent.sc.btrfs.touch(path, add_bytes=4096)
 
-    @rule(nested=st.booleans(), read_only=st.booleans())
-    def new_orphan_layer(self, nested: bool, read_only: bool) -> None:
+    @rule(nested=st.booleans(), read_only=st.booleans(), old=st.booleans())
+    def new_orphan_layer(self, nested: bool, read_only: bool, old: bool) -> None:
+        """An orphan layer made now (younger than the agent's floor: Docker may be
+        writing it) or two hours ago (a name made in it later moves its change time)."""
         btrfs = self.agent.sc.btrfs
         path = (
             f"{self.world.root}/btrfs/subvolumes/{fake_hex('machine-orphan', next(self.counter))}"
         )
-        btrfs.create_subvolume(path, exclusive_bytes=64 * 1024)
+        made = self.agent.sc.now - timedelta(hours=2) if old else None
+        btrfs.create_subvolume(path, exclusive_bytes=64 * 1024, created_at=made)
         if nested:
-            btrfs.create_subvolume(f"{path}/inner")
+            btrfs.create_subvolume(f"{path}/inner", created_at=made)
         if read_only:
             btrfs.set_readonly(path, True)
 

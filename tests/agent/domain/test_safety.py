@@ -4,6 +4,7 @@ would break it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from agent.errors import (
     NotFound,
     OutsideRoots,
     Protected,
+    TooYoung,
     ValidationFailed,
 )
 from shared.policy import DEFAULT_PROTECT_LABELS
@@ -287,6 +289,55 @@ def test_a_mount_appearing_later_is_seen_by_a_fresh_table(sc: LeakScenario, tmp_
     (path, dev, in_fs) = ds.guard[0]
     with pytest.raises(InUse, match="late"):
         check_no_mounts(fresh, path, dev=dev, in_fs=in_fs)
+
+
+def test_a_subvolume_made_inside_a_referenced_layer_is_protected(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    """A docker-in-docker container without a volume keeps its daemon's subvolumes in
+    its own container layer: with the container stopped nothing mounts them, yet they
+    are its data."""
+    old = sc.now - timedelta(days=2)
+    for layer in (sc.container_layers[0], sc.image_layers[0]):
+        inner = sc.btrfs.create_subvolume(
+            f"{layer}/var/lib/docker/btrfs/subvolumes/abc", created_at=old
+        )
+        snap = snapshot(sc, tmp_path)
+        with pytest.raises(Protected, match=f"inside {layer}, a Docker layer"):
+            plan_subvolume_delete(snap, sc.fs_uuid, inner.id, protect_labels=LABELS)
+
+
+def test_inside_an_orphan_layer_the_floor_holds_for_it_and_for_the_layer(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    old = sc.now - timedelta(hours=2)
+    inner = sc.btrfs.create_subvolume(f"{sc.orphan_layer}/inner", created_at=old)
+
+    def snap() -> Snapshot:  # taken at the fake NAS's own time
+        inv = Inventory(
+            agent_config(tmp_path), btrfs=sc.btrfs, docker=sc.docker, clock=lambda: sc.now
+        )
+        return inv.take()
+
+    # making it changed the layer just now: Docker may be writing the layer
+    with pytest.raises(TooYoung, match=f"orphan layer {sc.orphan_layer}, which holds it"):
+        plan_subvolume_delete(snap(), sc.fs_uuid, inner.id, protect_labels=LABELS)
+    layer = sc.btrfs.subvolume(sc.orphan_layer)
+    assert layer is not None
+    layer.changed_at = old
+    plan_subvolume_delete(snap(), sc.fs_uuid, inner.id, protect_labels=LABELS)
+    inner.changed_at = sc.now - timedelta(minutes=5)
+    with pytest.raises(TooYoung, match="this subvolume inside orphan layer"):
+        plan_subvolume_delete(snap(), sc.fs_uuid, inner.id, protect_labels=LABELS)
+    # no floor configured: nothing is too young
+    plan_subvolume_delete(snap(), sc.fs_uuid, inner.id, protect_labels=LABELS, orphan_floor=0)
+    # a plain folder in the layers' place (a copied data root) counts as the layer
+    loose = f"{sc.data_root}/btrfs/subvolumes/{'b' * 64}"
+    in_folder = sc.btrfs.create_subvolume(f"{loose}/inner", created_at=old)
+    plan_subvolume_delete(snap(), sc.fs_uuid, in_folder.id, protect_labels=LABELS)
+    sc.btrfs.make_dirs(f"{loose}/etc")  # a name made in the folder just now
+    with pytest.raises(TooYoung, match=f"orphan layer {loose}, which holds it"):
+        plan_subvolume_delete(snap(), sc.fs_uuid, in_folder.id, protect_labels=LABELS)
 
 
 def test_plain_folder_layers(sc: LeakScenario, tmp_path: Path) -> None:
