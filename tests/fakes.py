@@ -379,11 +379,13 @@ class FakeBtrfs:
         source: str = "tmpfs",
         root: str = "/",
         host_only: bool = False,
+        dev: str | None = None,
     ) -> MountEntry:
         """A mount of another filesystem (a tmpfs, a bind mount of a host folder from an
         ext4 root, ...) at local ``mountpoint``. ``host_only``: mounted in the host's mount
         namespace only (the agent's own table does not show it, as for an agent in a
-        container)."""
+        container). ``dev``: the filesystem's "major:minor" (two mounts of one filesystem
+        share it); a new one by default."""
         with self._lock:
             self._next_mount_id += 1
             entry = MountEntry(
@@ -392,7 +394,7 @@ class FakeBtrfs:
                 source=source,
                 options="rw",
                 fstype=fstype,
-                dev=f"0:{200 + self._next_mount_id}",
+                dev=dev or f"0:{200 + self._next_mount_id}",
                 mount_id=self._next_mount_id,
             )
             self._other_mounts.append((entry, host_only))
