@@ -4,16 +4,20 @@ something that is not a Docker leftover."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from agent.domain.inventory import Inventory
-from agent.domain.safety import plan_subvolume_delete, plan_volume_delete
+from agent.domain.plans import build_plan
+from agent.domain.recheck import recheck
+from agent.domain.safety import DeleteSet, plan_subvolume_delete, plan_volume_delete
 from agent.domain.snapshot import Snapshot
 from agent.errors import HeldByProcess, Protected, TooYoung
 from agent.host.records import VolumeRecord
-from shared.policy import DEFAULT_PROTECT_LABELS
+from shared.policy import DEFAULT_PROTECT_LABELS, Policy
+from tests.agent.domain.scenes import advance, findings
 from tests.agent.http.apphelpers import agent_config
 from tests.fakes import FakeBtrfs, FakeDocker, LeakScenario, fake_hex, make_leak_scenario
 
@@ -111,3 +115,35 @@ def test_the_same_volume_on_the_btrfs_filesystem_is_blocked(tmp_path: Path) -> N
     snap = snapshot(sc, tmp_path)
     with pytest.raises(HeldByProcess):
         plan_volume_delete(snap, vol.name, protect_labels=LABELS)
+
+
+# ------------------------------------------------------------------ resuming a named volume
+
+
+def test_resuming_a_named_dind_volume_whose_subvolumes_all_went_finishes_it(
+    tmp_path: Path,
+) -> None:
+    """Not a lost file, a broken promise (README, rule 8: "a job cut short reads
+    interrupted, and applying its plan again finishes it"). A plan with
+    ``include_named_volumes`` removes the named docker-in-docker volume ``ci-cache``;
+    the agent is cut short after its subvolumes went and before ``docker volume rm``.
+    Resumed, the volume is a named volume holding no subvolume, which the safety rules
+    refuse outright: the job can never finish it, and what the inner daemon left as
+    plain files stays."""
+    sc = make_leak_scenario()
+    vol = sc.docker.add_volume("ci-cache")
+    inner = f"{vol.mountpoint}/btrfs/subvolumes/{fake_hex('ci-layer')}"
+    sc.btrfs.create_subvolume(inner)
+    sc.btrfs.write_file(f"{vol.mountpoint}/image/btrfs/repositories.json")
+    advance(sc, timedelta(hours=2))
+    snap = snapshot(sc, tmp_path)
+    policy = Policy(
+        kinds=("dind-volume",), min_age_seconds=0, protect_labels=(), include_named_volumes=True
+    )
+    found = findings(snap, sc, min_age_seconds=0, protect_labels=policy.protect_labels)
+    plan = build_plan(found, policy, plan_id="p", now=snap.taken_at, ttl_seconds=900)
+    [action] = [a for a in plan.actions if a.target.name == "ci-cache"]
+    sc.btrfs.destroy(inner)  # the first attempt, cut short after this
+    result = recheck(snapshot(sc, tmp_path), plan, action, resuming=True)
+    assert isinstance(result, DeleteSet), result
+    assert result.subvolumes == () and result.volume is not None
