@@ -147,3 +147,37 @@ def test_resuming_a_named_dind_volume_whose_subvolumes_all_went_finishes_it(
     result = recheck(snapshot(sc, tmp_path), plan, action, resuming=True)
     assert isinstance(result, DeleteSet), result
     assert result.subvolumes == () and result.volume is not None
+
+
+# ------------------------------------------- a subvolume holding Docker's data root itself
+
+
+def test_the_data_root_holding_a_kept_volume_is_not_deletable_under_a_wider_root(
+    tmp_path: Path,
+) -> None:
+    """The roots are wider than Docker's data root (``roots: [/volume1]``, to reach an
+    old data root left beside it). Docker has no image and no container (``docker
+    system prune -a`` with everything stopped: volumes stay), and one volume, ``db``,
+    labelled ``keep=true``, holds a database as plain files. A direct delete of the
+    data root's subvolume checks only the subvolumes it destroys: no layer is left to
+    refuse, the volumes inside are not looked at, and ``db`` goes with it (rule 3:
+    never "a volume labelled keep"; nor "a named volume that holds no subvolume").
+
+    Emulated: the fake dockerd's bind mounts of its data root onto itself are taken
+    away, as on a host where dockerd does not make them; where it does, the mount
+    refuses the delete instead (the only thing that does)."""
+    sc = make_leak_scenario()  # for its clock only
+    fs = FakeBtrfs(now=sc.now)
+    filesystem = fs.add_filesystem(mount="/volume1")
+    fs.create_subvolume("/volume1/docker")
+    docker = FakeDocker(btrfs=fs, data_root="/volume1/docker", now=sc.now)
+    fs.unmount("/volume1/docker/btrfs")
+    fs.unmount("/volume1/docker")
+    db = docker.add_volume("db", labels={"keep": "true"})
+    fs.write_file(f"{db.mountpoint}/pgdata/base/16384/1259")
+    inv = Inventory(agent_config(tmp_path, roots=["/volume1"]), btrfs=fs, docker=docker)
+    snap = inv.take()
+    root = fs.subvolume("/volume1/docker")
+    assert root is not None
+    with pytest.raises(Protected):
+        plan_subvolume_delete(snap, filesystem.uuid, root.id, protect_labels=LABELS)
