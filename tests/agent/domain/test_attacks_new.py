@@ -14,7 +14,7 @@ from agent.domain.plans import build_plan
 from agent.domain.recheck import recheck
 from agent.domain.safety import DeleteSet, plan_subvolume_delete, plan_volume_delete
 from agent.domain.snapshot import Snapshot
-from agent.errors import HeldByProcess, Protected, TooYoung
+from agent.errors import HeldByProcess, InUse, Protected, TooYoung
 from agent.host.records import VolumeRecord
 from shared.policy import DEFAULT_PROTECT_LABELS, Policy
 from tests.agent.domain.scenes import advance, findings
@@ -181,3 +181,40 @@ def test_the_data_root_holding_a_kept_volume_is_not_deletable_under_a_wider_root
     assert root is not None
     with pytest.raises(Protected):
         plan_subvolume_delete(snap, filesystem.uuid, root.id, protect_labels=LABELS)
+
+
+# ------------------------------------------------- a container's bind source through a link
+
+
+def test_a_stopped_container_binding_the_volume_through_a_symlink_blocks_it(
+    tmp_path: Path,
+) -> None:
+    """A NAS owner made a shortcut ``/volume1/shortcuts/ci -> <the dind volume>/_data``
+    and a CI runner container, stopped between jobs, bind-mounts the shortcut as its
+    ``/var/lib/docker`` (Docker keeps a bind's source as it was written, and the kernel
+    follows the link only when the container starts). Rule 4: "nothing a container,
+    running or stopped, mounts as ... a bind mount". The container uses are matched by
+    the source's spelling alone, so the stopped runner's data root is removed.
+
+    Emulated: the fakes have no symlinks; the agent never resolves a container's bind
+    source, so only the source's spelling matters to the check."""
+    sc = make_leak_scenario()
+    sc.docker.add_container(
+        "ci-runner", running=False, binds=[("/volume1/shortcuts/ci", "/var/lib/docker")]
+    )
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(InUse):
+        plan_volume_delete(snap, sc.dind_volume, protect_labels=LABELS)
+
+
+def test_the_same_container_binding_the_volume_by_its_own_path_blocks_it(
+    tmp_path: Path,
+) -> None:
+    """The control: bound by the volume's own path, the stopped runner blocks it."""
+    sc = make_leak_scenario()
+    sc.docker.add_container(
+        "ci-runner", running=False, binds=[(sc.dind_mountpoint, "/var/lib/docker")]
+    )
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(InUse):
+        plan_volume_delete(snap, sc.dind_volume, protect_labels=LABELS)
