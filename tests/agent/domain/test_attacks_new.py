@@ -14,7 +14,7 @@ from agent.domain.plans import build_plan
 from agent.domain.recheck import recheck
 from agent.domain.safety import DeleteSet, plan_subvolume_delete, plan_volume_delete
 from agent.domain.snapshot import Snapshot
-from agent.errors import HeldByProcess, InUse, Protected, TooYoung
+from agent.errors import HeldByProcess, InUse, OutsideRoots, Protected, TooYoung
 from agent.host.records import VolumeRecord
 from shared.policy import DEFAULT_PROTECT_LABELS, Policy
 from tests.agent.domain.scenes import advance, findings
@@ -218,3 +218,32 @@ def test_the_same_container_binding_the_volume_by_its_own_path_blocks_it(
     snap = snapshot(sc, tmp_path)
     with pytest.raises(InUse):
         plan_volume_delete(snap, sc.dind_volume, protect_labels=LABELS)
+
+
+# ------------------------------------------------------------ colliding volume mountpoints
+
+
+def test_a_dangling_volume_reporting_another_volumes_data_as_its_mountpoint_is_refused(
+    tmp_path: Path,
+) -> None:
+    """An anonymous volume of a volume plugin (a legacy, unmanaged one: it may report
+    any ``Mountpoint``) says its mountpoint is ``<data_root>/volumes/named/_data``,
+    the data of the named volume ``named``. The agent takes the mountpoint as the
+    volume's own folder: it plans the anonymous volume as dangling, guards only
+    ``volumes/named`` (which no container uses), and empties ``named``'s data before
+    asking Docker to remove the anonymous volume. Nothing checks that a volume's
+    mountpoint is ``<data_root>/volumes/<its own name>/_data``, nor its driver."""
+    sc = make_leak_scenario()
+    sc.btrfs.write_file(f"{sc.data_root}/volumes/named/_data/important.txt")
+    name = "ab" * 32
+    sc.docker.volumes_by_name[name] = VolumeRecord(
+        name=name,
+        driver="legacy-plugin",
+        mountpoint=f"{sc.data_root}/volumes/named/_data",
+        labels={},
+        created_at=sc.now,
+        anonymous=True,
+    )
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises((Protected, OutsideRoots)):
+        plan_volume_delete(snap, name, protect_labels=LABELS)
