@@ -152,6 +152,20 @@ class MountIndex:
         hits = [self.all[i] for i in _prefixed(self._points, path)]
         return [m for m in hits if is_under(m.mountpoint, path)]
 
+    def covering(self, path: str) -> list[MountView]:
+        """The mounts (host's or this process's) at the deepest mount point that is
+        ``path`` or holds it: the filesystem(s) ``path`` lies on."""
+        cur = path.rstrip("/") or "/"
+        while True:
+            i = bisect.bisect_left(self._points, cur)
+            found = []
+            while i < len(self._points) and self._points[i] == cur:
+                found.append(self.all[i])
+                i += 1
+            if found or cur == "/":
+                return found
+            cur = posixpath.dirname(cur)
+
     def exposing(self, dev: str, in_fs: str) -> list[MountView | ForeignMount]:
         """Mounts of filesystem ``dev``, in any mount namespace, that show ``in_fs`` or
         something inside it: what deleting ``in_fs`` would take away from under another

@@ -176,7 +176,21 @@ def check_guard(
     for path, dev, in_fs in guard:
         check_no_container_uses(uses or snap.uses, path, wide=snap.wide_paths())
         check_no_mounts(mounts, path, dev=dev, in_fs=in_fs)
+        check_on_the_filesystem(mounts, path, dev=dev)
         check_not_held(mounts, path, dev=dev, in_fs=in_fs)
+
+
+def check_on_the_filesystem(mounts: MountIndex, path: str, *, dev: str) -> None:
+    """``path`` lies on the btrfs filesystem ``dev`` it is placed in: the mount that
+    covers it is one of that filesystem. A folder on another disk mounted over it (a
+    volumes folder bind-mounted from an ext4 disk) is refused: what holds or shows it is
+    looked for in the wrong filesystem, and it is no btrfs leftover."""
+    for m in mounts.covering(path):
+        if m.dev != dev:
+            raise Protected(
+                f"{path} is not on the btrfs filesystem it is placed in: it lies on "
+                f"{m.fstype} from {m.source} mounted at {m.mountpoint}"
+            )
 
 
 def _guard_entry(snap: Snapshot, fs_uuid: str, path: str) -> tuple[str, str, str | None]:
@@ -201,6 +215,12 @@ def _check_member(
     if sv.owner_kind == "docker-layer":
         raise Protected(f"{path} is a Docker layer that an image or container references")
     layer = _layer_of(snap, path)
+    if layer is not None and not snap.layerdb_known:
+        raise Protected(
+            f"{path} is in Docker's layers folder, and Docker's layer records cannot be "
+            "read (none yet, or unreadable): a layer being written cannot be told from "
+            "an orphan"
+        )
     if layer is not None and layer != path and posixpath.basename(layer) in snap.refs.all:
         # a subvolume made inside a layer, e.g. by a docker-in-docker container that
         # keeps its data in its own (stopped) container layer
@@ -339,6 +359,8 @@ def plan_subvolume_delete(
     subtree = snap.subtree(fs_uuid, sub_id)
     _check_member(snap, sv, protect_labels)
     path = _check_path(snap, sv)
+    if is_under(snap.docker.data_root, path):
+        raise Protected(f"{path} holds Docker's data root {snap.docker.data_root}")
     guard = ((path, snap.filesystems[fs_uuid].dev, sv.in_fs),)
     check_guard(snap, guard, snap.mounts)
     for member in subtree:
@@ -375,6 +397,14 @@ def plan_volume_delete(snap: Snapshot, name: str, *, protect_labels: Sequence[st
             "this agent removes (`docker volume rm` can, if that is what you want)"
         )
     mountpoint = _check_root_path(snap, vol.record.mountpoint, f"volume {name}")
+    own = posixpath.join(snap.docker.data_root, "volumes", name, "_data")
+    if vol.record.driver != "local" or mountpoint.rstrip("/") != own:
+        # what Docker would remove is the driver's business, and a foreign mountpoint
+        # may be another volume's data or any folder
+        raise Protected(
+            f"volume {name} (driver {vol.record.driver}) has its data at {mountpoint}, "
+            f"not at {own} where Docker's local driver keeps a volume's data"
+        )
     # Docker removes the volume's whole folder (``<data_root>/volumes/<name>``).
     folder = posixpath.dirname(mountpoint)
     holder = snap.fs_for_host_path(folder)
