@@ -41,6 +41,7 @@ from agent.errors import AgentError, Busy
 from agent.http import wire
 from agent.runtime import Backends, Runtime, build_runtime
 from agent.store.continuity import check_continuity
+from shared.humanize import bytes_exact, human_age
 from shared.policy import (
     DEFAULT_MIN_AGE_SECONDS,
     DEFAULT_PLAN_KINDS,
@@ -54,7 +55,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PENDING = 3  # found, not cleaned: a dry run, or blocked
 ACTIVE = frozenset({"queued", "running"})
-UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 @dataclass(frozen=True)
@@ -92,31 +92,6 @@ def make_console(*, stderr: bool = False) -> Console:
     if not console.is_terminal:
         console = Console(stderr=stderr, highlight=False, width=max(console.width, 250))
     return console
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in UNITS:
-        if abs(size) < 1024 or unit == UNITS[-1]:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def bytes_exact(n: int | None) -> str:
-    """``322.0 MiB (337592320)``; None (btrfs quotas off) is ``?``."""
-    return "?" if n is None else f"{human_bytes(n)} ({n})" if n >= 1024 else f"{n} B"
-
-
-def human_age(seconds: int | None) -> str:
-    if seconds is None:
-        return "?"
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def target_text(t: Target) -> str:

@@ -29,8 +29,8 @@ import httpx
 from controller import __version__
 from controller.fleet import NotifyTarget
 from controller.fleetops import for_each
-from controller.output import bytes_exact
 from controller.transport import DeadlineBackend, deadline_transport
+from shared.humanize import bytes_exact
 
 MAX_REPLY_BYTES = 64 << 10  # what is read of a webhook's answer, at most
 USER_AGENT = f"nas-janitor-controller/{__version__}"

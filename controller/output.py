@@ -17,8 +17,6 @@ from rich.text import Text
 
 from shared.models import Job
 
-UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
 
 def make_console(*, stderr: bool = False) -> Console:
     """A console; when it is not a terminal (a log, a pipe), wide enough that tables
@@ -27,32 +25,6 @@ def make_console(*, stderr: bool = False) -> Console:
     if not console.is_terminal:
         console = Console(stderr=stderr, width=max(console.width, 200))
     return console
-
-
-def human_bytes(n: int | None) -> str:
-    """``1610612736`` -> ``1.5 GiB``; None (unknown: quotas off) -> ``?``."""
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in UNITS:
-        if abs(size) < 1024 or unit == UNITS[-1]:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def bytes_exact(n: int | None) -> str:
-    """Human readable and exact: ``1.5 GiB (1610612736)``."""
-    return "?" if n is None else f"{human_bytes(n)} ({n})" if n >= 1024 else f"{n} B"
-
-
-def human_age(seconds: int | None) -> str:
-    if seconds is None:
-        return "?"
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def yes_no(value: bool | None) -> str:

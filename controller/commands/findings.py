@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from controller.commands import global_options
-from controller.output import agent_error, human_age, human_bytes, print_json, table
+from controller.output import agent_error, print_json, table
 from controller.session import Session
+from shared.humanize import human_age, human_bytes
 from shared.models import dump
 from shared.policy import FINDING_KINDS
 

@@ -15,8 +15,9 @@ from controller.cleanup import apply_recorded
 from controller.commands import global_options
 from controller.commands.run import as_run, effective_policy, policy_options, show_summary
 from controller.errors import ConfigError
-from controller.output import JobProgress, agent_error, human_bytes, print_json, table
+from controller.output import JobProgress, agent_error, print_json, table
 from controller.session import Session
+from shared.humanize import human_bytes
 from shared.models import dump
 
 

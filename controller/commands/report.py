@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import click
 
 from controller.commands import global_options
-from controller.output import bytes_exact, print_json, table
+from controller.output import print_json, table
 from controller.session import Session
+from shared.humanize import bytes_exact
 
 
 @click.command()

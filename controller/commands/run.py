@@ -26,9 +26,10 @@ from controller.client import AgentClient
 from controller.commands import global_options
 from controller.errors import AgentUnreachable, ConfigError, ControllerError, message_for
 from controller.fleetops import Outcome
-from controller.output import JobProgress, agent_error, bytes_exact, print_json, table, yes_no
+from controller.output import JobProgress, agent_error, print_json, table, yes_no
 from controller.session import Session
 from controller.store import AgentRunRecord
+from shared.humanize import bytes_exact
 from shared.models import Policy
 from shared.policy import FINDING_KINDS
 

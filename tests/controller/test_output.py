@@ -6,7 +6,8 @@ import io
 
 from rich.console import Console
 
-from controller.output import JobProgress, bytes_exact, human_age, human_bytes, table
+from controller.output import JobProgress, table
+from shared.humanize import bytes_exact, human_age, human_bytes
 from shared.models import Job, load
 from tests.shared.test_models import JOB
 
