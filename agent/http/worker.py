@@ -22,6 +22,13 @@ client wait at most ``request_timeout`` for each send.
 
 Memory is bounded by ``worker_connections`` (gunicorn's own cap on open connections)
 times ``HEAD_CAP + BODY_CAP``.
+
+Liveness while every thread is busy: a whole ``GET /healthz`` (no query, no body) that
+arrives while all the worker's threads are taken (for example each waiting on a hung
+dockerd, up to its timeout) is answered by this loop itself, ``200 {"status": "ok"}``
+with ``Connection: close``: the process and its main loop are alive, which is what the
+probe asks. Such an answer is not counted in the app's request metrics. With a thread
+free, ``/healthz`` goes to the app as every other request.
 """
 
 from __future__ import annotations
@@ -47,6 +54,31 @@ HEAD_CAP = 64 * 1024  # a request head (line and headers) larger than this: 431
 BODY_CAP = 256 * 1024
 _READ_SIZE = 64 * 1024
 LINGER = 2.0  # seconds a refused connection is drained before it is closed (no RST)
+
+# the app's own /healthz answer (flask's JSON, with its newline)
+HEALTHZ_BODY = b'{"status":"ok"}\n'
+_HEALTHZ_LINES = (b"GET /healthz HTTP/1.1", b"GET /healthz HTTP/1.0")
+
+
+def healthz_page() -> bytes:
+    """The liveness answer the worker's loop gives while every thread is busy."""
+    head = (
+        "HTTP/1.1 200 OK\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(HEALTHZ_BODY)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + HEALTHZ_BODY
+
+
+def is_plain_healthz(request: bytes) -> bool:
+    """``request`` (its head and whatever body bytes came) is exactly one
+    ``GET /healthz`` with no query and no body."""
+    end = request.find(b"\r\n\r\n")
+    if end < 0 or end + 4 != len(request):
+        return False  # not whole, or a body or a pipelined request follows
+    line = request[: request.find(b"\r\n")]
+    return line in _HEALTHZ_LINES and _body_to_buffer(request[:end]) == 0
 
 
 class _TimedSocket:
@@ -134,14 +166,21 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]
         # refused connections: write side shut, read side drained until LINGER is over,
         # so the client reads our answer (or TLS alert) rather than a reset
         self._closing: dict[Any, float] = {}
+        # requests handed to the thread pool and not finished yet
+        self.nj_in_threads = 0
 
     # -- gunicorn's hand-over point: every path to the thread pool goes through here --
     def enqueue_req(self, conn: Any) -> None:
         if getattr(conn, "nj_ready", False):
             conn.nj_ready = False
+            self.nj_in_threads += 1
             super().enqueue_req(conn)
             return
         self._start_buffering(conn)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        self.nj_in_threads = max(0, self.nj_in_threads - 1)
+        super().finish_request(conn, fs)
 
     def murder_pending(self) -> None:
         super().murder_pending()
@@ -182,7 +221,10 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]
             self._linger(conn)
             return
         if want == "ready":
-            self._hand_over(conn)
+            if self.nj_in_threads >= self.cfg.threads and is_plain_healthz(bytes(conn.nj_buf)):
+                self._answer_healthz(conn)
+            else:
+                self._hand_over(conn)
         elif want == "eof":
             self._drop(conn, conn.nj_raw)
         elif want == "too_large":
@@ -272,6 +314,18 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]
                 pass  # best effort: the client may not be reading either
         self._linger(conn)
 
+    def _answer_healthz(self, conn: Any) -> None:
+        page = healthz_page()
+        try:
+            sent = conn.nj_raw.send(page)
+        except (OSError, ValueError):
+            sent = -1
+        if sent <= 0:
+            # the socket takes nothing now: a thread answers it when one is free
+            self._hand_over(conn)
+            return
+        self._linger(conn)
+
     def _linger(self, conn: Any) -> None:
         """Shut the write side (after the TLS alert or our answer), drain what the
         client still sends for up to ``LINGER`` seconds, then close: a close with
@@ -339,4 +393,11 @@ def buffering_worker(request_timeout: float) -> type[BufferingThreadWorker]:
     )
 
 
-__all__ = ["BODY_CAP", "HEAD_CAP", "BufferingThreadWorker", "buffering_worker"]
+__all__ = [
+    "BODY_CAP",
+    "HEAD_CAP",
+    "BufferingThreadWorker",
+    "buffering_worker",
+    "healthz_page",
+    "is_plain_healthz",
+]

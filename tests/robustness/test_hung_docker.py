@@ -90,7 +90,9 @@ def test_a_hung_docker_gives_prompt_503s_and_healthz_stays_up(tmp_path: Path) ->
         assert r.headers["retry-after"].isdigit()
         assert took < 12, results
     assert total < 15, total
-    assert health and max(health) < 6.5, health
+    # every thread waits on the hung daemon; liveness is still answered within a
+    # Kubernetes probe's default timeout (1 s), by the worker's own loop
+    assert health and max(health) < 1.0, health
     print(
         f"{stuck} requests on a hung dockerd: all 503 within {max(t for t, _ in results):.1f} s; "
         f"/healthz max {max(health):.2f} s over {len(health)} probes"
