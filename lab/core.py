@@ -462,6 +462,7 @@ class Lab:
         files_per_subvolume: int = 0,
         timeout: float = 60.0,
         volume: str | None = None,
+        inner_volumes: dict[str, dict[str, str]] | None = None,
     ) -> SeededDind:
         """Reproduce the leak: run a docker-in-docker container, let its daemon make btrfs
         subvolumes in its anonymous /var/lib/docker volume (import an image, create
@@ -472,7 +473,9 @@ class Lab:
         ``files_per_subvolume`` adds that many small files to every nested subvolume first
         (for benchmarks of big volumes). ``volume``: the inner daemon's data root is this
         named volume (``-v NAME:/var/lib/docker``, created when missing) instead of the
-        image's anonymous one.
+        image's anonymous one. ``inner_volumes``: volumes the inner daemon creates (name to
+        labels), each holding one small file; the inner daemon records them in its
+        ``volumes/metadata.db``.
         """
         quotas_before = self.quotas_enabled()
         tag = secrets.token_hex(4)
@@ -504,6 +507,9 @@ class Lab:
                 inner("create", "--network", "none", images.INNER_IMAGE, "true").stdout.strip()
                 for _ in range(containers)
             )
+            for vol_name, labels in (inner_volumes or {}).items():
+                label_args = [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
+                inner("volume", "create", *label_args, vol_name)
             info = self.inspect(name)[0]
             volume = next(
                 m["Name"] for m in info["Mounts"] if m["Destination"] == "/var/lib/docker"
@@ -513,6 +519,10 @@ class Lab:
             self.docker("rm", "-f", name, check=False, timeout=60)  # no -v: the volume stays
         inner_root = self.data_root / "volumes" / volume / "_data"
         layers = inner_root / "btrfs" / "subvolumes"
+        for vol_name in inner_volumes or {}:
+            (inner_root / "volumes" / vol_name / "_data" / "data.txt").write_text(
+                f"inside the inner volume {vol_name}\n"
+            )
         image_layer_names = {
             p.read_text().strip()
             for p in (inner_root / "image" / "btrfs" / "layerdb" / "sha256").glob("*/cache-id")

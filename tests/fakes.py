@@ -84,8 +84,10 @@ from agent.host.records import (
     NamespaceTable,
     Qgroup,
     QgroupReport,
+    StoredVolume,
     SubvolumeRecord,
     VolumeRecord,
+    VolumeStores,
 )
 
 TOP_LEVEL = 5  # btrfs' FS_TREE: the top-level subvolume of every filesystem
@@ -1282,6 +1284,9 @@ class FakeDocker:
         self.containers_by_id: dict[str, FakeContainer] = {}
         self.volumes_by_name: dict[str, VolumeRecord] = {}
         self.extra_layer_refs: dict[str, LayerRefs] = {}
+        # volume stores (``volumes/metadata.db``) of daemons whose data root was a folder
+        # here, by that folder: set by ``record_inner_volumes`` / ``break_volume_store``
+        self.volume_stores_by_root: dict[str, VolumeStores] = {}
         self._counter = 0
         self._lock = threading.RLock()
         self._streams: set[FakeEventStream] = set()
@@ -1478,6 +1483,36 @@ class FakeDocker:
             if self.btrfs is not None and self.btrfs.exists(root):
                 return LayerRefs()
             raise DockerUnavailable(f"Docker's data root {data_root} is not a folder visible here")
+
+    def volume_stores(self, data_root: str) -> VolumeStores:
+        with self._lock:
+            self.calls.append("volume_stores")
+            return self.volume_stores_by_root.get(data_root.rstrip("/"), VolumeStores())
+
+    def record_inner_volumes(self, data_root: str, volumes: dict[str, dict[str, str]]) -> None:
+        """A daemon whose data root was ``data_root`` recorded these volumes (name to
+        labels) in its volume store."""
+        root = data_root.rstrip("/")
+        store = f"{root}/volumes/metadata.db"
+        with self._lock:
+            old = self.volume_stores_by_root.get(root, VolumeStores())
+            added = tuple(
+                StoredVolume(name=n, labels=dict(labels), store=store)
+                for n, labels in volumes.items()
+            )
+            self.volume_stores_by_root[root] = VolumeStores(
+                volumes=old.volumes + added, unreadable=old.unreadable
+            )
+
+    def break_volume_store(self, data_root: str, why: str = "not a bolt file") -> None:
+        """The volume store under ``data_root`` exists and cannot be read."""
+        root = data_root.rstrip("/")
+        with self._lock:
+            old = self.volume_stores_by_root.get(root, VolumeStores())
+            self.volume_stores_by_root[root] = VolumeStores(
+                volumes=old.volumes,
+                unreadable=(*old.unreadable, (f"{root}/volumes/metadata.db", why)),
+            )
 
     def events(self) -> FakeEventStream:
         if self.down:

@@ -5,8 +5,9 @@ Rules (the contract's numbering):
 1. Only under the configured roots: clean absolute paths, no symlink on the way, not a
    root itself.
 2. Never subvolume 5, the default subvolume, a layer Docker references, a volume whose
-   labels protect it (``keep`` and ``nas-janitor.keep`` always do), or a named volume
-   that holds no subvolume. Never anything in use:
+   labels protect it (``keep`` and ``nas-janitor.keep`` always do) or that holds a
+   docker-in-docker daemon's volume so labelled (``_check_inner_volumes``), or a named
+   volume that holds no subvolume. Never anything in use:
    - nothing mounted at or inside the target, of any filesystem type, in the host's
      mount namespace, the agent's, or any other (a service with private mounts, a
      container: removing the folder a mount sits on detaches it there)
@@ -255,6 +256,28 @@ def _check_volume_usable(vol: VolumeView, protect_labels: Sequence[str]) -> None
     reason = protected_reason(vol.record.labels, protect_labels)
     if reason:
         raise Protected(f"volume {vol.name} is protected by its {reason}")
+    _check_inner_volumes(vol, protect_labels)
+
+
+def _check_inner_volumes(vol: VolumeView, protect_labels: Sequence[str]) -> None:
+    """A volume that was a docker-in-docker daemon's data root holds that daemon's
+    volumes: one of them labelled to be kept protects the whole volume, and so does a
+    volume store there that cannot be read (a keep label in it cannot be ruled out)."""
+    if vol.inner is None:
+        return
+    for inner in vol.inner.volumes:
+        reason = protected_reason(inner.labels, protect_labels)
+        if reason:
+            raise Protected(
+                f"volume {vol.name} holds {inner.name}, a volume of the Docker daemon that "
+                f"kept its data there, protected by its {reason}"
+            )
+    if vol.inner.unreadable:
+        _store, why = vol.inner.unreadable[0]
+        raise Protected(
+            f"volume {vol.name} holds a Docker volume store that cannot be read ({why}): "
+            "a volume in it labelled to be kept cannot be ruled out"
+        )
 
 
 def _readonly_parents(snap: Snapshot, subs: Sequence[SubvolView]) -> tuple[SubvolView, ...]:

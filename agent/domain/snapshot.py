@@ -32,6 +32,7 @@ from agent.host.records import (
     QgroupReport,
     SubvolumeRecord,
     VolumeRecord,
+    VolumeStores,
 )
 
 TOP_LEVEL_ID = 5
@@ -95,13 +96,18 @@ class VolumeView:
     the creation and last change of every subvolume nested in it, and the modification
     and change times of its ``_data`` folder and of the folders directly in it (what a
     daemon using it as its data root touches whenever it runs: ``containers/``,
-    ``image/``, ``btrfs/subvolumes/``, ...). None when none of these is known."""
+    ``image/``, ``btrfs/subvolumes/``, ...). None when none of these is known.
+
+    ``inner``: the volumes that a daemon which kept its data root in this volume
+    recorded (its ``volumes/metadata.db``), with their labels; read for volumes no
+    container uses (the candidates), None for the others."""
 
     record: VolumeRecord
     in_use_by: tuple[str, ...]
     nested: tuple[SubvolView, ...]
     exclusive_bytes: int | None
     last_write: datetime | None = None
+    inner: VolumeStores | None = None
 
     @property
     def name(self) -> str:
@@ -408,6 +414,9 @@ def take_snapshot(
             excl = sum(s.exclusive_bytes or 0 for s in nested)
         in_use_by = tuple(users.get(v.name, ()))
         last_write = None
+        inner = None
+        if not in_use_by and v.mountpoint:
+            inner = docker.volume_stores(pathmap.to_local(v.mountpoint))
         if not in_use_by:  # only a candidate's age matters: no stat for the others
             last_write = _newest(
                 v.created_at,
@@ -421,6 +430,7 @@ def take_snapshot(
             nested=nested,
             exclusive_bytes=excl,
             last_write=last_write,
+            inner=inner,
         )
 
     return Snapshot(

@@ -31,6 +31,7 @@ from agent.host.records import (
     QgroupReport,
     SubvolumeRecord,
     VolumeRecord,
+    VolumeStores,
 )
 
 
@@ -148,6 +149,11 @@ class Docker(Protocol):
     def layer_refs(self, data_root: str) -> LayerRefs:
         """Subvolume names that image layers and containers reference, read from
         ``<data_root>/image/btrfs/layerdb`` (a local path)."""
+
+    def volume_stores(self, data_root: str) -> VolumeStores:
+        """The volumes a Docker daemon whose data root was ``data_root`` (a local path,
+        e.g. a leaked docker-in-docker volume's ``_data``) recorded, with their labels,
+        read from its ``volumes/metadata.db``."""
 
     def remove_volume(self, name: str) -> None: ...
 

@@ -21,8 +21,10 @@ the Engine API does not say which btrfs subvolume belongs to which layer.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -36,13 +38,16 @@ import docker.errors
 import requests.exceptions
 
 from agent.errors import DockerUnavailable, InUse, NotFound, ToolFailed
+from agent.host.boltdb import BoltError, BoltFile
 from agent.host.records import (
     ContainerMount,
     ContainerRecord,
     DockerEvent,
     DockerInfo,
     LayerRefs,
+    StoredVolume,
     VolumeRecord,
+    VolumeStores,
 )
 
 ANONYMOUS_LABEL = "com.docker.volume.anonymous"  # set by Docker 23 and later
@@ -128,6 +133,9 @@ class DockerClient:
 
     def layer_refs(self, data_root: str) -> LayerRefs:
         return read_layer_refs(data_root)
+
+    def volume_stores(self, data_root: str) -> VolumeStores:
+        return read_volume_stores(data_root)
 
     def remove_volume(self, name: str) -> None:
         api = self._api(remover=True)
@@ -375,6 +383,87 @@ def read_layer_refs(data_root: str) -> LayerRefs:
         container_mount_ids=_read_ids(layerdb / "mounts", "mount-id"),
         container_init_ids=_read_ids(layerdb / "mounts", "init-id"),
     )
+
+
+STORE_MAX_BYTES = 64 * 1024 * 1024  # a volume store larger than this is not read
+STORE_MAX_DEPTH = 3  # docker-in-docker in docker-in-docker in docker-in-docker
+_STORED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # what Docker allows
+
+
+def read_volume_stores(data_root: str, *, depth: int = STORE_MAX_DEPTH) -> VolumeStores:
+    """The volumes recorded in ``<data_root>/volumes/metadata.db`` (Docker's volume
+    store, a bolt file: bucket ``volumes``, each value ``{"Name", "Labels", ...}``), and
+    in the stores of those volumes' own data (``volumes/<name>/_data``), ``depth``
+    levels deep. No store there: nothing. A store that exists but cannot be read (not a
+    regular file, over ``STORE_MAX_BYTES``, not a bolt file, a value that is not the
+    JSON Docker writes), or one nested deeper than ``depth``: listed as unreadable,
+    never as "no volumes". Read only; a FIFO or a device in its place is not opened for
+    reading."""
+    found: list[StoredVolume] = []
+    unreadable: list[tuple[str, str]] = []
+    pending = [(data_root, 0)]
+    while pending:
+        root, level = pending.pop()
+        store = os.path.join(root, "volumes", "metadata.db")
+        try:
+            data = _read_store(store)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            unreadable.append((store, exc.strerror or type(exc).__name__))
+            continue
+        except ValueError as exc:
+            unreadable.append((store, str(exc)))
+            continue
+        if level >= depth:
+            unreadable.append((store, f"a volume store nested more than {depth} levels deep"))
+            continue
+        try:
+            entries = BoltFile(data).bucket(b"volumes")
+        except KeyError:
+            continue  # a store with no volume ever created
+        except BoltError as exc:
+            unreadable.append((store, f"not a volume store this agent can read: {exc}"))
+            continue
+        for key, value in entries.items():
+            try:
+                name = key.decode("utf-8")
+                meta = json.loads(value)
+                labels = meta.get("Labels") or {}
+                if not isinstance(labels, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+                ):
+                    raise ValueError("labels that are not strings")
+            except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+                unreadable.append((store, f"the record of volume {key!r}: {exc}"))
+                continue
+            found.append(StoredVolume(name=name, labels=dict(labels), store=store))
+            if _STORED_NAME.fullmatch(name):
+                pending.append((os.path.join(root, "volumes", name, "_data"), level + 1))
+            else:
+                unreadable.append((store, f"a volume named {name!r}, which Docker never makes"))
+    return VolumeStores(volumes=tuple(found), unreadable=tuple(unreadable))
+
+
+def _read_store(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > STORE_MAX_BYTES:
+            raise ValueError(f"{st.st_size} bytes, over {STORE_MAX_BYTES}")
+        chunks: list[bytes] = []
+        left = st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _read_ids(folder: Path, filename: str) -> frozenset[str]:

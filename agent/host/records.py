@@ -254,6 +254,26 @@ class ContainerRecord:
 
 
 @dataclass(frozen=True)
+class StoredVolume:
+    """A volume that a Docker daemon recorded in its ``volumes/metadata.db``: one whose
+    data root lies inside another volume (docker-in-docker)."""
+
+    name: str
+    labels: Mapping[str, str]
+    store: str  # local path of the metadata.db that records it
+
+
+@dataclass(frozen=True)
+class VolumeStores:
+    """The volumes recorded by the Docker volume stores inside a folder (its
+    ``volumes/metadata.db``, and those of the volumes it records, a few levels deep);
+    ``unreadable``: (path, why) of each store that exists but cannot be read."""
+
+    volumes: tuple[StoredVolume, ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class LayerRefs:
     """Names under ``<data_root>/btrfs/subvolumes/`` that Docker's own metadata
     (``image/btrfs/layerdb``) references."""

@@ -889,6 +889,37 @@ def test_class9_a_named_volume_holding_subvolumes(slab: Lab, api: Api, guarded: 
     assert action_for(chosen, name) is not None
 
 
+def test_inner_volumes_labelled_keep_protect_their_leaked_volume(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """A CI runner's docker-in-docker daemon made volumes of its own; one is labelled
+    keep (``docker volume create --label keep=true results`` inside it). When the outer
+    volume leaks, the inner daemon's ``volumes/metadata.db`` (a real bolt file it wrote)
+    is read: the leak that holds a kept inner volume is refused ``protected``, in its
+    finding, a direct DELETE and a broad plan, and stays byte for byte; one whose volume
+    store cannot be read is refused too; the leak next to them whose inner volumes carry
+    other labels goes."""
+    kept = slab.seed_dind_volume(inner_volumes={"results": {"keep": "true"}, "scratch": {}})
+    plain = slab.seed_dind_volume(inner_volumes={"ci-cache": {"team": "ci"}})
+    broken = slab.seed_dind_volume(inner_volumes={"other": {}})
+    (broken.mountpoint / "volumes" / "metadata.db").write_bytes(b"not bolt" * 1024)
+    guarded.add(kept.mountpoint, broken.mountpoint)
+
+    f = finding_for(api, kept.volume)
+    assert any("results" in b and "keep=true" in b for b in f["blocked_by"]), f
+    assert finding_for(api, plain.volume)["blocked_by"] == []
+    refused(api.delete_volume(kept.volume), "protected", "holds results", "keep=true")
+    refused(api.delete_volume(broken.volume), "protected", "cannot be read")
+    plan, job = api.broad()
+    assert skip_for(plan, f).startswith("protected:"), plan["skipped"]
+    assert action_for(plan, broken.volume) is None
+    assert result_for(job, plan, plain.volume)["outcome"] == "deleted"
+    guarded.assert_intact()
+    assert {kept.volume, broken.volume} <= volume_names(slab)
+    assert (kept.mountpoint / "volumes" / "results" / "_data" / "data.txt").exists()
+    assert_dind_gone(slab, plain)
+
+
 # =========================================================================== class 10
 
 

@@ -435,3 +435,54 @@ def test_without_what_is_held_open_nothing_goes(sc: LeakScenario, tmp_path: Path
         volume(snap, sc)
     with pytest.raises(HoldersUnavailable):
         orphan(snap, sc)
+
+
+# ------------------------------------------- the volumes of a daemon that lived in a volume
+
+
+def test_an_inner_volume_labelled_keep_protects_the_leaked_volume(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.docker.record_inner_volumes(
+        sc.dind_mountpoint, {"ci-cache": {"team": "ci"}, "results": {"keep": "true"}}
+    )
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(Protected, match=r"holds results, a volume of the Docker daemon.*keep=true"):
+        volume(snap, sc)
+    # what a broad plan would take is told why not
+    inv = Inventory(agent_config(tmp_path), btrfs=sc.btrfs, docker=sc.docker)
+    (finding,) = [f for f in inv.compute_findings(snap) if f.target.name == sc.dind_volume]
+    assert any("results" in b and "protected" in b for b in finding.blocked_by), finding
+
+
+def test_an_inner_volume_with_other_labels_or_none_does_not(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.docker.record_inner_volumes(
+        sc.dind_mountpoint, {"ci-cache": {"team": "ci"}, "x": {}, "y": {"keep": "false"}}
+    )
+    assert volume(snapshot(sc, tmp_path), sc)
+
+
+def test_a_protect_label_of_the_policy_counts_inside_too(sc: LeakScenario, tmp_path: Path) -> None:
+    sc.docker.record_inner_volumes(sc.dind_mountpoint, {"db": {"com.example.backup": "yes"}})
+    snap = snapshot(sc, tmp_path)
+    assert volume(snap, sc)
+    with pytest.raises(Protected, match=r"com\.example\.backup=yes"):
+        plan_volume_delete(snap, sc.dind_volume, protect_labels=(*LABELS, "com.example.backup"))
+
+
+def test_a_volume_store_that_cannot_be_read_protects_the_volume(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    sc.docker.break_volume_store(sc.dind_mountpoint, "not a bolt file")
+    with pytest.raises(Protected, match=r"cannot be read \(not a bolt file\)"):
+        volume(snapshot(sc, tmp_path), sc)
+
+
+def test_inner_stores_are_read_only_for_volumes_no_container_uses(
+    sc: LeakScenario, tmp_path: Path
+) -> None:
+    snap = snapshot(sc, tmp_path)
+    assert snap.volumes[sc.dind_volume].inner is not None
+    assert snap.volumes[sc.in_use_volume].inner is None

@@ -27,6 +27,7 @@ from agent.host.dockerd import (
     container_record,
     parse_timestamp,
     read_layer_refs,
+    read_volume_stores,
     volume_record,
 )
 
@@ -222,6 +223,85 @@ def test_layer_records_of_an_invisible_data_root_are_an_error(tmp_path: Path) ->
         read_layer_refs(str(tmp_path / "not-there"))
     with pytest.raises(DockerUnavailable):
         read_layer_refs("relative/docker")
+
+
+# ------------------------------------------------------ volume stores (volumes/metadata.db)
+
+STORES = Path(__file__).parent.parent / "captures" / "docker"
+
+
+def _store(root: Path, capture: str = "metadata-three-volumes.db") -> Path:
+    (root / "volumes").mkdir(parents=True, exist_ok=True)
+    db = root / "volumes" / "metadata.db"
+    db.write_bytes((STORES / capture).read_bytes())
+    return db
+
+
+def _labels(root: Path) -> dict[str, dict[str, str]]:
+    found = read_volume_stores(str(root))
+    assert found.unreadable == ()
+    return {f"{Path(v.store).relative_to(root)}:{v.name}": dict(v.labels) for v in found.volumes}
+
+
+def test_the_volumes_a_daemon_recorded_and_those_of_its_own_inner_daemon(tmp_path: Path) -> None:
+    assert read_volume_stores(str(tmp_path)).volumes == ()  # no store: nothing
+    _store(tmp_path)
+    _store(tmp_path / "volumes" / "inner-plain" / "_data", "metadata-400-volumes.db")
+    labels = _labels(tmp_path)
+    assert labels["volumes/metadata.db:inner-keep"] == {"keep": "true"}
+    assert labels["volumes/metadata.db:inner-none"] == {}
+    inner = "volumes/inner-plain/_data/volumes/metadata.db"
+    assert labels[f"{inner}:inner-0250-" + "x" * 40] == {"keep": "true"}
+    assert len(labels) == 3 + 400
+
+
+def test_a_store_nested_deeper_than_the_limit_is_unreadable(tmp_path: Path) -> None:
+    root = tmp_path
+    for _ in range(4):
+        _store(root)
+        root = root / "volumes" / "inner-keep" / "_data"
+    found = read_volume_stores(str(tmp_path), depth=3)
+    assert len(found.volumes) == 9
+    ((path, why),) = found.unreadable
+    assert path.count("inner-keep") == 3 and "3 levels" in why
+
+
+def test_a_store_that_is_not_a_plain_bolt_file_is_unreadable_never_empty(tmp_path: Path) -> None:
+    cases: dict[str, str] = {}
+    a = tmp_path / "fifo"
+    (a / "volumes").mkdir(parents=True)
+    os.mkfifo(a / "volumes" / "metadata.db")  # opened for reading, this would block
+    cases["fifo"] = "not a regular file"
+    b = tmp_path / "link"
+    (b / "volumes").mkdir(parents=True)
+    (b / "volumes" / "metadata.db").symlink_to(STORES / "metadata-three-volumes.db")
+    cases["link"] = "Too many levels of symbolic links"
+    c = tmp_path / "garbage"
+    _store(c).write_bytes(b"SQLite format 3\x00" + bytes(8192))
+    cases["garbage"] = "not a volume store this agent can read"
+    d = tmp_path / "badjson"
+    db = _store(d)
+    db.write_bytes(db.read_bytes().replace(b'{"Name":"inner-keep"', b'x"Name":"inner-keep"'))
+    cases["badjson"] = "the record of volume b'inner-keep'"
+    e = tmp_path / "badname"
+    db = _store(e)
+    db.write_bytes(db.read_bytes().replace(b"inner-none{", b"inner/none{"))
+    cases["badname"] = "a volume named 'inner/none'"
+    for name, why in cases.items():
+        found = read_volume_stores(str(tmp_path / name))
+        assert found.unreadable, name
+        assert why in found.unreadable[0][1], (name, found.unreadable)
+
+
+def test_a_store_over_the_size_cap_is_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.host.dockerd as dockerd
+
+    _store(tmp_path)
+    monkeypatch.setattr(dockerd, "STORE_MAX_BYTES", 1000)
+    ((_path, why),) = read_volume_stores(str(tmp_path)).unreadable
+    assert "over 1000" in why
 
 
 # --------------------------------------------------------------------------- no daemon
