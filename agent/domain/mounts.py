@@ -64,11 +64,14 @@ class ForeignMount:
     dev: str
     on_dev: str
     on_path: str
+    pinned_at: str | None = None  # a namespace no process is in: its nsfs file
 
     def describe(self) -> str:
         return f"{self.mountpoint} ({self.fstype} from {self.source}) in {self.namespace()}"
 
     def namespace(self) -> str:
+        if self.pinned_at is not None:
+            return f"the mount namespace kept at {self.pinned_at} (no process is in it)"
         return f"the mount namespace of pid {self.pid}"
 
     def place(self) -> str:
@@ -89,7 +92,15 @@ def foreign_mounts(tables: Iterable[NamespaceTable]) -> list[ForeignMount]:
             on_path = posixpath.normpath(parent.root.rstrip("/") + rest) if rest else parent.root
             out.append(
                 ForeignMount(
-                    table.pid, m.mountpoint, m.fstype, m.source, m.root, m.dev, parent.dev, on_path
+                    table.pid,
+                    m.mountpoint,
+                    m.fstype,
+                    m.source,
+                    m.root,
+                    m.dev,
+                    parent.dev,
+                    on_path,
+                    table.pinned_at,
                 )
             )
     return out

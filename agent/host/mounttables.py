@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import subprocess
+import sys
 
 from agent.errors import BtrfsUnavailable, HostMountsUnavailable
 from agent.host.btrfs_parse import parse_mountinfo
@@ -107,7 +110,108 @@ def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:
                 f"cannot read the mount table of pid {pid} ({path}): {e.strerror}"
             ) from e
         tables.append(NamespaceTable(pid, tuple(parse_mountinfo(text))))
+    tables.extend(_pinned_tables(proc_root, seen, tables))
     return tables
+
+
+_MNT_NS_ROOT = re.compile(r"mnt:\[\d+\]")
+# Enters the mount namespace of the nsfs file argv[1] and prints that namespace's mount
+# table. A process of its own: setns(CLONE_NEWNS) needs a single-threaded caller, and
+# the agent's worker has threads. /proc/self is opened before the switch: the
+# namespace entered may have no /proc of its own.
+_ENTER_AND_READ = """
+import ctypes, os, sys
+ns = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
+me = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.setns(ns, 0x00020000) != 0:
+    sys.stderr.write(os.strerror(ctypes.get_errno()))
+    sys.exit(3)
+fd = os.open("mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=me)
+out = bytearray()
+while chunk := os.read(fd, 1 << 20):
+    out += chunk
+sys.stdout.buffer.write(bytes(out))
+"""
+ENTER_TIMEOUT = 10.0
+
+
+def enter_and_read(nsfs_path: str) -> str:
+    """The mount table of the mount namespace whose nsfs file is at ``nsfs_path`` (a
+    path this process can open), read from inside it. ``OSError`` when it cannot be
+    entered (no CAP_SYS_ADMIN / CAP_SYS_CHROOT, a file gone meanwhile)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _ENTER_AND_READ, nsfs_path],
+            capture_output=True,
+            timeout=ENTER_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise OSError(errno.ETIMEDOUT, f"no answer in {ENTER_TIMEOUT:g} s") from exc
+    if done.returncode != 0:
+        why = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise OSError(errno.EPERM, why[-1] if why else f"exit {done.returncode}")
+    return done.stdout.decode("utf-8", "surrogateescape")
+
+
+def _pinned_tables(
+    proc_root: str, seen: set[bytes | None], tables: list[NamespaceTable]
+) -> list[NamespaceTable]:
+    """The tables of mount namespaces that no process is in, each kept alive by a bind
+    mount of its nsfs file (``unshare --mount=FILE``, what tools that keep a
+    namespace for later do): found as ``nsfs`` mounts whose root is ``mnt:[...]`` in
+    this process's table, the host's and every other namespace's (also those found
+    this way), and read by entering them. One that cannot be entered raises
+    ``HostMountsUnavailable``: what is mounted there cannot be told."""
+    todo: list[tuple[str, list[MountEntry]]] = []
+    for who in ("self", "1"):
+        path = os.path.join(proc_root, who, "mountinfo")
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                todo.append((who, _parse(path, f.read())))
+        except OSError as e:
+            raise HostMountsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
+    todo.extend((str(t.pid), list(t.mounts)) for t in tables)
+    out: list[NamespaceTable] = []
+    entered: set[str] = set()
+    while todo:
+        who, mounts = todo.pop(0)
+        for m in mounts:
+            if m.fstype != "nsfs" or not _MNT_NS_ROOT.fullmatch(m.root) or m.root in entered:
+                continue
+            entered.add(m.root)
+            if who == "self":
+                opener = m.mountpoint
+            elif who.startswith("/"):  # found in a pinned namespace: through that file
+                opener = ""
+            else:
+                opener = os.path.join(proc_root, who, "root") + m.mountpoint
+            if not opener:
+                raise HostMountsUnavailable(
+                    f"a mount namespace ({m.root}) is pinned at {m.mountpoint} inside "
+                    f"another one that no process is in ({who}): it cannot be read"
+                )
+            try:
+                text = enter_and_read(opener)
+            except OSError as e:
+                raise HostMountsUnavailable(
+                    f"a mount namespace ({m.root}) that no process is in is kept at "
+                    f"{m.mountpoint}, and it cannot be entered to read its mounts: "
+                    f"{e.strerror or e}"
+                ) from e
+            key = text.split(" ", 1)[0].encode() or None
+            if key in seen:
+                continue  # a namespace some process is in: read already
+            seen.add(key)
+            if len(tables) + len(out) >= MAX_MOUNT_NAMESPACES:
+                raise HostMountsUnavailable(
+                    f"more than {MAX_MOUNT_NAMESPACES} mount namespaces: not all can be read"
+                )
+            table = NamespaceTable(0, tuple(parse_mountinfo(text)), pinned_at=m.mountpoint)
+            out.append(table)
+            todo.append((m.mountpoint, list(table.mounts)))
+    return out
 
 
 # include/linux/proc_ns.h: the inode number of the initial pid namespace (Linux >= 3.8)

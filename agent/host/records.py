@@ -133,8 +133,11 @@ class NamespaceTable:
     process's view, meaningless on the host; what each mount sits on is told by its
     parent's filesystem (``dev``) and ``root``."""
 
-    pid: int
+    pid: int  # 0 for a namespace no process is in (``pinned_at`` says how it was found)
     mounts: tuple[MountEntry, ...]
+    # a namespace that no process is in, kept alive by a bind mount of its nsfs file
+    # (``unshare --mount=FILE``): that file, as the table that shows it sees it
+    pinned_at: str | None = None
 
 
 @dataclass(frozen=True)

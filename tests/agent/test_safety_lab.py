@@ -1131,6 +1131,67 @@ def test_attack_a_mount_in_another_mount_namespace(slab: Lab, api: Api, guarded:
     assert_dind_gone(slab, leak)
 
 
+@contextlib.contextmanager
+def pinned_namespace_tmpfs(lab: Lab, *points: Path) -> Iterator[tuple[Path, Callable[[], str]]]:
+    """A mount namespace that no process is in, kept by a bind mount of its nsfs file
+    (``unshare --mount=FILE``: how tools keep a namespace for later), with a tmpfs
+    holding a file at each of ``points``: no process's mount table shows them. Yields
+    (the pin file, a function that digests the files from inside the namespace)."""
+    pin_dir = lab.root / f"pin-{secrets.token_hex(3)}"
+    pin_dir.mkdir()
+    pin = pin_dir / "ns"
+    made: list[Path] = []
+    for p in points:
+        p.mkdir(parents=True, exist_ok=True)
+    try:
+        run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", pin_dir)
+        made.append(pin_dir)
+        run("mount", "--make-private", pin_dir)
+        pin.touch()
+        script = "".join(
+            f"mount -t tmpfs -o size=4m tmpfs '{p}' && "
+            f"head -c 3000 /dev/urandom > '{p}/only-here' && "
+            for p in points
+        )
+        run("unshare", f"--mount={pin}", "--propagation", "private", "sh", "-c", script + "true")
+        made.append(pin)
+
+        def read() -> str:
+            files = [str(p / "only-here") for p in points]
+            return run("nsenter", f"--mount={pin}", "sha256sum", *files).stdout.decode()
+
+        assert len(read().splitlines()) == len(points)
+        assert not any((p / "only-here").exists() for p in points)  # not here
+        yield pin, read
+    finally:
+        for m in reversed(made):
+            run("umount", m, check=False)
+
+
+def test_attack_a_mount_in_a_namespace_no_process_is_in(slab: Lab, api: Api) -> None:
+    """The same, in a namespace that no process is in: a tmpfs mounted inside a leaked
+    volume's data and one inside an orphan layer, in a namespace kept only by a bind
+    mount of its nsfs file. Removing the folders would detach them there (their files
+    gone). The agent enters that namespace to read its mounts: both are in use; the
+    plain leak goes."""
+    vol = slab.seed_dind_volume()
+    orphan = slab.seed_orphan_subvolume()
+    leak = slab.seed_dind_volume()
+    with pinned_namespace_tmpfs(slab, vol.mountpoint / "pinned", orphan / "pinned") as (pin, read):
+        before = read()
+        plan, job = api.broad()
+        for name in (vol.volume, orphan.name):
+            assert action_for(plan, name) is None, f"{name} was planned"
+            reason = skip_for(plan, finding_for(api, name))
+            assert reason.startswith("in_use:") and f"kept at {pin}" in reason, reason
+        assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+        refused(api.delete_volume(vol.volume), "in_use", f"kept at {pin}")
+        refused(api.delete_subvolume(rootid(orphan)), "in_use", f"kept at {pin}")
+        assert read() == before
+    assert vol.volume in volume_names(slab) and orphan.exists()
+    assert_dind_gone(slab, leak)
+
+
 def test_attacks_that_hold(slab: Lab, api: Api, mounts: Mounts, guarded: Guarded) -> None:
     """What else was tried, in one broad run: a hard link from a leaked volume to a file
     outside it, a symlink in a leaked volume to a host folder, a folder of a planned

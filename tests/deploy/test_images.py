@@ -421,7 +421,7 @@ def local_run(stack: Stack, folder: Path, *args: str) -> subprocess.CompletedPro
             "docker", "run", "--rm", "--network", "none", "--pid", "host",
             "--read-only", "--tmpfs", "/tmp",
             "--cap-drop", "ALL", "--cap-add", "SYS_ADMIN", "--cap-add", "DAC_OVERRIDE",
-            "--cap-add", "FOWNER", "--cap-add", "SYS_PTRACE",
+            "--cap-add", "FOWNER", "--cap-add", "SYS_PTRACE", "--cap-add", "SYS_CHROOT",
             "--security-opt", "no-new-privileges",
             "-e", "NAS_JANITOR_UNREADABLE_PIDS_ALLOWED="
             + ",".join(map(str, pids_root_may_not_read())),

@@ -4,6 +4,8 @@ in a temporary folder from a real captured table, and this machine's own."""
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,64 @@ def test_an_unreadable_table_of_another_namespace_is_unavailable(tmp_path: Path)
     (proc / "200" / "mountinfo").mkdir()  # reading it fails (EISDIR), even for root
     with pytest.raises(HostMountsUnavailable, match="200/mountinfo"):
         read_namespace_mounts(str(proc))
+
+
+# ----------------------------------------------- namespaces no process is in (pinned)
+
+
+def test_a_pinned_namespace_that_cannot_be_entered_is_unavailable(tmp_path: Path) -> None:
+    """An ``nsfs`` mount of a mount namespace in a table, whose file is not one (here a
+    plain file): it cannot be entered, so what it mounts cannot be told."""
+    proc = _namespaces(tmp_path)
+    fake_pin = tmp_path / "not-an-ns"
+    fake_pin.write_text("")
+    line = f"900 1 0:4 mnt:[4026532999] {fake_pin} rw - nsfs nsfs rw\n"
+    with open(proc / "self" / "mountinfo", "a") as f:
+        f.write(line)
+    with pytest.raises(HostMountsUnavailable, match=r"mnt:\[4026532999\].*cannot be entered"):
+        read_namespace_mounts(str(proc))
+
+
+def test_pins_of_other_namespace_kinds_are_not_mount_namespaces(tmp_path: Path) -> None:
+    proc = _namespaces(tmp_path)
+    with open(proc / "self" / "mountinfo", "a") as f:
+        f.write(f"901 1 0:4 net:[4026532181] {tmp_path}/netns rw - nsfs nsfs rw\n")
+    assert [t.pid for t in read_namespace_mounts(str(proc))] == [200]
+
+
+@pytest.fixture
+def pinned(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A real mount namespace no process is in (``unshare --mount=FILE``, the way tools
+    keep one for later), holding a tmpfs at a folder that is a plain folder here."""
+    pin_dir, target = tmp_path / "pin", tmp_path / "target"
+    pin_dir.mkdir()
+    target.mkdir()
+    made: list[Path] = []
+    try:
+        _run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(pin_dir))
+        made.append(pin_dir)
+        _run("mount", "--make-private", str(pin_dir))
+        pin = pin_dir / "ns"
+        pin.touch()
+        _run("unshare", f"--mount={pin}", "--propagation", "private", "true")
+        made.append(pin)
+        _run("nsenter", f"--mount={pin}", "mount", "-t", "tmpfs", "tmpfs", str(target))
+        yield pin, target
+    finally:
+        for p in reversed(made):
+            _run("umount", str(p))
+
+
+def _run(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def test_a_namespace_no_process_is_in_is_read_by_entering_it(
+    pinned: tuple[Path, Path],
+) -> None:
+    pin, target = pinned
+    assert not os.path.ismount(target)  # invisible here
+    tables = [t for t in read_namespace_mounts("/proc") if t.pinned_at is not None]
+    (table,) = [t for t in tables if t.pinned_at == str(pin)]
+    assert table.pid == 0
+    assert any(m.mountpoint == str(target) and m.fstype == "tmpfs" for m in table.mounts)
