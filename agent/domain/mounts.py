@@ -297,7 +297,10 @@ def mount_index(
         return MountIndex(views, unknown_reason=exc.detail)
     views.extend(MountView(m.mountpoint, m.fstype, m.source, m.root, m.dev) for m in host_mounts)
     try:
-        held_index = HeldIndex.of(held.result())
+        holders = held.result()
+        held_index = HeldIndex.of(holders)
+        # namespaces no process is in that a process holds open: their mounts count
+        tables = [*tables, *holders.hidden_namespaces]
     except Unavailable as exc:
         held_index = HeldIndex(unknown_reason=exc.detail)
     return MountIndex(views, foreign=foreign_mounts(tables), held=held_index)

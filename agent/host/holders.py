@@ -39,7 +39,8 @@ from collections.abc import Collection
 
 from agent.errors import HoldersUnavailable
 from agent.host.btrfs_parse import parse_mountinfo, unescape_mountinfo
-from agent.host.records import HeldPath, Holders, HolderTable, MountEntry
+from agent.host.mounttables import enter_and_read
+from agent.host.records import HeldPath, Holders, HolderTable, MountEntry, NamespaceTable
 
 __all__ = [
     "MAX_HELD",
@@ -201,10 +202,12 @@ def _readlink(base: str, name: str, pid: int) -> str | None:
 
 
 def _process_held(
-    proc_root: str, pid: int, budget: _Budget
+    proc_root: str, pid: int, budget: _Budget, ns_held: dict[str, tuple[int, str]] | None = None
 ) -> tuple[dict[str, str], str | None] | None:
     """What ``pid`` holds (path -> how), and its root; None when it is gone. A thread
-    may have a working folder of its own (``unshare(CLONE_FS)``, as Samba's do)."""
+    may have a working folder of its own (``unshare(CLONE_FS)``, as Samba's do). Mount
+    namespaces it holds open (an fd whose link is ``mnt:[...]``) go to ``ns_held``
+    (link -> (pid, fd))."""
     base = os.path.join(proc_root, str(pid))
     found: dict[str, str] = {}
     root = _readlink(base, "root", pid)
@@ -236,7 +239,11 @@ def _process_held(
         raise _Unreadable(pid, "fd", exc) from exc
     budget.spend(len(fds) + 3)
     for fd in fds:
-        path = _clean(_readlink(fd_dir, fd, pid) or "")
+        raw = _readlink(fd_dir, fd, pid) or ""
+        if raw.startswith("mnt:[") and ns_held is not None:
+            ns_held.setdefault(raw, (pid, fd))
+            continue
+        path = _clean(raw)
         if path is not None:
             found.setdefault(path, "open file")
     try:
@@ -384,6 +391,7 @@ def read_holders(
     budget = _Budget()
     # mount namespace -> (its processes at its root, path -> who holds it)
     spaces: dict[str, tuple[list[int], dict[str, str]]] = {}
+    ns_held: dict[str, tuple[int, str]] = {}  # mount namespaces held open by an fd
     skipped: list[int] = []
     for pid, ppid in parents.items():
         if pid in own:
@@ -398,7 +406,7 @@ def read_holders(
             key = _readlink(base, "ns/mnt", pid)
             if key is None:
                 continue  # gone, or a zombie
-            held = _process_held(proc_root, pid, budget)
+            held = _process_held(proc_root, pid, budget, ns_held)
         except _Unreadable as exc:
             if exc.exc.errno in _DENIED and pid in allowed_unreadable:
                 skipped.append(pid)
@@ -443,7 +451,33 @@ def read_holders(
         own_table = os.getpid() in pids_of or 1 in pids_of
         tables.append(HolderTable(pid, mounts, tuple(listed), own=own_table))
     kernel = _kernel_held(proc_root, sys_root)
-    return Holders(tuple(tables), (*kernel, *everywhere), tuple(skipped))
+    hidden = _namespaces_held_open(proc_root, ns_held, set(spaces))
+    return Holders(tuple(tables), (*kernel, *everywhere), tuple(skipped), hidden)
+
+
+def _namespaces_held_open(
+    proc_root: str, ns_held: dict[str, tuple[int, str]], with_processes: set[str]
+) -> tuple[NamespaceTable, ...]:
+    """The mount tables of the namespaces that no process is in and a process holds
+    open (an fd on ``/proc/<pid>/ns/mnt`` of a process that ended, or a namespace
+    file), read by entering each through that fd; ``HoldersUnavailable`` when one
+    cannot be entered: what is mounted there cannot be told."""
+    out = []
+    for link, (pid, fd) in sorted(ns_held.items()):
+        if link in with_processes:
+            continue
+        try:
+            text = enter_and_read(os.path.join(proc_root, str(pid), "fd", fd))
+        except OSError as exc:
+            raise HoldersUnavailable(
+                f"pid {pid} holds open (fd {fd}) a mount namespace ({link}) that no "
+                f"process is in, and it cannot be entered to read its mounts: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        out.append(
+            NamespaceTable(0, tuple(parse_mountinfo(text)), pinned_at=f"fd {fd} of pid {pid}")
+        )
+    return tuple(out)
 
 
 def serving(pid: int) -> None:

@@ -136,7 +136,8 @@ class NamespaceTable:
     pid: int  # 0 for a namespace no process is in (``pinned_at`` says how it was found)
     mounts: tuple[MountEntry, ...]
     # a namespace that no process is in, kept alive by a bind mount of its nsfs file
-    # (``unshare --mount=FILE``): that file, as the table that shows it sees it
+    # (``unshare --mount=FILE``: that file, as the table that shows it sees it) or by a
+    # process's open file (``fd N of pid P``)
     pinned_at: str | None = None
 
 
@@ -170,13 +171,16 @@ class Holders:
     """What every process holds, by mount namespace (``tables``: the agent's own and
     the host's among them); what is held where no table tells which namespace's path it
     is (``everywhere``: loop devices' backing files and swap files, what the processes
-    of a namespace whose every process is chrooted hold), placed in every table; and
-    the processes that could not be read and were passed over as configured
-    (``skipped``)."""
+    of a namespace whose every process is chrooted hold), placed in every table; the
+    processes that could not be read and were passed over as configured
+    (``skipped``); and the mount tables of namespaces that no process is in and a
+    process holds open (``hidden_namespaces``), read by entering them."""
 
     tables: tuple[HolderTable, ...]
     everywhere: tuple[HeldPath, ...] = ()
     skipped: tuple[int, ...] = ()
+    # the mount tables of namespaces no process is in that a process holds open
+    hidden_namespaces: tuple[NamespaceTable, ...] = ()
 
 
 @dataclass(frozen=True)

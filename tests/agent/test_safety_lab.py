@@ -1192,6 +1192,70 @@ def test_attack_a_mount_in_a_namespace_no_process_is_in(slab: Lab, api: Api) -> 
     assert_dind_gone(slab, leak)
 
 
+@contextlib.contextmanager
+def fd_held_namespace_tmpfs(*points: Path) -> Iterator[tuple[int, Callable[[], str]]]:
+    """A mount namespace that no process is in, held open by another process's fd on
+    its ``/proc/<pid>/ns/mnt`` (its maker has ended), with a tmpfs holding a file at each
+    of ``points``. Yields (the keeper's pid, a digest of the files read from inside)."""
+    script = "".join(
+        f"mount -t tmpfs -o size=4m tmpfs '{p}' && head -c 3000 /dev/urandom > '{p}/only-here' && "
+        for p in points
+    )
+    for p in points:
+        p.mkdir(parents=True, exist_ok=True)
+    maker = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         script + "echo ready && exec sleep 600"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    keeper = None
+    try:
+        assert maker.stdout is not None and maker.stdout.readline().strip() == b"ready"
+        keeper = subprocess.Popen(
+            ["python3", "-c",
+             f"import os, time; fd = os.open('/proc/{maker.pid}/ns/mnt', os.O_RDONLY); "
+             "print(fd, flush=True); time.sleep(600)"],
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert keeper.stdout is not None
+        fd = keeper.stdout.readline().strip().decode()
+        maker.kill()
+        maker.wait()
+
+        def read() -> str:
+            files = [str(p / "only-here") for p in points]
+            ns = f"/proc/{keeper.pid}/fd/{fd}" if keeper else ""
+            return run("nsenter", f"--mount={ns}", "sha256sum", *files).stdout.decode()
+
+        assert len(read().splitlines()) == len(points)
+        assert not any((p / "only-here").exists() for p in points)  # not here
+        yield keeper.pid, read
+    finally:
+        for proc in (maker, keeper):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def test_attack_a_mount_in_a_namespace_only_an_open_file_keeps(slab: Lab, api: Api) -> None:
+    """And in a namespace that only another process's open file keeps (its processes
+    ended): the agent enters it through that file; the leak holding its tmpfs is in
+    use, the plain leak goes."""
+    vol = slab.seed_dind_volume()
+    leak = slab.seed_dind_volume()
+    with fd_held_namespace_tmpfs(vol.mountpoint / "held") as (keeper, read):
+        before = read()
+        plan, job = api.broad()
+        assert action_for(plan, vol.volume) is None, "planned"
+        reason = skip_for(plan, finding_for(api, vol.volume))
+        assert reason.startswith("in_use:") and f"of pid {keeper}" in reason, reason
+        assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+        refused(api.delete_volume(vol.volume), "in_use", f"of pid {keeper}")
+        assert read() == before
+    assert vol.volume in volume_names(slab)
+    assert_dind_gone(slab, leak)
+
+
 def test_attacks_that_hold(slab: Lab, api: Api, mounts: Mounts, guarded: Guarded) -> None:
     """What else was tried, in one broad run: a hard link from a leaked volume to a file
     outside it, a symlink in a leaked volume to a host folder, a folder of a planned

@@ -242,3 +242,44 @@ def test_what_a_namespace_of_only_chrooted_processes_holds_is_placed_everywhere(
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def held_namespace(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A mount namespace that no process is in, held open by a process's fd (the
+    ``unshare`` process that made it, with a tmpfs at a folder that is a plain folder
+    here, has ended; another keeps ``/proc/<it>/ns/mnt`` open)."""
+    target = tmp_path / "target"
+    target.mkdir()
+    maker = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs tmpfs '{target}' && echo ready && exec sleep 600"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert maker.stdout is not None and maker.stdout.readline().strip() == b"ready"
+    keeper = subprocess.Popen(
+        ["python3", "-c",
+         f"import os, time; fd = os.open('/proc/{maker.pid}/ns/mnt', os.O_RDONLY); "
+         "print(fd, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert keeper.stdout is not None and keeper.stdout.readline().strip().isdigit()
+        maker.kill()
+        maker.wait()
+        yield keeper.pid, target
+    finally:
+        for p in (maker, keeper):
+            p.kill()
+            p.wait()
+
+
+def test_a_namespace_held_open_by_an_fd_is_read_by_entering_it(
+    held_namespace: tuple[int, Path],
+) -> None:
+    keeper, target = held_namespace
+    assert not os.path.ismount(target)
+    found = read_holders(allowed_unreadable=_unreadable_here())
+    (table,) = [t for t in found.hidden_namespaces if f"of pid {keeper}" in (t.pinned_at or "")]
+    assert table.pid == 0
+    assert any(m.mountpoint == str(target) and m.fstype == "tmpfs" for m in table.mounts)
