@@ -5,14 +5,15 @@ the mark must go when they are closed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from agent.domain.inventory import Inventory
-from agent.domain.plans import build_plan
-from agent.domain.recheck import recheck
+from agent.domain.plans import Action, Plan, build_plan
+from agent.domain.recheck import Skipped, recheck
 from agent.domain.safety import DeleteSet, plan_subvolume_delete, plan_volume_delete
 from agent.domain.snapshot import Snapshot
 from agent.errors import HeldByProcess, InUse, OutsideRoots, Protected, TooYoung
@@ -122,9 +123,6 @@ def test_the_same_volume_on_the_btrfs_filesystem_is_blocked(tmp_path: Path) -> N
 # ------------------------------------------------------------------ resuming a named volume
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not closed yet: a resumed named dind volume is refused as holding nothing"
-)
 def test_resuming_a_named_dind_volume_whose_subvolumes_all_went_finishes_it(
     tmp_path: Path,
 ) -> None:
@@ -152,6 +150,112 @@ def test_resuming_a_named_dind_volume_whose_subvolumes_all_went_finishes_it(
     result = recheck(snapshot(sc, tmp_path), plan, action, resuming=True)
     assert isinstance(result, DeleteSet), result
     assert result.subvolumes == () and result.volume is not None
+
+
+def _named_dind_plan(sc: LeakScenario, tmp_path: Path) -> tuple[Plan, Action, str]:
+    """A plan removing the named docker-in-docker volume ``ci-cache`` (its one inner
+    layer subvolume's path returned too), made with ``include_named_volumes``."""
+    vol = sc.docker.add_volume("ci-cache")
+    inner = f"{vol.mountpoint}/btrfs/subvolumes/{fake_hex('ci-layer')}"
+    sc.btrfs.create_subvolume(inner)
+    advance(sc, timedelta(hours=2))
+    snap = snapshot(sc, tmp_path)
+    policy = Policy(
+        kinds=("dind-volume",), min_age_seconds=0, protect_labels=(), include_named_volumes=True
+    )
+    found = findings(snap, sc, min_age_seconds=0, protect_labels=policy.protect_labels)
+    plan = build_plan(found, policy, plan_id="p", now=snap.taken_at, ttl_seconds=900)
+    [action] = [a for a in plan.actions if a.target.name == "ci-cache"]
+    return plan, action, inner
+
+
+def _refused(result: object, code: str = "protected") -> str:
+    assert isinstance(result, Skipped), result
+    assert result.code == code, result
+    return result.detail
+
+
+def test_a_resumed_named_volume_finishes_from_the_stored_plan_too(tmp_path: Path) -> None:
+    """The plan as the state store keeps it (JSON) carries the volume's identity."""
+    sc = make_leak_scenario()
+    plan, action, inner = _named_dind_plan(sc, tmp_path)
+    assert action.volume_created_at is not None
+    stored = Plan.from_json(plan.to_json())
+    sc.btrfs.destroy(inner)
+    result = recheck(snapshot(sc, tmp_path), stored, stored.action(action.seq), resuming=True)
+    assert isinstance(result, DeleteSet), result
+    assert result.volume is not None and result.volume.name == "ci-cache"
+
+
+def test_a_named_volume_emptied_by_others_is_not_removed_by_a_fresh_run(tmp_path: Path) -> None:
+    """Not resuming (no attempt of this job started it): a named volume whose
+    subvolumes went by other hands is a named volume holding nothing, refused."""
+    sc = make_leak_scenario()
+    plan, action, inner = _named_dind_plan(sc, tmp_path)
+    sc.btrfs.destroy(inner)
+    assert "named volume holding no btrfs subvolume" in _refused(
+        recheck(snapshot(sc, tmp_path), plan, action, resuming=False)
+    )
+
+
+def test_a_named_volume_made_again_under_the_same_name_is_not_finished(tmp_path: Path) -> None:
+    """After the crash someone removed ``ci-cache`` and made a new, empty ``ci-cache``
+    (a database's, say): the same name, another volume. Resuming refuses it."""
+    sc = make_leak_scenario()
+    plan, action, inner = _named_dind_plan(sc, tmp_path)
+    sc.btrfs.destroy(inner)
+    sc.docker.remove_volume("ci-cache")
+    advance(sc, timedelta(minutes=5))
+    sc.docker.add_volume("ci-cache")
+    sc.btrfs.write_file(f"{sc.data_root}/volumes/ci-cache/_data/pgdata/PG_VERSION")
+    detail = _refused(recheck(snapshot(sc, tmp_path), plan, action, resuming=True))
+    assert "not provably the volume the plan named" in detail
+
+
+def test_a_plan_stored_without_the_volumes_identity_is_not_finished(tmp_path: Path) -> None:
+    """A plan stored before plans recorded a volume's creation time: what volume it
+    named cannot be proved, so an empty named volume stays refused."""
+    sc = make_leak_scenario()
+    plan, action, inner = _named_dind_plan(sc, tmp_path)
+    data = plan.to_json()
+    for a in data["actions"]:
+        del a["volume_created_at"]
+    old = Plan.from_json(data)
+    sc.btrfs.destroy(inner)
+    _refused(recheck(snapshot(sc, tmp_path), old, old.action(action.seq), resuming=True))
+
+
+def test_an_action_that_planned_no_subvolume_does_not_finish_a_named_volume(
+    tmp_path: Path,
+) -> None:
+    """An action naming a named volume with no subvolume planned in it (no plan makes
+    one: such a volume is refused at plan time) never opens the way, resuming or not."""
+    sc = make_leak_scenario()
+    plan, action, inner = _named_dind_plan(sc, tmp_path)
+    bare = replace(action, generations=(), subvolume_ids=())
+    forged = replace(plan, actions=(bare,))
+    sc.btrfs.destroy(inner)
+    _refused(recheck(snapshot(sc, tmp_path), forged, bare, resuming=True))
+
+
+@pytest.mark.parametrize("change", ["keep-label", "container", "new-subvolume"])
+def test_resuming_a_named_volume_keeps_every_other_rule(tmp_path: Path, change: str) -> None:
+    """Resumed and provably the planned volume, it is still refused when it is now
+    labelled ``keep``, used by a (stopped) container, or holds a new subvolume."""
+    sc = make_leak_scenario()
+    plan, action, inner = _named_dind_plan(sc, tmp_path)
+    sc.btrfs.destroy(inner)
+    if change == "keep-label":
+        rec = sc.docker.volumes_by_name["ci-cache"]
+        sc.docker.volumes_by_name["ci-cache"] = replace(rec, labels={"keep": "true"})
+        code = "protected"
+    elif change == "container":
+        sc.docker.add_container("runner", running=False, volumes=["ci-cache"])
+        code = "in_use"
+    else:
+        sc.btrfs.create_subvolume(f"{sc.data_root}/volumes/ci-cache/_data/btrfs/new")
+        code = "changed"
+    _refused(recheck(snapshot(sc, tmp_path), plan, action, resuming=True), code)
 
 
 # ------------------------------------------- a subvolume holding Docker's data root itself
