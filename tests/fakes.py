@@ -66,6 +66,7 @@ from agent.errors import (
 from agent.host.btrfs import BtrfsIoctlError
 from agent.host.dockerd import ANONYMOUS_LABEL, is_anonymous
 from agent.host.files import TreeRemoval
+from agent.host.hostpaths import resolve_path
 from agent.host.records import (
     ChangeMark,
     ContainerMount,
@@ -84,6 +85,7 @@ from agent.host.records import (
     NamespaceTable,
     Qgroup,
     QgroupReport,
+    ResolvedPath,
     SubvolumeRecord,
     VolumeRecord,
 )
@@ -304,6 +306,10 @@ class FakeBtrfs:
         # held paths a delete or a removal destroyed under their holder (what must never
         # happen: the process or the loop device loses its data)
         self.lost_held: list[str] = []
+        # symlinks (local path -> target as written) and paths that cannot be read, as
+        # ``resolve_host_paths`` sees them (the fake's host and local paths are one)
+        self.links: dict[str, str] = {}
+        self.unreadable: set[str] = set()
         self._next_mount_id = 100
         self._failures: dict[str, list[Exception]] = {}
         self._refusals: dict[str, str] = {}
@@ -802,6 +808,41 @@ class FakeBtrfs:
             procs = tuple(HeldPath(h[2], h[3]) for h in self._held if not h[4])
             kernel = tuple(HeldPath(h[2], h[3]) for h in self._held if h[4])
             return Holders((HolderTable(1, table, procs),), kernel)
+
+    def resolve_host_paths(self, paths: Collection[str]) -> dict[str, ResolvedPath]:
+        """The real walk (``agent.host.hostpaths.resolve_path``) over the fake's
+        folders, files, mount points and ``symlink``s."""
+        with self._lock:
+            return {p: resolve_path(p, self._lookup) for p in paths}
+
+    def symlink(self, path: str, target: str) -> None:
+        """A symlink at local ``path`` (its folders are made) pointing at ``target``
+        (absolute or relative, as written; it need not exist). Only
+        ``resolve_host_paths`` follows the fake's links."""
+        with self._lock:
+            path = self._norm(path)
+            try:
+                fs, rel = self._resolve(path)
+                self._make_dirs(fs, posixpath.dirname(rel))
+            except ValueError:
+                pass
+            self.links[path] = target
+
+    def _lookup(self, path: str) -> tuple[bool, str | None]:
+        if path in self.unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        if path in self.links:
+            return True, self.links[path]
+        mounts = [e.mountpoint for e, _ in self._mounts] + [
+            e.mountpoint for e, _ in self._other_mounts
+        ]
+        if any(_under(m.strip("/"), path.strip("/")) for m in mounts):
+            return True, None  # a mount point, or a folder on the way to one
+        try:
+            fs, rel = self._resolve(path)
+        except ValueError:
+            return False, None
+        return fs.exists(rel) or rel in fs.files, None
 
     def filesystem(self, mount: str) -> FilesystemIdent:
         with self._lock:

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from agent.domain.mounts import MountIndex, UseIndex, mount_index
+from agent.domain.mounts import MountIndex, UseIndex, container_uses, mount_index
 from agent.domain.paths import LinkMemo, PathMap, is_under
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import (
@@ -121,7 +121,8 @@ class Snapshot:
     layerdb_known: bool  # False: Docker's layer records could not be read
     layer_folders: tuple[LayerFolder, ...]  # plain folders in <data_root>/btrfs/subvolumes
     mounts: MountIndex  # every mount of the host and of this process, by host path
-    uses: UseIndex  # every volume and bind mount of every container, by host path
+    uses: UseIndex  # every volume and bind mount of every container, by host path (as
+    # written and as resolved on the host)
     pathmap: PathMap = field(default_factory=PathMap)  # host paths <-> this process's
     _children: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     _sorted_ids: dict[str, list[int]] = field(default_factory=dict)
@@ -434,7 +435,7 @@ def take_snapshot(
         refs=refs,
         layerdb_known=layerdb_known,
         mounts=mounts_index,
-        uses=UseIndex(containers),
+        uses=container_uses(btrfs, containers),
         pathmap=pathmap,
         layer_folders=_layer_folders(f_folders, layer_dir, refs, filesystems, pathmap),
     )

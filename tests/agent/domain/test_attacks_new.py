@@ -1,10 +1,10 @@
 """Attacks on the safety rules: what a busy NAS, or a person, can do that would end in
-a delete of something that is not a Docker leftover, each with the rule that stops it.
-Two are not closed yet and are marked ``xfail(strict=True)``: they fail today, and
-the mark must go when they are closed."""
+a delete of something that is not a Docker leftover, each with the rule that stops it
+(each was found failing first, and closed since)."""
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +19,7 @@ from agent.domain.snapshot import Snapshot
 from agent.errors import HeldByProcess, InUse, OutsideRoots, Protected, TooYoung
 from agent.host.records import VolumeRecord
 from shared.policy import DEFAULT_PROTECT_LABELS, Policy
-from tests.agent.domain.scenes import advance, findings
+from tests.agent.domain.scenes import advance, findings, subvolume
 from tests.agent.http.apphelpers import agent_config
 from tests.fakes import FakeBtrfs, FakeDocker, LeakScenario, fake_hex, make_leak_scenario
 
@@ -295,9 +295,6 @@ def test_the_data_root_holding_a_kept_volume_is_not_deletable_under_a_wider_root
 # ------------------------------------------------- a container's bind source through a link
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not closed yet: container bind sources are matched as written"
-)
 def test_a_stopped_container_binding_the_volume_through_a_symlink_blocks_it(
     tmp_path: Path,
 ) -> None:
@@ -308,15 +305,109 @@ def test_a_stopped_container_binding_the_volume_through_a_symlink_blocks_it(
     running or stopped, mounts as ... a bind mount". The container uses are matched by
     the source's spelling alone, so the stopped runner's data root is removed.
 
-    Emulated: the fakes have no symlinks; the agent never resolves a container's bind
-    source, so only the source's spelling matters to the check."""
+    Closed: bind sources are resolved on the host, and both the written path and the
+    resolved one count as in use."""
     sc = make_leak_scenario()
+    sc.btrfs.symlink("/volume1/shortcuts/ci", sc.dind_mountpoint)
     sc.docker.add_container(
         "ci-runner", running=False, binds=[("/volume1/shortcuts/ci", "/var/lib/docker")]
     )
     snap = snapshot(sc, tmp_path)
     with pytest.raises(InUse):
         plan_volume_delete(snap, sc.dind_volume, protect_labels=LABELS)
+
+
+def _runner_binding(sc: LeakScenario, source: str, *, running: bool = False) -> None:
+    sc.docker.add_container("ci-runner", running=running, binds=[(source, "/var/lib/docker")])
+
+
+@pytest.mark.parametrize(
+    ("links", "source"),
+    [
+        # a relative link
+        ({"/volume1/docker/volumes/ci": "{vol}/_data"}, "/volume1/docker/volumes/ci"),
+        # a chain of links, absolute then relative
+        (
+            {"/volume1/a": "/volume1/b", "/volume1/b": "docker/volumes/{name}"},
+            "/volume1/a/_data/btrfs",
+        ),
+        # a link as a middle component, then the rest as written
+        ({"/volume1/s": "/volume1/docker/volumes"}, "/volume1/s/{name}/_data"),
+        # a link to a folder holding the volume (not the data root)
+        ({"/volume1/vols": "/volume1/docker/volumes"}, "/volume1/vols"),
+        # ".." out of a link's target, and past the host's root (stays at /)
+        ({"/volume1/x/up": "../../../../volume1/docker"}, "/volume1/x/up/volumes/{name}"),
+    ],
+    ids=["relative", "chain", "middle", "holder", "dotdot"],
+)
+def test_a_bind_through_any_symlink_blocks_the_volume(
+    tmp_path: Path, links: dict[str, str], source: str
+) -> None:
+    sc = make_leak_scenario()
+    vol = posixpath.dirname(sc.dind_mountpoint)
+    name = sc.dind_volume
+    for link, target in links.items():
+        sc.btrfs.symlink(link, target.format(vol=vol, name=name))
+    _runner_binding(sc, source.format(vol=vol, name=name))
+    with pytest.raises(InUse, match="resolves to"):
+        plan_volume_delete(snapshot(sc, tmp_path), name, protect_labels=LABELS)
+
+
+def test_a_bind_through_a_symlink_to_the_data_root_is_a_wide_view(tmp_path: Path) -> None:
+    """As when written as the data root itself: a backup container's view of all."""
+    sc = make_leak_scenario()
+    sc.btrfs.symlink("/volume1/all-of-docker", sc.data_root)
+    _runner_binding(sc, "/volume1/all-of-docker")
+    assert plan_volume_delete(snapshot(sc, tmp_path), sc.dind_volume, protect_labels=LABELS)
+
+
+@pytest.mark.parametrize("what", ["dangling", "loop", "unreadable"])
+def test_a_bind_source_that_cannot_be_resolved_blocks_every_target(
+    tmp_path: Path, what: str
+) -> None:
+    """A dangling link (once its target is made it may point anywhere), a loop, a part
+    that cannot be read: what the container will use cannot be told, so nothing looks
+    unused, and the blocker says why. The finding says it too."""
+    sc = make_leak_scenario()
+    if what == "dangling":
+        sc.btrfs.symlink("/volume1/shortcuts/ci", "/volume1/usb/not-plugged-in")
+    elif what == "loop":
+        sc.btrfs.symlink("/volume1/shortcuts/ci", "ci2")
+        sc.btrfs.symlink("/volume1/shortcuts/ci2", "/volume1/shortcuts/ci")
+    else:
+        sc.btrfs.unreadable.add("/volume1/shortcuts")
+    _runner_binding(sc, "/volume1/shortcuts/ci/docker")
+    snap = snapshot(sc, tmp_path)
+    with pytest.raises(InUse, match="cannot be resolved on the host") as err:
+        plan_volume_delete(snap, sc.dind_volume, protect_labels=LABELS)
+    assert {"dangling": "dangling", "loop": "loop", "unreadable": "Permission"}[what] in str(
+        err.value.detail
+    )
+    with pytest.raises(InUse):
+        plan_subvolume_delete(
+            snap, sc.fs_uuid, subvolume(sc, sc.orphan_layer).id, protect_labels=LABELS
+        )
+    [dind] = [f for f in findings(snap, sc, min_age_seconds=0) if f.target.name == sc.dind_volume]
+    assert any("cannot be resolved" in b for b in dind.blocked_by), dind.blocked_by
+
+
+def test_a_symlink_made_after_the_plan_is_seen_by_the_job(tmp_path: Path) -> None:
+    """The runner is set up between plan and apply: the job's check sees it."""
+    sc = make_leak_scenario()
+    advance(sc, timedelta(hours=2))
+    policy = Policy(kinds=("dind-volume",), min_age_seconds=0, protect_labels=())
+    snap = snapshot(sc, tmp_path)
+    plan = build_plan(
+        findings(snap, sc, min_age_seconds=0, protect_labels=()),
+        policy,
+        plan_id="p",
+        now=snap.taken_at,
+        ttl_seconds=900,
+    )
+    [action] = [a for a in plan.actions if a.target.name == sc.dind_volume]
+    sc.btrfs.symlink("/volume1/shortcuts/ci", sc.dind_mountpoint)
+    _runner_binding(sc, "/volume1/shortcuts/ci")
+    assert "resolves to" in _refused(recheck(snapshot(sc, tmp_path), plan, action), "in_use")
 
 
 def test_the_same_container_binding_the_volume_by_its_own_path_blocks_it(
