@@ -1417,3 +1417,63 @@ def test_layers_that_are_plain_folders(
         subvolume(layer, files=0)
         run("cp", "-a", f"{copy}/.", layer)
         slab.docker("image", "rm", image)
+
+
+# ================================================================ binds through symlinks
+
+
+def test_attack_stopped_containers_binding_volumes_through_symlinks(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """Created (never started) containers bind-mount leaked volumes through real
+    symlinks in a host folder: an absolute link to one volume's data, a relative link
+    as a middle component of the other's source. Docker keeps each source as written;
+    the agent resolves it on the host and both volumes are in use. A third container
+    binding through a dangling link blocks every delete, saying why, until it goes. The
+    plain leaks go."""
+    j = slab.seed_dind_volume()
+    j2 = slab.seed_dind_volume()
+    leak = slab.seed_dind_volume()
+    links = slab.root / f"links-{secrets.token_hex(3)}"
+    links.mkdir()
+    os.symlink(j.mountpoint, links / "ci")  # absolute
+    os.symlink(os.path.relpath(j2.mountpoint.parent, links), links / "rel")  # relative
+    os.symlink(slab.root / "not-made-yet", links / "dangling")
+    tag = secrets.token_hex(3)
+    names = [f"via-link-{tag}", f"via-rel-{tag}", f"via-dangling-{tag}"]
+    try:
+        slab.docker("create", "--name", names[0], "-v", f"{links}/ci:/d", BUSYBOX_IMAGE, "true")
+        slab.docker(
+            "create", "--name", names[1], "-v", f"{links}/rel/_data:/d", BUSYBOX_IMAGE, "true"
+        )
+        # Docker keeps the sources as written: nothing but the agent's resolving sees them
+        sources = slab.docker("inspect", "-f", "{{range .Mounts}}{{.Source}}{{end}}", *names[:2])
+        assert sources.stdout.split() == [f"{links}/ci", f"{links}/rel/_data"]
+        guarded.add(j.mountpoint, j2.mountpoint)
+
+        plan, job = api.broad()
+        assert {j.volume, j2.volume} <= volume_names(slab), "a volume in use was removed"
+        for vol, who in ((j, names[0]), (j2, names[1])):
+            reason = skip_for(plan, finding_for(api, vol.volume))
+            assert reason.startswith("in_use:") and f"container {who} (stopped)" in reason
+            assert f"resolves to {vol.mountpoint}" in reason, reason
+            refused(api.delete_volume(vol.volume), "in_use", who, "resolves to")
+        assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+        assert_dind_gone(slab, leak)
+
+        later = slab.seed_dind_volume()
+        slab.docker(
+            "create", "--name", names[2], "-v", f"{links}/dangling/x:/d", BUSYBOX_IMAGE, "true"
+        )
+        refused(
+            api.delete_volume(later.volume), "in_use", names[2], "cannot be resolved", "dangling"
+        )
+        assert later.volume in volume_names(slab)
+        slab.docker("rm", "-f", names[2])
+        status, body = api.delete_volume(later.volume)
+        assert status == 200, body
+        assert_dind_gone(slab, later)
+        guarded.assert_intact()
+        assert {j.volume, j2.volume} <= volume_names(slab)
+    finally:
+        slab.docker("rm", "-f", *names, check=False)
