@@ -223,6 +223,8 @@ class FakeFilesystem:
     subvolumes: dict[int, FakeSubvolume] = field(default_factory=dict)
     by_path: dict[str, int] = field(default_factory=dict)
     directories: set[str] = field(default_factory=set)  # plain folders, top-level-relative
+    inodes: dict[str, int] = field(default_factory=dict)  # plain folder -> inode number
+    next_inode: int = 1000  # a folder made (again) gets a new one, as on btrfs
     files: set[str] = field(default_factory=set)  # plain files, top-level-relative
     times: dict[str, datetime] = field(default_factory=dict)  # folder -> last change
     # level-0 qgroups of deleted subvolumes that a kernel before 6.11 leaves behind
@@ -565,6 +567,7 @@ class FakeBtrfs:
             for sub in fs.subvolumes.values():
                 sub.path = moved_path(sub.path)
             fs.directories = {moved_path(d) for d in fs.directories}
+            fs.inodes = {moved_path(d): i for d, i in fs.inodes.items()}
             fs.files = {moved_path(f) for f in fs.files}
             moved.parent_id = target_holder.id
             gen = fs.commit()
@@ -910,7 +913,8 @@ class FakeBtrfs:
             return ChangeMark(tuple(ranges))
 
     def folder_stamp(self, path: str) -> tuple[int, int, int, int] | None:
-        """A value that moves when a name is made or removed in the (plain) folder."""
+        """(device, inode, a value that moves when a name is made or removed in the
+        folder, 0): a folder made again has another inode."""
         with self._lock:
             try:
                 fs, rel = self._resolve(path)
@@ -923,7 +927,8 @@ class FakeBtrfs:
                 for n in (*fs.directories, *fs.files, *fs.by_path)
                 if posixpath.dirname(n) == rel and n != rel
             )
-            return (0, 0, hash(tuple(inside)), 0)
+            inode = 256 if rel in fs.by_path else fs.inodes.get(rel, 0)  # 256: a subvolume
+            return (int(fs.dev.split(":")[1]), inode, hash(tuple(inside)), 0)
 
     def set_readonly(self, path: str, value: bool) -> None:
         with self._lock:
@@ -1176,6 +1181,8 @@ class FakeBtrfs:
     def _make_dirs(self, fs: FakeFilesystem, rel: str) -> None:
         while rel and not fs.exists(rel):
             fs.directories.add(rel)
+            fs.inodes[rel] = fs.next_inode
+            fs.next_inode += 1
             fs.times[rel] = self.now
             fs.times[posixpath.dirname(rel)] = self.now
             rel = posixpath.dirname(rel)

@@ -99,9 +99,9 @@ class Finding:
     generations: tuple[tuple[int, int], ...]  # (id, generation) when found
     named: bool = False  # a volume someone named: planned only when asked for
     qgroup_ids: tuple[int, ...] = ()  # stale-qgroups: the level-0 qgroups
-    # a volume's creation time as Docker reports it (RFC 3339): which volume of that
-    # name it is (one removed and made again under the same name is another)
-    volume_created_at: str | None = None
+    # which folder a volume is (``VolumeView.identity``): one removed and made again
+    # under the same name is another
+    volume_identity: str | None = None
 
 
 def finding_id(kind: str, key: str) -> str:
@@ -279,7 +279,7 @@ def _volume_finding(ctx: _Ctx, vol: VolumeView, kind: str) -> Finding:
         age_seconds=age,
         generations=tuple((s.id, s.generation) for s in vol.nested),
         named=not rec.anonymous,
-        volume_created_at=rec.created_at.isoformat() if rec.created_at else None,
+        volume_identity=vol.identity,
     )
 
 

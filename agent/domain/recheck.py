@@ -52,7 +52,7 @@ def recheck(
     ``started`` entry is in the audit log). Planned subvolumes that are gone then went in
     that attempt; what is left, unchanged, is finished (e.g. ``docker volume rm`` of a
     volume whose subvolumes were all deleted: a named one too, when it is provably the
-    volume planned, by the creation time the plan recorded)."""
+    volume planned, by the folder the plan recorded)."""
     protect = plan.policy.protect_labels
     target = action.target
     try:
@@ -60,7 +60,7 @@ def recheck(
             planned_volume = None
             if resuming:
                 planned_volume = PlannedVolume(
-                    str(target.name), action.volume_created_at, bool(action.generations)
+                    str(target.name), action.volume_identity, bool(action.generations)
                 )
             ds = plan_volume_delete(
                 snap, str(target.name), protect_labels=protect, resuming=planned_volume

@@ -385,23 +385,22 @@ def plan_subvolume_delete(
 class PlannedVolume:
     """What a plan recorded of a volume it named, given when a job resumes that
     action after a crash cut its first attempt short (``agent.domain.recheck``): its
-    name, its creation time as Docker reported it then, and that it then held nested
-    subvolumes (which that attempt may have deleted)."""
+    name, which folder it was (``VolumeView.identity``: device and inode of
+    ``<data_root>/volumes/<name>``), and that it then held nested subvolumes (which
+    that attempt may have deleted)."""
 
     name: str
-    created_at: str | None
+    identity: str | None
     held_subvolumes: bool
 
     def is_(self, vol: VolumeView) -> bool:
-        """``vol`` is provably the planned volume: same name, a creation time was
-        recorded and it is the same, and the plan had subvolumes to delete in it."""
-        rec = vol.record
+        """``vol`` is provably the planned volume: the same name, an identity was
+        recorded and it is the same folder, and the plan had subvolumes to delete in it."""
         return (
             self.held_subvolumes
-            and self.created_at is not None
-            and rec.created_at is not None
-            and rec.name == self.name
-            and rec.created_at.isoformat() == self.created_at
+            and self.identity is not None
+            and vol.record.name == self.name
+            and vol.identity == self.identity
         )
 
 
@@ -433,8 +432,8 @@ def plan_volume_delete(
                 "leftover this agent removes (`docker volume rm` can, if that is what "
                 "you want)"
                 + (
-                    "; it is not provably the volume the plan named (its creation time "
-                    "differs, or none was recorded)"
+                    "; it is not provably the volume the plan named (another folder, or "
+                    "the plan recorded none)"
                     if resuming is not None
                     else ""
                 )

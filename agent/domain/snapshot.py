@@ -102,6 +102,9 @@ class VolumeView:
     nested: tuple[SubvolView, ...]
     exclusive_bytes: int | None
     last_write: datetime | None = None
+    # which folder it is: "<device>:<inode>" of ``<data_root>/volumes/<name>`` (a volume
+    # removed and made again under its name has another); read for unused volumes only
+    identity: str | None = None
 
     @property
     def name(self) -> str:
@@ -408,7 +411,10 @@ def take_snapshot(
         if nested and all(quota_by_fs.get(s.fs_uuid) for s in nested):
             excl = sum(s.exclusive_bytes or 0 for s in nested)
         in_use_by = tuple(users.get(v.name, ()))
-        last_write = None
+        last_write = identity = None
+        if not in_use_by and v.mountpoint:  # identity: which folder the volume is
+            stamp = btrfs.folder_stamp(pathmap.to_local(posixpath.dirname(v.mountpoint)))
+            identity = f"{stamp[0]}:{stamp[1]}" if stamp is not None and stamp[1] else None
         if not in_use_by:  # only a candidate's age matters: no stat for the others
             last_write = _newest(
                 v.created_at,
@@ -422,6 +428,7 @@ def take_snapshot(
             nested=nested,
             exclusive_bytes=excl,
             last_write=last_write,
+            identity=identity,
         )
 
     return Snapshot(

@@ -1477,3 +1477,67 @@ def test_attack_stopped_containers_binding_volumes_through_symlinks(
         assert {j.volume, j2.volume} <= volume_names(slab)
     finally:
         slab.docker("rm", "-f", *names, check=False)
+
+
+# ====================================================== resuming a named dind volume
+
+
+def test_resuming_a_named_dind_volume_whose_subvolumes_all_went_finishes_it(
+    slab: Lab, tmp_path: Path, guarded: Guarded
+) -> None:
+    """A plan names the named docker-in-docker volume ``ci-resume-*``; the agent is cut
+    short after every nested subvolume went and before ``docker volume rm`` (emulated:
+    the job is left ``running`` with its action audited as started, and the subvolumes
+    are deleted with btrfs-progs as that attempt did). A new agent on the same state
+    directory reads the job interrupted, and applying the plan again finishes it: the
+    inner daemon's plain files and the volume go. A second named volume emptied by
+    other hands, planned afresh, stays (a named volume holding nothing)."""
+    name = f"ci-resume-{secrets.token_hex(3)}"
+    other = f"ci-other-{secrets.token_hex(3)}"
+    for n in (name, other):
+        slab.docker("volume", "create", n)
+    cache = slab.seed_dind_volume(volume=name)
+    emptied = slab.seed_dind_volume(volume=other)
+    state = tmp_path / "state"
+    api = Api(make_app(slab, state).test_client(), slab)
+    plan = api.plan(**{**BROAD, "finding_ids": [finding_for(api, name)["id"]]})
+    other_plan = api.plan(**{**BROAD, "finding_ids": [finding_for(api, other)["id"]]})
+    action = action_for(plan, name)
+    assert action is not None and action["op"] == "remove_volume"
+    rt = api.client.application.extensions["nas_janitor"].runtime
+    job, _ = rt.state.create_job_for_plan(
+        job_id="r" * 32,
+        plan_id=plan["id"],
+        idempotency_key=None,
+        body={"total": 1, "audit_from": rt.audit.head_entry()[0]},
+        state="running",
+    )
+    rt.audit.append(
+        actor="cleaner",
+        action="remove_volume",
+        target=f"volume {name}",
+        outcome="started",
+        detail={"job_id": job.id, "seq": action["seq"]},
+    )
+    for vol in (cache, emptied):  # what the first attempt (or other hands) did
+        for p in vol.subvolumes:
+            run("btrfs", "property", "set", p, "ro", "false")
+        for p in sorted(vol.subvolumes, key=lambda p: len(p.parts), reverse=True):
+            run("btrfs", "subvolume", "delete", p)
+    assert any(cache.mountpoint.iterdir()), "the inner daemon's plain files are left"
+    slab.settle()
+
+    again = Api(make_app(slab, state).test_client(), slab)
+    assert again.get(f"/v1/jobs/{job.id}")["state"] == "interrupted"
+    done = again.apply(plan)
+    assert done["id"] == job.id and done["state"] == "succeeded", done["results"]
+    assert name not in volume_names(slab)
+    assert not cache.mountpoint.parent.exists()
+
+    fresh = again.apply(other_plan)
+    [result] = fresh["results"]
+    assert result["outcome"] == "skipped" and result["detail"].startswith("protected:"), result
+    assert "named volume holding no btrfs subvolume" in result["detail"]
+    assert other in volume_names(slab) and emptied.mountpoint.is_dir()
+    guarded.assert_intact()
+    slab.docker("volume", "rm", other)

@@ -179,12 +179,27 @@ def test_a_resumed_named_volume_finishes_from_the_stored_plan_too(tmp_path: Path
     """The plan as the state store keeps it (JSON) carries the volume's identity."""
     sc = make_leak_scenario()
     plan, action, inner = _named_dind_plan(sc, tmp_path)
-    assert action.volume_created_at is not None
+    assert action.volume_identity is not None
     stored = Plan.from_json(plan.to_json())
     sc.btrfs.destroy(inner)
     result = recheck(snapshot(sc, tmp_path), stored, stored.action(action.seq), resuming=True)
     assert isinstance(result, DeleteSet), result
     assert result.volume is not None and result.volume.name == "ci-cache"
+
+
+def test_a_resumed_named_volume_is_known_by_its_folder_not_dockers_creation_time(
+    tmp_path: Path,
+) -> None:
+    """Docker's local driver reports the change time of ``_data`` as a volume's
+    creation (seen on the lab: it moved when the subvolumes went): the identity is the
+    volume's folder, which stays."""
+    sc = make_leak_scenario()
+    plan, action, inner = _named_dind_plan(sc, tmp_path)
+    sc.btrfs.destroy(inner)
+    rec = sc.docker.volumes_by_name["ci-cache"]
+    sc.docker.volumes_by_name["ci-cache"] = replace(rec, created_at=sc.btrfs.now)
+    result = recheck(snapshot(sc, tmp_path), plan, action, resuming=True)
+    assert isinstance(result, DeleteSet), result
 
 
 def test_a_named_volume_emptied_by_others_is_not_removed_by_a_fresh_run(tmp_path: Path) -> None:
@@ -219,7 +234,7 @@ def test_a_plan_stored_without_the_volumes_identity_is_not_finished(tmp_path: Pa
     plan, action, inner = _named_dind_plan(sc, tmp_path)
     data = plan.to_json()
     for a in data["actions"]:
-        del a["volume_created_at"]
+        del a["volume_identity"]
     old = Plan.from_json(data)
     sc.btrfs.destroy(inner)
     _refused(recheck(snapshot(sc, tmp_path), old, old.action(action.seq), resuming=True))
