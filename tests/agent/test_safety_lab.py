@@ -1541,3 +1541,55 @@ def test_resuming_a_named_dind_volume_whose_subvolumes_all_went_finishes_it(
     assert other in volume_names(slab) and emptied.mountpoint.is_dir()
     guarded.assert_intact()
     slab.docker("volume", "rm", other)
+
+
+# ============================================== the volumes folder on another filesystem
+
+
+def test_attack_dockers_volumes_folder_on_another_filesystem(
+    slab: Lab, api: Api, guarded: Guarded, tmp_path: Path
+) -> None:
+    """An ext4 filesystem (an image on a loop device of its own) mounted over Docker's
+    ``<data_root>/volumes`` (a NAS owner moving volumes to another disk), and Docker
+    making volumes there: an anonymous one no container uses, with files, and a named
+    one. Their folders lie on ext4, not on the btrfs filesystem their paths are on:
+    every plan skips them and every direct DELETE is refused as protected, and nothing
+    on the ext4 filesystem is touched (every file, the volumes' own too)."""
+    volumes = Path(slab.docker("info", "-f", "{{.DockerRootDir}}").stdout.strip()) / "volumes"
+    made: list[str] = []
+    with loop_filesystem(tmp_path / "ext4.img", volumes) as device:
+        try:
+            anon = slab.docker("volume", "create").stdout.strip()
+            named = f"on-ext4-{secrets.token_hex(3)}"
+            slab.docker("volume", "create", named)
+            made += [anon, named]
+            for n in made:
+                data = volumes / n / "_data"
+                assert data.is_dir(), data
+                (data / "library.db").write_bytes(secrets.token_bytes(5000))
+            assert (
+                run("findmnt", "-n", "-o", "FSTYPE", "--target", volumes / anon).stdout.strip()
+                == b"ext4"
+            )
+            slab.settle()
+            on_ext4 = Guarded()  # the btrfs volumes folder is hidden under it meanwhile
+            on_ext4.add(volumes)
+
+            plan, _job = api.broad()
+            for n in made:
+                assert action_for(plan, n) is None, plan
+            # the anonymous one is a dangling-volume finding, blocked for where it lies
+            [f] = [f for f in api.findings() if f["target"]["name"] == anon]
+            reason = skip_for(plan, f)
+            assert reason.startswith("protected:"), reason
+            assert "not on the btrfs filesystem" in reason and device in reason, reason
+            refused(api.delete_volume(anon), "protected", "not on the btrfs filesystem", device)
+            # the named one is refused too (first as a named volume holding nothing)
+            refused(api.delete_volume(named), "protected")
+            assert anon in [f["target"]["name"] for f in api.findings()]
+            assert set(made) <= volume_names(slab)
+            on_ext4.assert_intact()
+        finally:
+            for n in made:
+                slab.docker("volume", "rm", n, check=False)
+    guarded.assert_intact()  # and what the ext4 filesystem hid
