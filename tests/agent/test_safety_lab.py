@@ -1593,3 +1593,35 @@ def test_attack_dockers_volumes_folder_on_another_filesystem(
             for n in made:
                 slab.docker("volume", "rm", n, check=False)
     guarded.assert_intact()  # and what the ext4 filesystem hid
+
+
+# ======================================== the layers folder while no layer record is read
+
+
+def test_attack_the_layers_folder_while_dockers_layer_records_cannot_be_read(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """Docker's layer records (``image/btrfs/layerdb``) cannot be read (moved aside
+    for a moment, as on a fresh daemon's first pull none exist yet): a layer being
+    written cannot be told from an orphan. An orphan seeded before, and an image's
+    real layer, are neither planned nor deleted directly (``protected``); with the
+    records back the orphan is an orphan again."""
+    orphan = slab.seed_orphan_subvolume()
+    layer = slab.seeded.never_touch.images[0].layer_subvolumes[-1]
+    assert finding_for(api, orphan.name)["kind"] == "orphan-layer"  # the control
+    layerdb = slab.data_root / "image" / "btrfs" / "layerdb"
+    aside = layerdb.with_name(f"layerdb-aside-{secrets.token_hex(3)}")
+    guarded.add(orphan)
+    os.rename(layerdb, aside)
+    try:
+        plan, _job = api.broad()
+        planned = {a["target"].get("path") for a in plan["actions"]}
+        assert str(orphan) not in planned and str(layer) not in planned, planned
+        for path in (orphan, layer):
+            refused(api.delete_subvolume(rootid(path)), "protected", "layer records")
+        assert orphan.exists() and layer.exists()
+    finally:
+        os.rename(aside, layerdb)
+    guarded.assert_intact()
+    slab.settle()
+    assert finding_for(api, orphan.name)["kind"] == "orphan-layer"
