@@ -66,6 +66,7 @@ from agent.errors import (
 from agent.host.btrfs import BtrfsIoctlError
 from agent.host.dockerd import ANONYMOUS_LABEL, is_anonymous
 from agent.host.files import TreeRemoval
+from agent.host.hostpaths import resolve_path
 from agent.host.records import (
     ChangeMark,
     ContainerMount,
@@ -84,6 +85,7 @@ from agent.host.records import (
     NamespaceTable,
     Qgroup,
     QgroupReport,
+    ResolvedPath,
     StoredVolume,
     SubvolumeRecord,
     VolumeRecord,
@@ -223,6 +225,8 @@ class FakeFilesystem:
     subvolumes: dict[int, FakeSubvolume] = field(default_factory=dict)
     by_path: dict[str, int] = field(default_factory=dict)
     directories: set[str] = field(default_factory=set)  # plain folders, top-level-relative
+    inodes: dict[str, int] = field(default_factory=dict)  # plain folder -> inode number
+    next_inode: int = 1000  # a folder made (again) gets a new one, as on btrfs
     files: set[str] = field(default_factory=set)  # plain files, top-level-relative
     times: dict[str, datetime] = field(default_factory=dict)  # folder -> last change
     # level-0 qgroups of deleted subvolumes that a kernel before 6.11 leaves behind
@@ -306,6 +310,10 @@ class FakeBtrfs:
         # held paths a delete or a removal destroyed under their holder (what must never
         # happen: the process or the loop device loses its data)
         self.lost_held: list[str] = []
+        # symlinks (local path -> target as written) and paths that cannot be read, as
+        # ``resolve_host_paths`` sees them (the fake's host and local paths are one)
+        self.links: dict[str, str] = {}
+        self.unreadable: set[str] = set()
         self._next_mount_id = 100
         self._failures: dict[str, list[Exception]] = {}
         self._refusals: dict[str, str] = {}
@@ -561,6 +569,7 @@ class FakeBtrfs:
             for sub in fs.subvolumes.values():
                 sub.path = moved_path(sub.path)
             fs.directories = {moved_path(d) for d in fs.directories}
+            fs.inodes = {moved_path(d): i for d, i in fs.inodes.items()}
             fs.files = {moved_path(f) for f in fs.files}
             moved.parent_id = target_holder.id
             gen = fs.commit()
@@ -805,6 +814,41 @@ class FakeBtrfs:
             kernel = tuple(HeldPath(h[2], h[3]) for h in self._held if h[4])
             return Holders((HolderTable(1, table, procs),), kernel)
 
+    def resolve_host_paths(self, paths: Collection[str]) -> dict[str, ResolvedPath]:
+        """The real walk (``agent.host.hostpaths.resolve_path``) over the fake's
+        folders, files, mount points and ``symlink``s."""
+        with self._lock:
+            return {p: resolve_path(p, self._lookup) for p in paths}
+
+    def symlink(self, path: str, target: str) -> None:
+        """A symlink at local ``path`` (its folders are made) pointing at ``target``
+        (absolute or relative, as written; it need not exist). Only
+        ``resolve_host_paths`` follows the fake's links."""
+        with self._lock:
+            path = self._norm(path)
+            try:
+                fs, rel = self._resolve(path)
+                self._make_dirs(fs, posixpath.dirname(rel))
+            except ValueError:
+                pass
+            self.links[path] = target
+
+    def _lookup(self, path: str) -> tuple[bool, str | None]:
+        if path in self.unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        if path in self.links:
+            return True, self.links[path]
+        mounts = [e.mountpoint for e, _ in self._mounts] + [
+            e.mountpoint for e, _ in self._other_mounts
+        ]
+        if any(_under(m.strip("/"), path.strip("/")) for m in mounts):
+            return True, None  # a mount point, or a folder on the way to one
+        try:
+            fs, rel = self._resolve(path)
+        except ValueError:
+            return False, None
+        return fs.exists(rel) or rel in fs.files, None
+
     def filesystem(self, mount: str) -> FilesystemIdent:
         with self._lock:
             fs = self._fs_for("filesystem show", mount)
@@ -871,7 +915,8 @@ class FakeBtrfs:
             return ChangeMark(tuple(ranges))
 
     def folder_stamp(self, path: str) -> tuple[int, int, int, int] | None:
-        """A value that moves when a name is made or removed in the (plain) folder."""
+        """(device, inode, a value that moves when a name is made or removed in the
+        folder, 0): a folder made again has another inode."""
         with self._lock:
             try:
                 fs, rel = self._resolve(path)
@@ -884,7 +929,8 @@ class FakeBtrfs:
                 for n in (*fs.directories, *fs.files, *fs.by_path)
                 if posixpath.dirname(n) == rel and n != rel
             )
-            return (0, 0, hash(tuple(inside)), 0)
+            inode = 256 if rel in fs.by_path else fs.inodes.get(rel, 0)  # 256: a subvolume
+            return (int(fs.dev.split(":")[1]), inode, hash(tuple(inside)), 0)
 
     def set_readonly(self, path: str, value: bool) -> None:
         with self._lock:
@@ -1137,6 +1183,8 @@ class FakeBtrfs:
     def _make_dirs(self, fs: FakeFilesystem, rel: str) -> None:
         while rel and not fs.exists(rel):
             fs.directories.add(rel)
+            fs.inodes[rel] = fs.next_inode
+            fs.next_inode += 1
             fs.times[rel] = self.now
             fs.times[posixpath.dirname(rel)] = self.now
             rel = posixpath.dirname(rel)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agent.domain.mounts import MountIndex, UseIndex
+from agent.domain.mounts import MountIndex, container_uses
 from agent.domain.plans import Deleted
 from agent.domain.safety import DeleteSet, check_guard
 from agent.domain.snapshot import Snapshot
@@ -192,7 +192,12 @@ class Executor:
         """The guarded paths against the mount tables and the containers as they are
         now; a failure ends the run before ``step``."""
         try:
-            check_guard(snap, run.ds.guard, self._read_mounts(), UseIndex(self.docker.containers()))
+            check_guard(
+                snap,
+                run.ds.guard,
+                self._read_mounts(),
+                container_uses(self.btrfs, self.docker.containers()),
+            )
         except AgentError as exc:
             run.fail(step, f"stopped before it: {exc.code}: {exc.detail}")
             return False

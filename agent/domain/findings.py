@@ -99,6 +99,9 @@ class Finding:
     generations: tuple[tuple[int, int], ...]  # (id, generation) when found
     named: bool = False  # a volume someone named: planned only when asked for
     qgroup_ids: tuple[int, ...] = ()  # stale-qgroups: the level-0 qgroups
+    # which folder a volume is (``VolumeView.identity``): one removed and made again
+    # under the same name is another
+    volume_identity: str | None = None
 
 
 def finding_id(kind: str, key: str) -> str:
@@ -276,6 +279,7 @@ def _volume_finding(ctx: _Ctx, vol: VolumeView, kind: str) -> Finding:
         age_seconds=age,
         generations=tuple((s.id, s.generation) for s in vol.nested),
         named=not rec.anonymous,
+        volume_identity=vol.identity,
     )
 
 

@@ -2,15 +2,16 @@
 
 ``MountIndex`` holds every mount of the host, of this process and of every other mount
 namespace, by host path; ``UseIndex`` every volume and bind mount of every container, by
-source path. ``read_mounts`` reads them as they are now (the executor does, before each
-step); ``take_snapshot`` builds the ones a ``Snapshot`` carries.
+source path (as written and as it resolves on the host). ``read_mounts`` reads them as
+they are now (the executor does, before each step, and ``container_uses`` the
+containers' uses); ``take_snapshot`` builds the ones a ``Snapshot`` carries.
 """
 
 from __future__ import annotations
 
 import bisect
 import posixpath
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
@@ -25,6 +26,7 @@ from agent.host.records import (
     Holders,
     MountEntry,
     NamespaceTable,
+    ResolvedPath,
 )
 
 T = TypeVar("T")
@@ -202,46 +204,80 @@ class MountIndex:
 
 @dataclass(frozen=True)
 class ContainerUse:
-    """One volume or bind mount of one container (any state)."""
+    """One volume or bind mount of one container (any state). ``resolved``: what its
+    source resolves to on the host when that is not the source as written (a symlink
+    on the way); ``unresolved``: why what it resolves to cannot be told."""
 
     container_id: str
     container_name: str
     running: bool
     mount: ContainerMount
+    resolved: str | None = None
+    unresolved: str | None = None
 
     def describe(self) -> str:
         state = "running" if self.running else "stopped"
         what = f"volume {self.mount.name}" if self.mount.type == "volume" else self.mount.source
-        return (
+        text = (
             f"container {self.container_name or self.container_id[:12]} ({state}) mounts "
             f"{what} at {self.mount.destination}"
         )
+        if self.resolved is not None:
+            text += f", which resolves to {self.resolved} on the host"
+        if self.unresolved is not None:
+            text += (
+                f", whose source cannot be resolved on the host ({self.unresolved}): what "
+                "it will use when it starts cannot be told"
+            )
+        return text
 
 
 class UseIndex:
-    """What containers mount from the host, by source path."""
+    """What containers mount from the host, by source path: each use under its source
+    as written and, when a symlink on the way makes it another, under what that
+    resolves to on the host (``resolved``: ``Btrfs.resolve_host_paths``). A use whose
+    source cannot be resolved overlaps every path."""
 
-    def __init__(self, containers: Iterable[ContainerRecord]) -> None:
-        uses = [
-            ContainerUse(c.id, c.name, c.running, m)
-            for c in containers
-            for m in c.mounts
-            if m.source.startswith("/")
-        ]
-        uses.sort(key=lambda u: u.mount.source)
-        self._uses = uses
-        self._sources = [posixpath.normpath(u.mount.source) for u in uses]
+    def __init__(
+        self,
+        containers: Iterable[ContainerRecord],
+        resolved: Mapping[str, ResolvedPath] | None = None,
+    ) -> None:
+        resolved = resolved or {}
+        entries: list[tuple[str, ContainerUse]] = []
+        self.unresolved: tuple[ContainerUse, ...] = ()
+        unresolved: list[ContainerUse] = []
+        for c in containers:
+            for m in c.mounts:
+                if not m.source.startswith("/"):
+                    continue
+                written = posixpath.normpath(m.source)
+                r = resolved.get(m.source)
+                if r is not None and r.real is None:
+                    use = ContainerUse(c.id, c.name, c.running, m, unresolved=r.reason)
+                    unresolved.append(use)
+                    entries.append((written, use))
+                    continue
+                entries.append((written, ContainerUse(c.id, c.name, c.running, m)))
+                real = posixpath.normpath(r.real) if r is not None and r.real else written
+                if real != written:
+                    entries.append((real, ContainerUse(c.id, c.name, c.running, m, resolved=real)))
+        entries.sort(key=lambda e: e[0])
+        self.unresolved = tuple(unresolved)
+        self._uses = [u for _, u in entries]
+        self._sources = [src for src, _ in entries]
         self._by_source: dict[str, list[ContainerUse]] = {}
-        for src, use in zip(self._sources, uses, strict=True):
+        for src, use in entries:
             self._by_source.setdefault(src, []).append(use)
 
     def overlapping(self, path: str, *, wide: Sequence[str] = ()) -> list[ContainerUse]:
-        """Uses whose source is ``path``, inside it, or holds it. A source that holds
-        one of the ``wide`` paths (Docker's data root, a configured root: a view of
-        everything, as a monitoring or backup container has) does not count as a use of
-        what is inside it."""
-        hits = [self._uses[i] for i in _prefixed(self._sources, path)]
-        out = [u for u in hits if is_under(posixpath.normpath(u.mount.source), path)]
+        """Uses whose source (as written, or as it resolves on the host) is ``path``,
+        inside it, or holds it, and every use whose source cannot be resolved. A source
+        that holds one of the ``wide`` paths (Docker's data root, a configured root: a
+        view of everything, as a monitoring or backup container has) does not count as
+        a use of what is inside it."""
+        ranged = _prefixed(self._sources, path)
+        out = [self._uses[i] for i in ranged if is_under(self._sources[i], path)]
         parent = posixpath.dirname(path)
         while True:
             for use in self._by_source.get(parent, ()):
@@ -250,7 +286,19 @@ class UseIndex:
             if parent == "/":
                 break
             parent = posixpath.dirname(parent)
-        return out
+        out.extend(self.unresolved)
+        # One answer per container mount, the one that says most: unresolved first,
+        # then resolved (the written source alone says least).
+        unique: dict[tuple[str, str, str], ContainerUse] = {}
+        for use in sorted(out, key=lambda u: (u.unresolved is None, u.resolved is None)):
+            unique.setdefault((use.container_id, use.mount.destination, use.mount.source), use)
+        return list(unique.values())
+
+
+def container_uses(btrfs: Btrfs, containers: Sequence[ContainerRecord]) -> UseIndex:
+    """The containers' uses, each source also resolved on the host now."""
+    sources = sorted({m.source for c in containers for m in c.mounts if m.source.startswith("/")})
+    return UseIndex(containers, btrfs.resolve_host_paths(sources) if sources else {})
 
 
 def read_mounts(btrfs: Btrfs, pathmap: PathMap) -> MountIndex:

@@ -44,6 +44,8 @@ class Action:
     filesystem_uuid: str | None
     generations: tuple[tuple[int, int], ...]  # (subvolume id, generation) when planned
     qgroup_ids: tuple[int, ...] = ()  # destroy_qgroups: the level-0 qgroups, when planned
+    # remove_volume: which folder the volume was when planned (``VolumeView.identity``)
+    volume_identity: str | None = None
 
     def describe(self) -> str:
         """The audit log's name for the target (text: a path that is not UTF-8 shows
@@ -69,6 +71,7 @@ class Action:
             "filesystem_uuid": self.filesystem_uuid,
             "generations": [list(g) for g in self.generations],
             "qgroup_ids": list(self.qgroup_ids),
+            "volume_identity": self.volume_identity,
         }
 
     @classmethod
@@ -85,6 +88,7 @@ class Action:
             filesystem_uuid=data.get("filesystem_uuid"),
             generations=tuple((int(i), int(g)) for i, g in data.get("generations") or ()),
             qgroup_ids=tuple(int(i) for i in data.get("qgroup_ids") or ()),
+            volume_identity=data.get("volume_identity"),
         )
 
 
@@ -194,6 +198,7 @@ def build_plan(
                 filesystem_uuid=f.fs_uuid,
                 generations=f.generations,
                 qgroup_ids=f.qgroup_ids,
+                volume_identity=f.volume_identity,
             )
         )
     return Plan(

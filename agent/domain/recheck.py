@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from agent.domain.plans import Action, Plan
 from agent.domain.safety import (
     DeleteSet,
+    PlannedVolume,
     plan_folder_delete,
     plan_qgroup_destroy,
     plan_subvolume_delete,
@@ -50,12 +51,20 @@ def recheck(
     ``resuming``: this job started this action before a crash cut it short (its
     ``started`` entry is in the audit log). Planned subvolumes that are gone then went in
     that attempt; what is left, unchanged, is finished (e.g. ``docker volume rm`` of a
-    volume whose subvolumes were all deleted)."""
+    volume whose subvolumes were all deleted: a named one too, when it is provably the
+    volume planned, by the folder the plan recorded)."""
     protect = plan.policy.protect_labels
     target = action.target
     try:
         if action.op == "remove_volume":
-            ds = plan_volume_delete(snap, str(target.name), protect_labels=protect)
+            planned_volume = None
+            if resuming:
+                planned_volume = PlannedVolume(
+                    str(target.name), action.volume_identity, bool(action.generations)
+                )
+            ds = plan_volume_delete(
+                snap, str(target.name), protect_labels=protect, resuming=planned_volume
+            )
         elif action.op == "remove_folder":
             ds = plan_folder_delete(snap, str(target.path), protect_labels=protect)
         elif action.op == "destroy_qgroups":

@@ -404,8 +404,42 @@ def plan_subvolume_delete(
     )
 
 
-def plan_volume_delete(snap: Snapshot, name: str, *, protect_labels: Sequence[str]) -> DeleteSet:
-    """Check every rule for removing a volume with the subvolumes nested in it."""
+@dataclass(frozen=True)
+class PlannedVolume:
+    """What a plan recorded of a volume it named, given when a job resumes that
+    action after a crash cut its first attempt short (``agent.domain.recheck``): its
+    name, which folder it was (``VolumeView.identity``: device and inode of
+    ``<data_root>/volumes/<name>``), and that it then held nested subvolumes (which
+    that attempt may have deleted)."""
+
+    name: str
+    identity: str | None
+    held_subvolumes: bool
+
+    def is_(self, vol: VolumeView) -> bool:
+        """``vol`` is provably the planned volume: the same name, an identity was
+        recorded and it is the same folder, and the plan had subvolumes to delete in it."""
+        return (
+            self.held_subvolumes
+            and self.identity is not None
+            and vol.record.name == self.name
+            and vol.identity == self.identity
+        )
+
+
+def plan_volume_delete(
+    snap: Snapshot,
+    name: str,
+    *,
+    protect_labels: Sequence[str],
+    resuming: PlannedVolume | None = None,
+) -> DeleteSet:
+    """Check every rule for removing a volume with the subvolumes nested in it.
+
+    ``resuming``: a job finishing this volume's removal, which a crash cut short after
+    its subvolumes went. A named volume holding no subvolume is refused, unless it is
+    provably the one the plan named while it held subvolumes (``PlannedVolume.is_``);
+    every other rule holds all the same."""
     if not VOLUME_NAME.match(name):
         raise ValidationFailed("invalid volume name", errors={"name": ["not a Docker volume name"]})
     vol = snap.volumes.get(name)
@@ -413,12 +447,20 @@ def plan_volume_delete(snap: Snapshot, name: str, *, protect_labels: Sequence[st
         raise NotFound(f"no volume named {name}")
     _check_volume_usable(vol, protect_labels)
     if not vol.nested and not vol.record.anonymous:
-        # Someone chose this name and it holds no subvolume: nothing Docker cannot
-        # remove itself, and nothing a leak leaves behind.
-        raise Protected(
-            f"volume {name} is a named volume holding no btrfs subvolume: not a leftover "
-            "this agent removes (`docker volume rm` can, if that is what you want)"
-        )
+        if resuming is None or not resuming.is_(vol):
+            # Someone chose this name and it holds no subvolume: nothing Docker cannot
+            # remove itself, and nothing a leak leaves behind.
+            raise Protected(
+                f"volume {name} is a named volume holding no btrfs subvolume: not a "
+                "leftover this agent removes (`docker volume rm` can, if that is what "
+                "you want)"
+                + (
+                    "; it is not provably the volume the plan named (another folder, or "
+                    "the plan recorded none)"
+                    if resuming is not None
+                    else ""
+                )
+            )
     mountpoint = _check_root_path(snap, vol.record.mountpoint, f"volume {name}")
     own = posixpath.join(snap.docker.data_root, "volumes", name, "_data")
     if vol.record.driver != "local" or mountpoint.rstrip("/") != own:

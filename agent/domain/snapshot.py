@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from agent.domain.mounts import MountIndex, UseIndex, mount_index
+from agent.domain.mounts import MountIndex, UseIndex, container_uses, mount_index
 from agent.domain.paths import LinkMemo, PathMap, is_under
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import (
@@ -108,6 +108,9 @@ class VolumeView:
     exclusive_bytes: int | None
     last_write: datetime | None = None
     inner: VolumeStores | None = None
+    # which folder it is: "<device>:<inode>" of ``<data_root>/volumes/<name>`` (a volume
+    # removed and made again under its name has another); read for unused volumes only
+    identity: str | None = None
 
     @property
     def name(self) -> str:
@@ -127,7 +130,8 @@ class Snapshot:
     layerdb_known: bool  # False: Docker's layer records could not be read
     layer_folders: tuple[LayerFolder, ...]  # plain folders in <data_root>/btrfs/subvolumes
     mounts: MountIndex  # every mount of the host and of this process, by host path
-    uses: UseIndex  # every volume and bind mount of every container, by host path
+    uses: UseIndex  # every volume and bind mount of every container, by host path (as
+    # written and as resolved on the host)
     pathmap: PathMap = field(default_factory=PathMap)  # host paths <-> this process's
     _children: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     _sorted_ids: dict[str, list[int]] = field(default_factory=dict)
@@ -413,9 +417,10 @@ def take_snapshot(
         if nested and all(quota_by_fs.get(s.fs_uuid) for s in nested):
             excl = sum(s.exclusive_bytes or 0 for s in nested)
         in_use_by = tuple(users.get(v.name, ()))
-        last_write = None
-        inner = None
-        if not in_use_by and v.mountpoint:
+        last_write = identity = inner = None
+        if not in_use_by and v.mountpoint:  # identity: which folder the volume is
+            stamp = btrfs.folder_stamp(pathmap.to_local(posixpath.dirname(v.mountpoint)))
+            identity = f"{stamp[0]}:{stamp[1]}" if stamp is not None and stamp[1] else None
             inner = docker.volume_stores(pathmap.to_local(v.mountpoint))
         if not in_use_by:  # only a candidate's age matters: no stat for the others
             last_write = _newest(
@@ -431,6 +436,7 @@ def take_snapshot(
             exclusive_bytes=excl,
             last_write=last_write,
             inner=inner,
+            identity=identity,
         )
 
     return Snapshot(
@@ -444,7 +450,7 @@ def take_snapshot(
         refs=refs,
         layerdb_known=layerdb_known,
         mounts=mounts_index,
-        uses=UseIndex(containers),
+        uses=container_uses(btrfs, containers),
         pathmap=pathmap,
         layer_folders=_layer_folders(f_folders, layer_dir, refs, filesystems, pathmap),
     )

@@ -29,6 +29,7 @@ from agent.host.records import (
     MountEntry,
     NamespaceTable,
     QgroupReport,
+    ResolvedPath,
     SubvolumeRecord,
     VolumeRecord,
     VolumeStores,
@@ -66,6 +67,12 @@ class Btrfs(Protocol):
         folders, roots, programs, open and mapped files by mount namespace, with that
         namespace's mount table; loop devices' backing files and swap files.
         ``HoldersUnavailable`` when it cannot all be seen."""
+
+    def resolve_host_paths(self, paths: Collection[str]) -> dict[str, ResolvedPath]:
+        """Each of ``paths`` (host paths, not local ones) with every symlink on the way
+        followed on the host, never out of the host's root; unresolved, with the
+        reason, when that cannot be told (a dangling symlink, a loop, a part that
+        cannot be read, the host's root not visible). Never raises for one path."""
 
     def filesystem(self, mount: str) -> FilesystemIdent: ...
 

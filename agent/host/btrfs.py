@@ -35,7 +35,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable
-from agent.host import files, holders, mounttables
+from agent.host import files, holders, hostpaths, mounttables
 from agent.host.btrfs_ioctl import SUBVOLUME_ROOT_INO, BtrfsIoctlError, Ioctls, _arg
 from agent.host.btrfs_parse import (
     DeleteMessage,
@@ -59,6 +59,7 @@ from agent.host.records import (
     MountEntry,
     NamespaceTable,
     QgroupReport,
+    ResolvedPath,
     SubvolumeRecord,
 )
 
@@ -91,6 +92,8 @@ class BtrfsTool:
     ``btrfs subvolume delete`` process (long batches are split to stay under ARG_MAX).
     ``search_buffer_bytes`` is the result buffer of one BTRFS_IOC_TREE_SEARCH_V2 (the
     items of 10,000 subvolumes take about 6 MB, so about 25 searches at 256 KiB).
+    ``host_root``: where this process sees the host's ``/`` (the configured
+    ``host_prefix``), used to resolve host paths when pid 1's root cannot be entered.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class BtrfsTool:
         max_args_bytes: int = 128 * 1024,
         search_buffer_bytes: int = 256 * 1024,
         unreadable_pids_allowed: Collection[int] = (),
+        host_root: str = "/",
     ) -> None:
         if timeout <= 0 or sync_timeout <= 0 or max_args_bytes <= 0:
             raise ValueError("timeouts and max_args_bytes must be positive")
@@ -116,6 +120,7 @@ class BtrfsTool:
         self._max_args_bytes = max_args_bytes
         self._resolved: str | None = None
         self._unreadable_allowed = tuple(unreadable_pids_allowed)
+        self._local_host_root = host_root or "/"
 
     # ------------------------------------------------------------------ the one runner
 
@@ -212,6 +217,24 @@ class BtrfsTool:
             helper_exes=helpers,
             allowed_unreadable=self._unreadable_allowed,
         )
+
+    def resolve_host_paths(self, paths: Collection[str]) -> dict[str, ResolvedPath]:
+        """Each host path with every symlink on the way followed on the host
+        (``agent.host.hostpaths``), under the host's root: pid 1's (``/proc/1/root``)
+        when this process shares the host's pid namespace and may enter it, else the
+        host's ``/`` as this process sees it (``host_root``: the configured
+        ``host_prefix``, or ``/``), as every other path the agent reads."""
+        return hostpaths.resolve_on_host(paths, host_root=self._host_root())
+
+    def _host_root(self) -> str:
+        try:
+            if mounttables.in_initial_pid_namespace(self._proc_root):
+                pid1 = os.path.join(self._proc_root, "1/root")
+                os.listdir(pid1)  # a supervisor may forbid even root to enter it
+                return pid1
+        except OSError:
+            pass
+        return self._local_host_root
 
     def filesystem(self, mount: str) -> FilesystemIdent:
         # The kernel names the filesystem of each device in sysfs: no process, and no

@@ -52,7 +52,7 @@ def read_host_mounts(proc_root: str) -> list[MountEntry]:
     the host is invisible. That is refused (``HostMountsUnavailable``)."""
     path = os.path.join(proc_root, "1/mountinfo")
     try:
-        if not _in_initial_pid_namespace(proc_root):
+        if not in_initial_pid_namespace(proc_root):
             raise HostMountsUnavailable(
                 "the agent runs in a pid namespace of its own (a container without "
                 "the host's pid namespace): pid 1 is not the host's and mounts made "
@@ -79,7 +79,7 @@ def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:
     meanwhile is passed over; a table that cannot be read, or more than
     ``MAX_MOUNT_NAMESPACES`` namespaces, raise ``HostMountsUnavailable`` (what is
     mounted there cannot be told)."""
-    if not _in_initial_pid_namespace(proc_root):
+    if not in_initial_pid_namespace(proc_root):
         raise HostMountsUnavailable(
             "the agent runs in a pid namespace of its own: the mount namespaces of the "
             "host's processes are invisible; run it with `pid: host`"
@@ -234,7 +234,7 @@ def _first_mount_id(path: str) -> bytes | None:
     return head.split(b" ", 1)[0] or None
 
 
-def _in_initial_pid_namespace(proc_root: str) -> bool:
+def in_initial_pid_namespace(proc_root: str) -> bool:
     """``/proc/self/ns/pid`` names the initial pid namespace (``pid:[4026531836]``)."""
     link = os.readlink(os.path.join(proc_root, "self/ns/pid"))
     return link == f"pid:[{PROC_PID_INIT_INO}]"

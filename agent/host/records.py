@@ -314,3 +314,16 @@ class DockerEvent:
     action: str  # create, destroy, start, die, pull, delete, ...
     actor: str  # the object's id or name
     time_nano: int  # when the daemon recorded it (ns since the epoch; 0 when not said)
+
+
+@dataclass(frozen=True)
+class ResolvedPath:
+    """A host path and what it resolves to on the host (``agent.host.hostpaths``):
+    ``real`` is the path with every symlink on the way followed, as the kernel would
+    follow them when something (a container starting) uses it; None when that cannot
+    be told, and ``reason`` says why (a dangling symlink, a loop, a part that cannot be
+    read)."""
+
+    path: str
+    real: str | None
+    reason: str | None = None

@@ -1573,3 +1573,211 @@ def test_layers_that_are_plain_folders(
         subvolume(layer, files=0)
         run("cp", "-a", f"{copy}/.", layer)
         slab.docker("image", "rm", image)
+
+
+# ================================================================ binds through symlinks
+
+
+def test_attack_stopped_containers_binding_volumes_through_symlinks(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """Created (never started) containers bind-mount leaked volumes through real
+    symlinks in a host folder: an absolute link to one volume's data, a relative link
+    as a middle component of the other's source. Docker keeps each source as written;
+    the agent resolves it on the host and both volumes are in use. A third container
+    binding through a dangling link blocks every delete, saying why, until it goes. The
+    plain leaks go."""
+    j = slab.seed_dind_volume()
+    j2 = slab.seed_dind_volume()
+    leak = slab.seed_dind_volume()
+    links = slab.root / f"links-{secrets.token_hex(3)}"
+    links.mkdir()
+    os.symlink(j.mountpoint, links / "ci")  # absolute
+    os.symlink(os.path.relpath(j2.mountpoint.parent, links), links / "rel")  # relative
+    os.symlink(slab.root / "not-made-yet", links / "dangling")
+    tag = secrets.token_hex(3)
+    names = [f"via-link-{tag}", f"via-rel-{tag}", f"via-dangling-{tag}"]
+    try:
+        slab.docker("create", "--name", names[0], "-v", f"{links}/ci:/d", BUSYBOX_IMAGE, "true")
+        slab.docker(
+            "create", "--name", names[1], "-v", f"{links}/rel/_data:/d", BUSYBOX_IMAGE, "true"
+        )
+        # Docker keeps the sources as written: nothing but the agent's resolving sees them
+        sources = slab.docker("inspect", "-f", "{{range .Mounts}}{{.Source}}{{end}}", *names[:2])
+        assert sources.stdout.split() == [f"{links}/ci", f"{links}/rel/_data"]
+        guarded.add(j.mountpoint, j2.mountpoint)
+
+        plan, job = api.broad()
+        assert {j.volume, j2.volume} <= volume_names(slab), "a volume in use was removed"
+        for vol, who in ((j, names[0]), (j2, names[1])):
+            reason = skip_for(plan, finding_for(api, vol.volume))
+            assert reason.startswith("in_use:") and f"container {who} (stopped)" in reason
+            assert f"resolves to {vol.mountpoint}" in reason, reason
+            refused(api.delete_volume(vol.volume), "in_use", who, "resolves to")
+        assert result_for(job, plan, leak.volume)["outcome"] == "deleted"
+        assert_dind_gone(slab, leak)
+
+        later = slab.seed_dind_volume()
+        slab.docker(
+            "create", "--name", names[2], "-v", f"{links}/dangling/x:/d", BUSYBOX_IMAGE, "true"
+        )
+        refused(
+            api.delete_volume(later.volume), "in_use", names[2], "cannot be resolved", "dangling"
+        )
+        assert later.volume in volume_names(slab)
+        slab.docker("rm", "-f", names[2])
+        status, body = api.delete_volume(later.volume)
+        assert status == 200, body
+        assert_dind_gone(slab, later)
+        guarded.assert_intact()
+        assert {j.volume, j2.volume} <= volume_names(slab)
+    finally:
+        slab.docker("rm", "-f", *names, check=False)
+
+
+# ====================================================== resuming a named dind volume
+
+
+def test_resuming_a_named_dind_volume_whose_subvolumes_all_went_finishes_it(
+    slab: Lab, tmp_path: Path, guarded: Guarded
+) -> None:
+    """A plan names the named docker-in-docker volume ``ci-resume-*``; the agent is cut
+    short after every nested subvolume went and before ``docker volume rm`` (emulated:
+    the job is left ``running`` with its action audited as started, and the subvolumes
+    are deleted with btrfs-progs as that attempt did). A new agent on the same state
+    directory reads the job interrupted, and applying the plan again finishes it: the
+    inner daemon's plain files and the volume go. A second named volume emptied by
+    other hands, planned afresh, stays (a named volume holding nothing)."""
+    name = f"ci-resume-{secrets.token_hex(3)}"
+    other = f"ci-other-{secrets.token_hex(3)}"
+    for n in (name, other):
+        slab.docker("volume", "create", n)
+    cache = slab.seed_dind_volume(volume=name)
+    emptied = slab.seed_dind_volume(volume=other)
+    state = tmp_path / "state"
+    api = Api(make_app(slab, state).test_client(), slab)
+    plan = api.plan(**{**BROAD, "finding_ids": [finding_for(api, name)["id"]]})
+    other_plan = api.plan(**{**BROAD, "finding_ids": [finding_for(api, other)["id"]]})
+    action = action_for(plan, name)
+    assert action is not None and action["op"] == "remove_volume"
+    rt = api.client.application.extensions["nas_janitor"].runtime
+    job, _ = rt.state.create_job_for_plan(
+        job_id="r" * 32,
+        plan_id=plan["id"],
+        idempotency_key=None,
+        body={"total": 1, "audit_from": rt.audit.head_entry()[0]},
+        state="running",
+    )
+    rt.audit.append(
+        actor="cleaner",
+        action="remove_volume",
+        target=f"volume {name}",
+        outcome="started",
+        detail={"job_id": job.id, "seq": action["seq"]},
+    )
+    for vol in (cache, emptied):  # what the first attempt (or other hands) did
+        for p in vol.subvolumes:
+            run("btrfs", "property", "set", p, "ro", "false")
+        for p in sorted(vol.subvolumes, key=lambda p: len(p.parts), reverse=True):
+            run("btrfs", "subvolume", "delete", p)
+    assert any(cache.mountpoint.iterdir()), "the inner daemon's plain files are left"
+    slab.settle()
+
+    again = Api(make_app(slab, state).test_client(), slab)
+    assert again.get(f"/v1/jobs/{job.id}")["state"] == "interrupted"
+    done = again.apply(plan)
+    assert done["id"] == job.id and done["state"] == "succeeded", done["results"]
+    assert name not in volume_names(slab)
+    assert not cache.mountpoint.parent.exists()
+
+    fresh = again.apply(other_plan)
+    [result] = fresh["results"]
+    assert result["outcome"] == "skipped" and result["detail"].startswith("protected:"), result
+    assert "named volume holding no btrfs subvolume" in result["detail"]
+    assert other in volume_names(slab) and emptied.mountpoint.is_dir()
+    guarded.assert_intact()
+    slab.docker("volume", "rm", other)
+
+
+# ============================================== the volumes folder on another filesystem
+
+
+def test_attack_dockers_volumes_folder_on_another_filesystem(
+    slab: Lab, api: Api, guarded: Guarded, tmp_path: Path
+) -> None:
+    """An ext4 filesystem (an image on a loop device of its own) mounted over Docker's
+    ``<data_root>/volumes`` (a NAS owner moving volumes to another disk), and Docker
+    making volumes there: an anonymous one no container uses, with files, and a named
+    one. Their folders lie on ext4, not on the btrfs filesystem their paths are on:
+    every plan skips them and every direct DELETE is refused as protected, and nothing
+    on the ext4 filesystem is touched (every file, the volumes' own too)."""
+    volumes = Path(slab.docker("info", "-f", "{{.DockerRootDir}}").stdout.strip()) / "volumes"
+    made: list[str] = []
+    with loop_filesystem(tmp_path / "ext4.img", volumes) as device:
+        try:
+            anon = slab.docker("volume", "create").stdout.strip()
+            named = f"on-ext4-{secrets.token_hex(3)}"
+            slab.docker("volume", "create", named)
+            made += [anon, named]
+            for n in made:
+                data = volumes / n / "_data"
+                assert data.is_dir(), data
+                (data / "library.db").write_bytes(secrets.token_bytes(5000))
+            assert (
+                run("findmnt", "-n", "-o", "FSTYPE", "--target", volumes / anon).stdout.strip()
+                == b"ext4"
+            )
+            slab.settle()
+            on_ext4 = Guarded()  # the btrfs volumes folder is hidden under it meanwhile
+            on_ext4.add(volumes)
+
+            plan, _job = api.broad()
+            for n in made:
+                assert action_for(plan, n) is None, plan
+            # the anonymous one is a dangling-volume finding, blocked for where it lies
+            [f] = [f for f in api.findings() if f["target"]["name"] == anon]
+            reason = skip_for(plan, f)
+            assert reason.startswith("protected:"), reason
+            assert "not on the btrfs filesystem" in reason and device in reason, reason
+            refused(api.delete_volume(anon), "protected", "not on the btrfs filesystem", device)
+            # the named one is refused too (first as a named volume holding nothing)
+            refused(api.delete_volume(named), "protected")
+            assert anon in [f["target"]["name"] for f in api.findings()]
+            assert set(made) <= volume_names(slab)
+            on_ext4.assert_intact()
+        finally:
+            for n in made:
+                slab.docker("volume", "rm", n, check=False)
+    guarded.assert_intact()  # and what the ext4 filesystem hid
+
+
+# ======================================== the layers folder while no layer record is read
+
+
+def test_attack_the_layers_folder_while_dockers_layer_records_cannot_be_read(
+    slab: Lab, api: Api, guarded: Guarded
+) -> None:
+    """Docker's layer records (``image/btrfs/layerdb``) cannot be read (moved aside
+    for a moment, as on a fresh daemon's first pull none exist yet): a layer being
+    written cannot be told from an orphan. An orphan seeded before, and an image's
+    real layer, are neither planned nor deleted directly (``protected``); with the
+    records back the orphan is an orphan again."""
+    orphan = slab.seed_orphan_subvolume()
+    layer = slab.seeded.never_touch.images[0].layer_subvolumes[-1]
+    assert finding_for(api, orphan.name)["kind"] == "orphan-layer"  # the control
+    layerdb = slab.data_root / "image" / "btrfs" / "layerdb"
+    aside = layerdb.with_name(f"layerdb-aside-{secrets.token_hex(3)}")
+    guarded.add(orphan)
+    os.rename(layerdb, aside)
+    try:
+        plan, _job = api.broad()
+        planned = {a["target"].get("path") for a in plan["actions"]}
+        assert str(orphan) not in planned and str(layer) not in planned, planned
+        for path in (orphan, layer):
+            refused(api.delete_subvolume(rootid(path)), "protected", "layer records")
+        assert orphan.exists() and layer.exists()
+    finally:
+        os.rename(aside, layerdb)
+    guarded.assert_intact()
+    slab.settle()
+    assert finding_for(api, orphan.name)["kind"] == "orphan-layer"
