@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, current_app, jsonify
+from flask import Response, current_app
 from flask_smorest import Blueprint
 
 from agent.domain.inventory import Inventory
@@ -23,7 +23,6 @@ from shared.schemas import (
     VolumePageSchema,
     VolumeQuerySchema,
     VolumeSchema,
-    dump_subvolume_page,
 )
 
 blp = Blueprint("inventory", __name__, url_prefix="/v1", description="What is on this NAS")
@@ -58,9 +57,8 @@ def subvolumes(fs_uuid: str, *, limit: int, cursor: str | None, under: str | Non
     """Subvolumes of one filesystem with their owner, paged by id."""
     i = inv()
     items, next_cursor = i.subvolumes(fs_uuid, under=under, limit=limit, cursor=cursor)
-    return jsonify(
-        dump_subvolume_page([wire.subvolume(sv, i.created_at(sv)) for sv in items], next_cursor)
-    )
+    body = wire.subvolume_page_json(items, i.created_at, next_cursor)
+    return Response(body, mimetype="application/json")
 
 
 @blp.get("/filesystems/<string:fs_uuid>/subvolumes/<int:sub_id>")
