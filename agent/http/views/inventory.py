@@ -99,7 +99,9 @@ def volume(name: str) -> dict[str, Any]:
 @blp.response(200, FindingPageSchema)
 def findings(*, kind: list[str] | None, min_age_seconds: int) -> Response:
     """Leftovers with evidence, reclaimable bytes and what blocks their clean-up."""
-    found = inv().findings(kinds=kind, min_age_seconds=min_age_seconds)
+    i = inv()
+    found = i.findings(kinds=kind, min_age_seconds=min_age_seconds)
+    epoch = i.scans  # the scan these findings are of (or one after it)
     # The same findings (the kept scan's, asked the same way) make the same answer: it
     # is dumped once (through the schema, as flask-smorest would) and sent again.
     answers = http().answers
@@ -110,5 +112,5 @@ def findings(*, kind: list[str] | None, min_age_seconds: int) -> Response:
             {"items": [wire.finding(f) for f in found], "next_cursor": None}
         )
         body = (current_app.json.dumps(page) + "\n").encode()
-        answers.put(name, found, body)
+        answers.put(name, found, body, epoch=epoch)
     return Response(body, mimetype="application/json")
