@@ -99,3 +99,9 @@ def test_the_page_is_the_schemas_dump() -> None:
     odd = new["items"][2]
     assert os.fsdecode(base64.b64decode(odd["path_b64"])) == ODD
     assert "\ufffd" in odd["owner"]["ref"]
+
+
+def test_a_long_page_is_the_old_answer_too() -> None:
+    many = [_sv(1000 + i, f"/volume1/docker/volumes/v/_data/{i}", generation=i) for i in range(600)]
+    for n in (255, 256, 257, 512, 600):
+        assert wire.subvolume_page_json(many[:n], _created, str(n)) == _old_body(many[:n], str(n))
