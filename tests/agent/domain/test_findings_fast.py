@@ -110,8 +110,8 @@ def the_old_way(monkeypatch: pytest.MonkeyPatch) -> None:
 def big_scene() -> LeakScenario:
     """The leak scenario and more: dind volumes whose subvolumes nest two and three
     deep (some inside read-only ones), one labelled keep, one used by a stopped
-    container, one holding a subvolume mounted elsewhere; orphan layers, one holding
-    a subvolume; a subvolume inside a referenced layer."""
+    container, one holding a subvolume mounted elsewhere and the default subvolume;
+    orphan layers, one holding a subvolume; a subvolume inside a referenced layer."""
     sc = make_leak_scenario()
     fs, docker = sc.btrfs, sc.docker
     for v in range(4):
@@ -130,6 +130,7 @@ def big_scene() -> LeakScenario:
             docker.add_container("user", image=sc.image, running=False, volumes=[vol.name])
         if v == 3:
             fs.mount_subvolume(f"{base}/{fake_hex('sv', v, 5)}", "/mnt/elsewhere")
+            fs.set_default(f"{base}/{fake_hex('sv', v, 7)}")  # someone's default subvolume
     layers = f"{sc.data_root}/btrfs/subvolumes"
     for k in range(5):
         orphan = f"{layers}/{fake_hex('orphan-more', k)}"
