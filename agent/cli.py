@@ -112,9 +112,12 @@ def serve(config_path: str | None) -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
+            from agent.domain.keptscan import tune_collector
             from agent.http.app import create_app
 
-            return create_app(config)
+            app = create_app(config)
+            tune_collector()  # in the worker, which serves: the app is made there
+            return app
 
     # This process becomes gunicorn's master; it and its worker are the agent, whose own
     # open files never count as a use of a target.

@@ -95,6 +95,7 @@ class Inventory:
         for link, real in self.root_links.items():
             log.warning("root %s is a symbolic link: acting under its real path %s", link, real)
         self._fs_cache: dict[str, tuple[str, str | None]] = {}
+        self._data_root: str | None = None  # Docker's data root as the last scan saw it
         # A subvolume's creation time never changes: keep it by (filesystem, subvolume
         # uuid), so a listing asks the kernel once per subvolume, not once per request.
         self._created: dict[tuple[str, str], datetime] = {}
@@ -133,14 +134,17 @@ class Inventory:
         return self.take()
 
     def take(self) -> Snapshot:
-        return take_snapshot(
+        snap = take_snapshot(
             self.btrfs,
             self.docker,
             now=self.clock(),
             roots=self.roots,
             pathmap=self.pathmap,
             fs_cache=self._fs_cache,
+            data_root_hint=self._data_root,
         )
+        self._data_root = snap.docker.data_root  # the next scan lists its filesystem early
+        return snap
 
     # -- the kept scan ----------------------------------------------------------------
     def current(self) -> Snapshot:

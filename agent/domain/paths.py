@@ -114,9 +114,11 @@ class LinkMemo:
 
     def no_link(self, path: str) -> bool:
         """No component of the normal absolute ``path`` is a symlink."""
-        parent, name = posixpath.split(path)
+        # posixpath.split for a normal absolute path, without its function calls
+        parent, _, name = path.rpartition("/")
         if not name:  # "/"
             return True
+        parent = parent or "/"
         ok = self._folders.get(parent)
         if ok is None:
             ok = self._folders[parent] = self.no_link(parent)

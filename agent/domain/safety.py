@@ -31,6 +31,7 @@ Each check raises a ``Refused`` subclass that the API maps to ``409`` with its c
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -292,13 +293,20 @@ def _readonly_parents(snap: Snapshot, subs: Sequence[SubvolView]) -> tuple[Subvo
 # ---------------------------------------------------------------------- deletes
 
 
+@functools.lru_cache(maxsize=16)
+def _layer_dir_of(data_root: str) -> tuple[str, str]:
+    """Docker's layers folder for ``data_root``, as joined and without a trailing "/"."""
+    layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
+    return layer_dir, layer_dir.rstrip("/")
+
+
 def _layer_of(snap: Snapshot, path: str) -> str | None:
     """The layer (``<data_root>/btrfs/subvolumes/<name>``) that host path ``path`` is or
     lies in; None when it is in none."""
-    layer_dir = posixpath.join(snap.docker.data_root, "btrfs", "subvolumes")
-    if not is_under(path, layer_dir) or path.rstrip("/") == layer_dir.rstrip("/"):
+    layer_dir, base = _layer_dir_of(snap.docker.data_root)
+    if not is_under(path, layer_dir) or path.rstrip("/") == base:
         return None
-    name = path[len(layer_dir.rstrip("/")) + 1 :].split("/", 1)[0]
+    name = path[len(base) + 1 :].split("/", 1)[0]
     return posixpath.join(layer_dir, name)
 
 
@@ -479,6 +487,8 @@ def plan_volume_delete(
     check_guard(snap, guard, snap.mounts)
     members: dict[tuple[str, int], SubvolView] = {}
     for sv in vol.nested:
+        if (sv.fs_uuid, sv.id) in members:
+            continue  # inside one seen before: its subtree is in already, in this order
         for member in snap.subtree(sv.fs_uuid, sv.id):
             members[(member.fs_uuid, member.id)] = member
     if {k[0] for k in members} - {holder.uuid}:

@@ -1,7 +1,8 @@
 """What is on this NAS: filesystems, subvolumes, volumes, and who owns each.
 
 Only the btrfs filesystems that hold a configured root or Docker's data root are
-looked at.
+looked at (and, in the one scan after Docker's data root moved, the one that held it
+before: listed early on the last data root seen, dropped unread).
 
 ``take_snapshot`` asks the two backends once (a fixed number of btrfs processes per
 filesystem, one Docker call per kind of object, whatever the number of subvolumes)
@@ -96,11 +97,13 @@ class VolumeView:
     the creation and last change of every subvolume nested in it, and the modification
     and change times of its ``_data`` folder and of the folders directly in it (what a
     daemon using it as its data root touches whenever it runs: ``containers/``,
-    ``image/``, ``btrfs/subvolumes/``, ...). None when none of these is known.
+    ``image/``, ``btrfs/subvolumes/``, ...). None when none of these is known, and for
+    a volume that can be no finding (one in use, or a named one holding no subvolume):
+    only a finding's age is read.
 
     ``inner``: the volumes that a daemon which kept its data root in this volume
     recorded (its ``volumes/metadata.db``), with their labels; read for volumes no
-    container uses (the candidates), None for the others."""
+    container uses, None for the others."""
 
     record: VolumeRecord
     in_use_by: tuple[str, ...]
@@ -262,46 +265,11 @@ class _FsScan:
         )
 
 
-def take_snapshot(
-    btrfs: Btrfs,
-    docker: Docker,
-    *,
-    now: datetime,
-    roots: Sequence[str] = (),
-    pathmap: PathMap | None = None,
-    fs_cache: dict[str, tuple[str, str | None]] | None = None,
-) -> Snapshot:
-    """Ask both backends once and join the answers. ``fs_cache`` (device -> uuid,
-    label) spares a ``filesystem show`` per request for filesystems seen before."""
-    pathmap = pathmap or PathMap()
-    # The backends' calls are independent processes and requests: ask them at once.
-    f_info = _POOL.submit(docker.info)
-    f_volumes = _POOL.submit(docker.volumes)
-    f_containers = _POOL.submit(docker.containers)
-    f_mounts = _POOL.submit(btrfs.mounts)
-    f_host_mounts = _POOL.submit(btrfs.host_mounts)
-    f_namespaces = _POOL.submit(btrfs.namespace_mounts)
-    f_holders = _POOL.submit(btrfs.holders)
-    info = f_info.result()
-    data_root = info.data_root
-    roots = tuple(roots) or (data_root,)
-    f_refs = _POOL.submit(docker.layer_refs, pathmap.to_local(data_root))
-    layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
-    f_folders = _POOL.submit(btrfs.plain_folders, pathmap.to_local(layer_dir))
-    all_mounts = f_mounts.result()
-    by_source: dict[str, list[MountEntry]] = {}
-    for m in all_mounts:
-        if m.fstype == "btrfs":
-            by_source.setdefault(m.source, []).append(m)
-    mounts_index = mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces, f_holders)
-
-    filesystems: dict[str, FsView] = {}
-    subvolumes: dict[str, dict[int, SubvolView]] = {}
-
-    # Only filesystems that hold a root or Docker's data root: nothing else is ours to
-    # look at, and an unrelated filesystem (a failing USB disk, a mount going away) must
-    # not fail the answer.
-    wanted = (*roots, data_root)
+def _wanted_groups(
+    by_source: Mapping[str, list[MountEntry]], pathmap: PathMap, wanted: Sequence[str]
+) -> list[tuple[str, list[MountEntry], tuple[str, ...]]]:
+    """(device, its mounts with a mount of the top level first, their host paths) of the
+    btrfs filesystems holding one of the ``wanted`` paths or held by one."""
     groups: list[tuple[str, list[MountEntry], tuple[str, ...]]] = []
     for source, mounts in sorted(by_source.items()):
         host_mps = tuple(
@@ -311,6 +279,63 @@ def take_snapshot(
             # Point commands at a mount of the top level when there is one.
             mounts.sort(key=lambda m: (m.root != "/", len(m.mountpoint)))
             groups.append((source, mounts, host_mps))
+    return groups
+
+
+def take_snapshot(
+    btrfs: Btrfs,
+    docker: Docker,
+    *,
+    now: datetime,
+    roots: Sequence[str] = (),
+    pathmap: PathMap | None = None,
+    fs_cache: dict[str, tuple[str, str | None]] | None = None,
+    data_root_hint: str | None = None,
+) -> Snapshot:
+    """Ask both backends once and join the answers. ``fs_cache`` (device -> uuid,
+    label) spares a ``filesystem show`` per request for filesystems seen before.
+
+    ``data_root_hint`` (Docker's data root as last seen): the filesystems it picks are
+    listed while Docker is still asked for its data root, the longest wait of a scan;
+    a listing whose filesystem the answer does not pick is dropped unread, and one it
+    picks that the hint did not is started then. Either way every listing used is read
+    during this call."""
+    pathmap = pathmap or PathMap()
+    # The backends' calls are independent processes and requests: ask them at once.
+    f_info = _POOL.submit(docker.info)
+    f_mounts = _POOL.submit(btrfs.mounts)
+    f_volumes = _POOL.submit(docker.volumes)
+    f_containers = _POOL.submit(docker.containers)
+    f_host_mounts = _POOL.submit(btrfs.host_mounts)
+    f_namespaces = _POOL.submit(btrfs.namespace_mounts)
+    f_holders = _POOL.submit(btrfs.holders)
+    all_mounts = f_mounts.result()
+    by_source: dict[str, list[MountEntry]] = {}
+    for m in all_mounts:
+        if m.fstype == "btrfs":
+            by_source.setdefault(m.source, []).append(m)
+    early: dict[tuple[str, str], _FsScan] = {}
+    if data_root_hint is not None and fs_cache:
+        hinted = (*(tuple(roots) or (data_root_hint,)), data_root_hint)
+        for source, mounts, _ in _wanted_groups(by_source, pathmap, hinted):
+            if source in fs_cache:
+                early[(source, mounts[0].mountpoint)] = _FsScan.start(btrfs, mounts[0].mountpoint)
+    info = f_info.result()
+    data_root = info.data_root
+    roots = tuple(roots) or (data_root,)
+    f_refs = _POOL.submit(docker.layer_refs, pathmap.to_local(data_root))
+    layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
+    f_folders = _POOL.submit(btrfs.plain_folders, pathmap.to_local(layer_dir))
+    mounts_index = mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces, f_holders)
+
+    filesystems: dict[str, FsView] = {}
+    subvolumes: dict[str, dict[int, SubvolView]] = {}
+
+    # Only filesystems that hold a root or Docker's data root: nothing else is ours to
+    # look at, and an unrelated filesystem (a failing USB disk, a mount going away) must
+    # not fail the answer.
+    wanted = (*roots, data_root)
+    groups = _wanted_groups(by_source, pathmap, wanted)
     idents: dict[str, Future[FilesystemIdent]] = {
         source: _POOL.submit(btrfs.filesystem, mounts[0].mountpoint)
         for source, mounts, _ in groups
@@ -328,7 +353,11 @@ def take_snapshot(
             uuid, label = fs_cache[source]
         if any(uuid == seen for seen, *_ in scans):
             continue
-        scans.append((uuid, label, mounts, host_mps, _FsScan.start(btrfs, mounts[0].mountpoint)))
+        scan = early.pop((source, mounts[0].mountpoint), None)
+        if scan is None:
+            scan = _FsScan.start(btrfs, mounts[0].mountpoint)
+        scans.append((uuid, label, mounts, host_mps, scan))
+    # (what is left in ``early`` was not asked for: never read, its failures neither)
 
     volumes = f_volumes.result()
     containers = tuple(f_containers.result())
@@ -361,13 +390,25 @@ def take_snapshot(
         )
         subs: dict[int, SubvolView] = {}
         views = _view_mounts(mounts, pathmap, wanted)
+        # Most subvolumes are read through the first view, a mount of the top level:
+        # their local path is that mount point and their path inside the filesystem.
+        top = views[0][1] if views and views[0][0] == "" else None
+        layer_prefix, volumes_prefix = layer_dir + "/", volumes_dir + "/"
         for rec in sorted(records, key=lambda r: r.id):
             in_fs = "/" + rec.path.strip("/") if rec.path is not None else None
-            local = _map_path(in_fs, views) if in_fs is not None else None
+            if in_fs is None:
+                local = None
+            elif top is not None and in_fs != "/":
+                local = top + in_fs  # what _map_path gives through that first view
+            else:
+                local = _map_path(in_fs, views)
             host = pathmap.to_host(local) if local is not None else None
             kind, ref = "other", None
             if host is not None:
-                parent_dir, name = posixpath.split(host)
+                # (a path whose folder is the layers folder starts with it and a "/")
+                parent_dir, name = (
+                    posixpath.split(host) if host.startswith(layer_prefix) else ("", "")
+                )
                 if parent_dir == layer_dir:
                     if name in referenced:
                         kind, ref = "docker-layer", name
@@ -375,8 +416,8 @@ def take_snapshot(
                         kind, ref = "orphan-layer", name
                     else:
                         kind, ref = "other", name
-                elif host.startswith(volumes_dir + "/"):
-                    vname = host[len(volumes_dir) + 1 :].split("/", 1)[0]
+                elif host.startswith(volumes_prefix):
+                    vname = host[len(volumes_prefix) :].split("/", 1)[0]
                     vol = vol_by_name.get(vname)
                     if vol is not None:  # the volume's own name: one string per volume
                         kind, ref = "docker-volume", vol.name
@@ -422,7 +463,9 @@ def take_snapshot(
             stamp = btrfs.folder_stamp(pathmap.to_local(posixpath.dirname(v.mountpoint)))
             identity = f"{stamp[0]}:{stamp[1]}" if stamp is not None and stamp[1] else None
             inner = docker.volume_stores(pathmap.to_local(v.mountpoint))
-        if not in_use_by:  # only a candidate's age matters: no stat for the others
+        if not in_use_by and (nested or v.anonymous):
+            # Only a finding's age matters (an unused volume holding subvolumes, or an
+            # unused anonymous one): no stat of the folders of the others.
             last_write = _newest(
                 v.created_at,
                 *(s.created_at for s in nested),

@@ -18,20 +18,31 @@ EXTENSION = "nas_janitor"
 
 class AnswerCache:
     """The last answer made from a value, kept while the same value (the very object:
-    e.g. the findings of the kept scan) is asked for again."""
+    e.g. the findings of the kept scan) is asked for again. Only answers of one scan
+    (``epoch``) are kept, at most ``MAX`` of them: an answer of an older scan goes when
+    one of a newer is put, so it never outlives its scan by more than one read."""
+
+    MAX = 16
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[Any, bytes]] = {}
+        self._entries: dict[str, tuple[Any, bytes, int]] = {}
 
     def get(self, name: str, source: Any) -> bytes | None:
         with self._lock:
             entry = self._entries.get(name)
         return entry[1] if entry is not None and entry[0] is source else None
 
-    def put(self, name: str, source: Any, body: bytes) -> None:
+    def put(self, name: str, source: Any, body: bytes, *, epoch: int = 0) -> None:
         with self._lock:
-            self._entries[name] = (source, body)
+            for old in [n for n, e in self._entries.items() if e[2] != epoch or n == name]:
+                del self._entries[old]
+            while len(self._entries) >= self.MAX:
+                del self._entries[next(iter(self._entries))]  # the oldest
+            self._entries[name] = (source, body, epoch)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ UTF-8 reaches the client losslessly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from agent.clean.deletes import DeleteAnswer, deleted_json
@@ -17,7 +19,7 @@ from agent.domain.inventory import HostFacts
 from agent.domain.plans import ActionResult, Plan
 from agent.domain.snapshot import FsView, SubvolView, VolumeView
 from shared.policy import DEFAULT_PROTECT_LABELS, protected_reason
-from shared.wirepath import path_fields, safe_text
+from shared.wirepath import path_fields, safe_text, to_wire
 
 
 def host(h: HostFacts) -> dict[str, Any]:
@@ -65,6 +67,60 @@ def subvolume(sv: SubvolView, created_at: datetime | None) -> dict[str, Any]:
         "exclusive_bytes": sv.exclusive_bytes,
         "owner": {"kind": sv.owner_kind, "ref": sv.owner_ref and safe_text(sv.owner_ref)},
     }
+
+
+PAGE_CHUNK = 256
+
+
+def subvolume_page_json(
+    items: Sequence[SubvolView],
+    created_at: Callable[[SubvolView], datetime | None],
+    next_cursor: str | None,
+) -> bytes:
+    """A page of the subvolume listing as the JSON body of ``SubvolumePageSchema``: the
+    same members in the same order as ``subvolume`` and the schema's dump give (a test
+    checks both agree), written as text in one pass: a page of 5,000 subvolumes is the
+    API's largest answer, and building the dicts first and encoding them after cost
+    three times as much."""
+    chunks: list[bytes] = []  # every PAGE_CHUNK items encoded: few pieces alive at once
+    parts: list[str] = []
+    append = parts.append
+    q = encode_basestring_ascii  # a JSON string, ASCII only, as json.dumps writes it
+    for n, sv in enumerate(items, 1):
+        text, raw = to_wire(sv.path)
+        text = "null" if text is None else q(text)
+        raw = "null" if raw is None else q(raw)
+        created = created_at(sv)
+        uuid, puuid, ref = sv.uuid, sv.parent_uuid, sv.owner_ref
+        rfer, excl = sv.referenced_bytes, sv.exclusive_bytes
+        append(
+            f'{{"id":{int(sv.id)},"parent_id":{int(sv.parent_id)},'
+            f'"path":{text},"path_b64":{raw},'
+            f'"read_only":{"true" if sv.read_only else "false"},'
+            f'"generation":{int(sv.generation)},'
+            f'"created_at":{"null" if created is None else q(created.isoformat())},'
+            f'"uuid":{"null" if uuid is None else q(uuid)},'
+            f'"parent_uuid":{"null" if puuid is None else q(puuid)},'
+            f'"referenced_bytes":{"null" if rfer is None else int(rfer)},'
+            f'"exclusive_bytes":{"null" if excl is None else int(excl)},'
+            f'"owner":{{"kind":{q(sv.owner_kind)},'
+            f'"ref":{"null" if ref is None else q(safe_text(ref))}}}}}'
+        )
+        if n % PAGE_CHUNK == 0:
+            chunks.append(",".join(parts).encode())
+            parts.clear()
+    if parts or not chunks:
+        chunks.append(",".join(parts).encode())
+    cursor = "null" if next_cursor is None else q(next_cursor)
+    return b"".join(
+        (
+            b'{"items":[',
+            b",".join(c for c in chunks if c),
+            b'],"next_cursor":',
+            cursor.encode(),
+            b"}\n",
+        )
+    )
 
 
 def volume(vol: VolumeView) -> dict[str, Any]:

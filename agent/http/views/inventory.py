@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, current_app, jsonify
+from flask import Response, current_app
 from flask_smorest import Blueprint
 
 from agent.domain.inventory import Inventory
+from agent.domain.keptscan import trim_malloc
 from agent.domain.paths import VOLUME_NAME_PARAMETER
 from agent.http import wire
 from agent.http.api import needs
@@ -23,8 +24,10 @@ from shared.schemas import (
     VolumePageSchema,
     VolumeQuerySchema,
     VolumeSchema,
-    dump_subvolume_page,
 )
+
+# A page of more subvolumes than this returns what making it took to the system.
+BIG_PAGE = 1000
 
 blp = Blueprint("inventory", __name__, url_prefix="/v1", description="What is on this NAS")
 
@@ -58,9 +61,10 @@ def subvolumes(fs_uuid: str, *, limit: int, cursor: str | None, under: str | Non
     """Subvolumes of one filesystem with their owner, paged by id."""
     i = inv()
     items, next_cursor = i.subvolumes(fs_uuid, under=under, limit=limit, cursor=cursor)
-    return jsonify(
-        dump_subvolume_page([wire.subvolume(sv, i.created_at(sv)) for sv in items], next_cursor)
-    )
+    body = wire.subvolume_page_json(items, i.created_at, next_cursor)
+    if len(items) > BIG_PAGE:
+        trim_malloc()  # the page's pieces go back to the system, not to the heap's top
+    return Response(body, mimetype="application/json")
 
 
 @blp.get("/filesystems/<string:fs_uuid>/subvolumes/<int:sub_id>")
@@ -101,7 +105,9 @@ def volume(name: str) -> dict[str, Any]:
 @blp.response(200, FindingPageSchema)
 def findings(*, kind: list[str] | None, min_age_seconds: int) -> Response:
     """Leftovers with evidence, reclaimable bytes and what blocks their clean-up."""
-    found = inv().findings(kinds=kind, min_age_seconds=min_age_seconds)
+    i = inv()
+    found = i.findings(kinds=kind, min_age_seconds=min_age_seconds)
+    epoch = i.scans  # the scan these findings are of (or one after it)
     # The same findings (the kept scan's, asked the same way) make the same answer: it
     # is dumped once (through the schema, as flask-smorest would) and sent again.
     answers = http().answers
@@ -112,5 +118,5 @@ def findings(*, kind: list[str] | None, min_age_seconds: int) -> Response:
             {"items": [wire.finding(f) for f in found], "next_cursor": None}
         )
         body = (current_app.json.dumps(page) + "\n").encode()
-        answers.put(name, found, body)
+        answers.put(name, found, body, epoch=epoch)
     return Response(body, mimetype="application/json")

@@ -285,3 +285,18 @@ def test_btrfs_progs_gone_is_said_at_the_next_read(inv: Inventory, sc: LeakScena
     sc.btrfs.missing = False
     assert sc.fs_uuid in inv.current().subvolumes
     assert inv.scans == scans
+
+
+def test_a_serving_agent_tunes_the_collector() -> None:
+    import gc
+
+    from agent.domain.keptscan import COLLECTOR_THRESHOLDS, tune_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_collector()
+        assert gc.get_threshold() == COLLECTOR_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
