@@ -161,6 +161,11 @@ class Deletes:
         self.sweeper = sweeper
         self.pending = pending
         self._on_action = on_action
+        # The filesystem the last real delete decided on: the lock a volume delete takes
+        # first (a volume's filesystem is known only once decided). Only a hint: the
+        # decision is made under the lock taken, and again under the right one when the
+        # hint was wrong.
+        self._last_fs: str | None = None
 
     def subvolume(self, fs_uuid: str, sub_id: int, *, dry_run: bool, actor: str) -> DeleteAnswer:
         return self._direct(
@@ -200,9 +205,11 @@ class Deletes:
         fs_hint: str | None,
         decide: Callable[[Snapshot], DeleteSet],
     ) -> DeleteAnswer:
-        # A volume's filesystem is known only from a snapshot: decide, then take that
-        # filesystem's lock and decide again under it.
-        held = fs_hint or "-"
+        # A volume's filesystem is known only from a snapshot: take the lock of the
+        # filesystem it most likely is on (the last one decided on, or the only one the
+        # agent knows), decide under it, and when the decision names another filesystem
+        # take that one's lock and decide again under it.
+        held = fs_hint or self._likely_fs() or "-"
         for _ in range(3):
             lock = self.executor.fs_lock(held) if not dry_run else None
             if lock is not None:
@@ -237,6 +244,8 @@ class Deletes:
                         },
                     )
                     return self._answer(ds, dry_run=True, audit_seq=entry.seq)
+                if ds.fs_uuid:
+                    self._last_fs = ds.fs_uuid
                 if not ds.fs_uuid or ds.fs_uuid == held:
                     return self._run(snap, ds, actor, action, target)
                 held = ds.fs_uuid  # decided without that filesystem's lock: again, under it
@@ -244,6 +253,12 @@ class Deletes:
                 if lock is not None:
                     lock.release()
         raise Conflict(f"{target} moved between filesystems while deleting it; try again")
+
+    def _likely_fs(self) -> str | None:
+        if self._last_fs is not None:
+            return self._last_fs
+        known = self.inventory.known_filesystems()
+        return next(iter(known)) if len(known) == 1 else None
 
     def _run(
         self, snap: Snapshot, ds: DeleteSet, actor: str, action: str, target: str

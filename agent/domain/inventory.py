@@ -181,6 +181,10 @@ class Inventory:
             self._paged = (now, snap)
         return snap
 
+    def known_filesystems(self) -> set[str]:
+        """The uuids of the filesystems the scans so far have looked at (no scan)."""
+        return {u for u, _ in self._fs_cache.values()}
+
     def local_mount(self, fs_uuid: str) -> str | None:
         """Where this process sees filesystem ``fs_uuid`` (a mount of its top level when
         there is one); a snapshot is taken only to learn a filesystem not seen before.

@@ -1,0 +1,48 @@
+"""Direct deletes over the stateful fakes: what a DELETE reads from the host."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.runtime import Backends, Runtime, build_runtime
+from tests.agent.http.apphelpers import agent_config
+from tests.fakes import LeakScenario, make_leak_scenario
+
+
+@pytest.fixture
+def sc() -> LeakScenario:
+    return make_leak_scenario()
+
+
+@pytest.fixture
+def rt(sc: LeakScenario, tmp_path: Path) -> Iterator[Runtime]:
+    runtime = build_runtime(agent_config(tmp_path), backends=Backends(sc.btrfs, sc.docker))
+    yield runtime
+    runtime.inventory.watch.stop()
+
+
+def listings(sc: LeakScenario) -> int:
+    return len(sc.btrfs.calls_to("tree search"))
+
+
+def test_a_volume_delete_decides_on_one_fresh_snapshot(rt: Runtime, sc: LeakScenario) -> None:
+    """The volume's filesystem is the one the agent knows: its lock is taken first and
+    the delete decides once, under it (not once without the lock and again under it)."""
+    rt.inventory.current()  # the agent has looked at the host before
+    before = listings(sc)
+    answer = rt.deletes.volume(sc.dind_volume, dry_run=False, actor="test")
+    assert answer.volume == sc.dind_volume and answer.deleted
+    assert listings(sc) - before == 1
+    assert sc.docker.volume(sc.dind_volume) is None
+
+
+def test_the_first_volume_delete_of_a_fresh_agent_still_decides_under_the_lock(
+    rt: Runtime, sc: LeakScenario
+) -> None:
+    """Nothing known yet: decide to learn the filesystem, then again under its lock."""
+    answer = rt.deletes.volume(sc.dind_volume, dry_run=False, actor="test")
+    assert answer.deleted
+    assert sc.docker.volume(sc.dind_volume) is None
