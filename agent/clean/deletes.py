@@ -21,7 +21,7 @@ from agent.clean.qgroups import QgroupSweeper
 from agent.domain.inventory import Inventory
 from agent.domain.plans import Deleted
 from agent.domain.safety import DeleteSet, plan_subvolume_delete, plan_volume_delete
-from agent.domain.snapshot import Snapshot
+from agent.domain.snapshot import Scope, Snapshot
 from agent.errors import (
     AgentError,
     AuditUnavailable,
@@ -174,6 +174,7 @@ class Deletes:
             actor=actor,
             dry_run=dry_run,
             fs_hint=fs_uuid,
+            scope=Scope(fs_uuid=fs_uuid, ids=(sub_id,)),
             decide=lambda snap: plan_subvolume_delete(
                 snap,
                 fs_uuid,
@@ -190,6 +191,7 @@ class Deletes:
             actor=actor,
             dry_run=dry_run,
             fs_hint=None,
+            scope=Scope(volume=name),
             decide=lambda snap: plan_volume_delete(
                 snap, name, protect_labels=DEFAULT_PROTECT_LABELS
             ),
@@ -203,6 +205,7 @@ class Deletes:
         actor: str,
         dry_run: bool,
         fs_hint: str | None,
+        scope: Scope,
         decide: Callable[[Snapshot], DeleteSet],
     ) -> DeleteAnswer:
         # A volume's filesystem is known only from a snapshot: take the lock of the
@@ -216,7 +219,9 @@ class Deletes:
                 lock.acquire()
             try:
                 try:
-                    snap = self.inventory.fresh_snapshot()
+                    # what the delete touches, read now: its subvolumes and everything
+                    # around them that a rule reads (agent.domain.snapshot.Scope)
+                    snap = self.inventory.fresh_snapshot(scope=scope)
                     ds = decide(snap)
                 except (Refused, NotFound, ValidationFailed, Unavailable) as exc:
                     self.audit.append(

@@ -30,11 +30,27 @@ from agent.host.records import (
     LayerRefs,
     MountEntry,
     QgroupReport,
+    ScopeRecords,
     SubvolumeRecord,
     VolumeRecord,
 )
 
 TOP_LEVEL_ID = 5
+NO_USAGE = FsUsage(size_bytes=0, used_bytes=0, free_bytes=0)  # not read (a scoped snapshot)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one delete touches, for a snapshot that reads no more than that: the
+    volume ``volume`` (its folder ``<data_root>/volumes/<name>``), or the subvolumes
+    ``ids`` of filesystem ``fs_uuid``. Only their subvolumes, everything nested in
+    them and every subvolume holding them are listed; everything else a rule reads is
+    read whole, as for a full snapshot (Docker's info, volumes, containers and layer
+    records, the mount tables of every namespace, what is held open)."""
+
+    volume: str | None = None
+    fs_uuid: str | None = None
+    ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,10 @@ class VolumeView:
 
 @dataclass
 class Snapshot:
+    """``scope``: None for a full snapshot; else the snapshot lists only the subvolumes
+    the scope touches (``Scope``), has no filesystem usage (``NO_USAGE``), no stale
+    qgroups and no volume ages: what a delete decides on, never what a read shows."""
+
     taken_at: datetime
     docker: DockerInfo
     roots: tuple[str, ...]
@@ -127,6 +147,7 @@ class Snapshot:
     _sorted_ids: dict[str, list[int]] = field(default_factory=dict)
     # "no symlink on the way" answers, shared by the safety checks on this snapshot
     path_memo: LinkMemo = field(default_factory=LinkMemo)
+    scope: Scope | None = None
 
     # -- lookups ------------------------------------------------------------------
     def fs_for_host_path(self, path: str) -> FsView | None:
@@ -251,6 +272,35 @@ class _FsScan:
             default=_POOL.submit(btrfs.default_subvolume, mount),
         )
 
+    @classmethod
+    def start_scoped(
+        cls, btrfs: Btrfs, mount: str, ids: tuple[int, ...], folder: str | None
+    ) -> _FsScan:
+        """Only what the scope touches, by tree search: no process."""
+        scoped = _POOL.submit(btrfs.list_scope, mount, ids=ids, folder=folder)
+        records: Future[list[SubvolumeRecord]] = Future()
+        default: Future[int] = Future()
+        usage: Future[FsUsage] = Future()
+        usage.set_result(NO_USAGE)
+
+        def split(done: Future[ScopeRecords]) -> None:
+            try:
+                got = done.result()
+            except BaseException as exc:  # handed on to whoever reads the parts
+                records.set_exception(exc)
+                default.set_exception(exc)
+                return
+            records.set_result(got.records)
+            default.set_result(got.default_id)
+
+        scoped.add_done_callback(split)
+        return cls(
+            records=records,
+            qgroups=_POOL.submit(btrfs.qgroups, mount),
+            usage=usage,
+            default=default,
+        )
+
 
 def take_snapshot(
     btrfs: Btrfs,
@@ -260,9 +310,11 @@ def take_snapshot(
     roots: Sequence[str] = (),
     pathmap: PathMap | None = None,
     fs_cache: dict[str, tuple[str, str | None]] | None = None,
+    scope: Scope | None = None,
 ) -> Snapshot:
     """Ask both backends once and join the answers. ``fs_cache`` (device -> uuid,
-    label) spares a ``filesystem show`` per request for filesystems seen before."""
+    label) spares a ``filesystem show`` per request for filesystems seen before.
+    ``scope``: list only what one delete touches (``Scope``)."""
     pathmap = pathmap or PathMap()
     # The backends' calls are independent processes and requests: ask them at once.
     f_info = _POOL.submit(docker.info)
@@ -318,7 +370,15 @@ def take_snapshot(
             uuid, label = fs_cache[source]
         if any(uuid == seen for seen, *_ in scans):
             continue
-        scans.append((uuid, label, mounts, host_mps, _FsScan.start(btrfs, mounts[0].mountpoint)))
+        if scope is None:
+            scan = _FsScan.start(btrfs, mounts[0].mountpoint)
+        else:
+            ids = scope.ids if scope.fs_uuid == uuid else ()
+            folder = None
+            if scope.volume is not None:
+                folder = pathmap.to_local(posixpath.join(data_root, "volumes", scope.volume))
+            scan = _FsScan.start_scoped(btrfs, mounts[0].mountpoint, ids, folder)
+        scans.append((uuid, label, mounts, host_mps, scan))
 
     volumes = f_volumes.result()
     containers = tuple(f_containers.result())
@@ -336,7 +396,9 @@ def take_snapshot(
         records: list[SubvolumeRecord] = scan.records.result()
         qg = scan.qgroups.result()
         live = {r.id for r in records}
-        stale = tuple(sorted(i for i in qg if i not in live and i != TOP_LEVEL_ID)) if qg else ()
+        stale: tuple[int, ...] = ()
+        if qg and scope is None:  # a scoped listing does not tell which are gone
+            stale = tuple(sorted(i for i in qg if i not in live and i != TOP_LEVEL_ID))
         filesystems[uuid] = FsView(
             uuid=uuid,
             label=label,
@@ -408,7 +470,7 @@ def take_snapshot(
             excl = sum(s.exclusive_bytes or 0 for s in nested)
         in_use_by = tuple(users.get(v.name, ()))
         last_write = None
-        if not in_use_by:  # only a candidate's age matters: no stat for the others
+        if not in_use_by and scope is None:  # only a candidate's age matters
             last_write = _newest(
                 v.created_at,
                 *(s.created_at for s in nested),
@@ -437,6 +499,7 @@ def take_snapshot(
         uses=UseIndex(containers),
         pathmap=pathmap,
         layer_folders=_layer_folders(f_folders, layer_dir, refs, filesystems, pathmap),
+        scope=scope,
     )
 
 

@@ -59,6 +59,7 @@ from agent.host.records import (
     MountEntry,
     NamespaceTable,
     QgroupReport,
+    ScopeRecords,
     SubvolumeRecord,
 )
 
@@ -258,6 +259,17 @@ class BtrfsTool:
         """Every subvolume but the top level (``agent.host.btrfs_ioctl``: a tree search
         of the root tree, names as bytes)."""
         return self._ioctls.list_subvolumes(_arg(mount))
+
+    def list_scope(
+        self, mount: str, *, ids: Collection[int] = (), folder: str | None = None
+    ) -> ScopeRecords:
+        """What a delete touches (``agent.host.btrfs_ioctl.Ioctls.list_scope``) and the
+        default subvolume (the root tree's "default" entry), by tree search."""
+        m = _arg(mount)
+        records = self._ioctls.list_scope(
+            m, ids=ids, folder=_arg(folder) if folder is not None else None
+        )
+        return ScopeRecords(records, self._ioctls.default_subvolume(m))
 
     def qgroups(self, mount: str) -> QgroupReport | None:
         """Every level-0 qgroup (stale ones included) and the quota status; None when

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.errors import Refused
 from agent.runtime import Backends, Runtime, build_runtime
 from tests.agent.http.apphelpers import agent_config
 from tests.fakes import LeakScenario, make_leak_scenario
@@ -25,6 +27,11 @@ def rt(sc: LeakScenario, tmp_path: Path) -> Iterator[Runtime]:
 
 
 def listings(sc: LeakScenario) -> int:
+    """Listings of subvolumes: the whole filesystem's, or a delete's scope."""
+    return len(sc.btrfs.calls_to("tree search")) + len(sc.btrfs.calls_to("tree search scope"))
+
+
+def full_listings(sc: LeakScenario) -> int:
     return len(sc.btrfs.calls_to("tree search"))
 
 
@@ -37,6 +44,21 @@ def test_a_volume_delete_decides_on_one_fresh_snapshot(rt: Runtime, sc: LeakScen
     assert answer.volume == sc.dind_volume and answer.deleted
     assert listings(sc) - before == 1
     assert sc.docker.volume(sc.dind_volume) is None
+
+
+def test_a_delete_lists_only_what_it_touches(rt: Runtime, sc: LeakScenario) -> None:
+    """Neither delete walks the whole filesystem's subvolumes, and neither starts a
+    btrfs process to decide (the default subvolume is read by tree search too)."""
+    rt.inventory.current()
+    full, processes = full_listings(sc), len(sc.btrfs.calls)
+    sid = sc.btrfs.subvolume(sc.orphan_layer)
+    assert sid is not None
+    rt.deletes.volume(sc.dind_volume, dry_run=True, actor="test")
+    with contextlib.suppress(Refused):  # too young, maybe: decided all the same
+        rt.deletes.subvolume(sc.fs_uuid, sid.id, dry_run=True, actor="test")
+    assert full_listings(sc) == full
+    ops = {c.op for c in sc.btrfs.calls[processes:]}
+    assert ops <= {"tree search scope", "tree search quota"}, ops
 
 
 def test_the_first_volume_delete_of_a_fresh_agent_still_decides_under_the_lock(

@@ -702,3 +702,56 @@ def test_delete_refusals_of_btrfs_itself(loop_btrfs: LoopBtrfs, tool: BtrfsTool)
         DeleteResult(leaf, ok=True),
     ]
     assert os.path.isdir(default)
+
+
+@lab
+def test_a_delete_scope_lists_what_the_full_listing_does_for_it(
+    loop_btrfs: LoopBtrfs, tool: BtrfsTool, tmp_path: Path
+) -> None:
+    """On a real filesystem: the subvolumes in a volume's folder (nested at several
+    depths, read-only ones, one holding a child), the subvolumes holding them, and no
+    other, each record exactly as the full listing gives it; by id too."""
+    m = loop_btrfs.mount
+    root = subvol(f"{m}/docker")
+    vols = f"{root}/volumes"
+    data = f"{vols}/v1/_data/btrfs/subvolumes"
+    os.makedirs(data)
+    a, b = subvol(f"{data}/a"), subvol(f"{data}/b")
+    child = subvol(f"{a}/child")
+    os.makedirs(f"{child}/deep")
+    grand = subvol(f"{child}/deep/grand")
+    sh("btrfs", "property", "set", a, "ro", "true")
+    os.makedirs(f"{vols}/v2/_data")
+    other_vol = subvol(f"{vols}/v2/_data/x")
+    os.makedirs(f"{vols}/v1x")  # a name that starts like v1's
+    near = subvol(f"{vols}/v1x/s")
+    whole = subvol(f"{vols}/v3")  # a volume's folder that is a subvolume itself
+    inner = subvol(f"{whole}/_data")
+    os.makedirs(f"{m}/others")
+    others = [subvol(f"{m}/others/s{i:02d}") for i in range(20)]
+    layers = f"{root}/btrfs/subvolumes"
+    os.makedirs(layers)
+    layer = subvol(f"{layers}/l1")
+    full = {r.id: r for r in tool.list_subvolumes(m)}
+    ids = {p: rootid(p) for p in (root, a, b, child, grand, other_vol, near, whole, inner, layer)}
+
+    def scoped(**kw: object) -> dict[int, object]:
+        got = tool.list_scope(m, **kw)  # type: ignore[arg-type]
+        assert got.default_id == 5
+        return {r.id: r for r in got.records}
+
+    v1 = scoped(folder=f"{vols}/v1")
+    assert set(v1) == {ids[root], ids[a], ids[b], ids[child], ids[grand]}
+    assert all(v1[i] == full[i] for i in v1)
+    assert [full[i].read_only for i in (ids[a], ids[b])] == [True, False]
+    v3 = scoped(folder=whole)
+    assert set(v3) == {ids[root], ids[whole], ids[inner]}
+    assert scoped(folder=f"{vols}/gone") == {}
+    assert scoped(folder=str(tmp_path)) == {}  # not this filesystem
+    by_id = scoped(ids=(ids[child],))
+    assert set(by_id) == {ids[root], ids[a], ids[child], ids[grand]}
+    assert all(by_id[i] == full[i] for i in by_id)
+    assert scoped(ids=(rootid(others[3]),)) == {rootid(others[3]): full[rootid(others[3])]}
+    assert scoped(ids=(999_999,)) == {}
+    sh("btrfs", "subvolume", "set-default", str(ids[b]), m)
+    assert tool.list_scope(m, ids=()).default_id == ids[b] == tool.default_subvolume(m)
