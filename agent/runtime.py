@@ -59,7 +59,9 @@ def real_backends(config: AgentConfig) -> Backends:
 
     return Backends(
         btrfs=BtrfsTool(
-            binary=config.btrfs_binary, unreadable_pids_allowed=config.unreadable_pids_allowed
+            binary=config.btrfs_binary,
+            unreadable_pids_allowed=config.unreadable_pids_allowed,
+            subvolume_ioctls=config.subvolume_ioctls,
         ),
         docker=DockerClient(
             base_url=config.docker_host,

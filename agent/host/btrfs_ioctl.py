@@ -85,6 +85,12 @@ BTRFS_IOC_SYNC = _ioc(0, 8, 0)  # _IO(BTRFS_IOCTL_MAGIC, 8): commit the transact
 BTRFS_IOC_TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_ARGS_SIZE)  # 0xD0009411
 BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_V2_HEAD)  # 0xC0709411
 BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, _INO_LOOKUP_SIZE)  # 0xD0009412
+# struct btrfs_ioctl_vol_args: s64 fd, char name[4088] (BTRFS_PATH_NAME_MAX + 1).
+_VOL_ARGS_SIZE = 4096
+BTRFS_IOC_SNAP_DESTROY = _ioc(_IOC_WRITE, 15, _VOL_ARGS_SIZE)  # 0x5000940F
+BTRFS_IOC_SUBVOL_GETFLAGS = _ioc(_IOC_READ, 25, 8)  # 0x80089419
+BTRFS_IOC_SUBVOL_SETFLAGS = _ioc(_IOC_WRITE, 26, 8)  # 0x4008941A
+BTRFS_SUBVOL_RDONLY = 1 << 1
 _FS_INFO_SIZE = 1024
 BTRFS_IOC_FS_INFO = _ioc(_IOC_READ, 31, _FS_INFO_SIZE)  # 0x8400941F: fsid at offset 16
 BTRFS_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)  # 0x81F8943C
@@ -194,6 +200,54 @@ class _SearchV2:
                 continue
             (found,) = struct.unpack_from("=I", args, 64)
             return memoryview(args)[_SEARCH_V2_HEAD:], found
+
+
+def _open_subvolume(path: str) -> int:
+    """An fd of the subvolume root at ``path``, not through a symlink at its end;
+    ``NotASubvolume`` (an OSError) when it is not one."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if os.fstat(fd).st_ino != SUBVOLUME_ROOT_INO:
+        os.close(fd)
+        raise OSError(errno.EINVAL, "Not a btrfs subvolume", path)
+    return fd
+
+
+def set_readonly(path: str, value: bool) -> None:
+    """Set or clear the subvolume's read-only flag: ``BTRFS_IOC_SUBVOL_GETFLAGS`` then
+    ``BTRFS_IOC_SUBVOL_SETFLAGS`` (Linux 3.0+; what ``btrfs property set PATH ro`` does),
+    no process. ``OSError`` with the kernel's reason."""
+    fd = _open_subvolume(path)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_GETFLAGS, buf, True)
+        (flags,) = struct.unpack("=Q", buf)
+        new = flags | BTRFS_SUBVOL_RDONLY if value else flags & ~BTRFS_SUBVOL_RDONLY
+        if new != flags:
+            fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS, bytearray(struct.pack("=Q", new)), True)
+    finally:
+        os.close(fd)
+
+
+def destroy_subvolume(path: str, expect: os.stat_result) -> None:
+    """Destroy the subvolume at ``path`` with ``BTRFS_IOC_SNAP_DESTROY`` on its parent
+    folder (every kernel with btrfs; what ``btrfs subvolume delete`` does), no process.
+    The parent is opened without following a symlink at its end, and the name in it
+    must still be the subvolume root ``expect`` (device and inode) that the caller saw:
+    otherwise nothing is destroyed. ``OSError`` with the kernel's reason."""
+    parent, name = os.path.split(os.path.normpath(path))
+    raw = os.fsencode(name)
+    if not raw or raw in (b".", b"..") or len(raw) >= _VOL_ARGS_SIZE - 8:
+        raise OSError(errno.EINVAL, "not a subvolume's name", path)
+    pfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.stat(raw, dir_fd=pfd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+            raise OSError(errno.ESTALE, "the path changed since it was checked", path)
+        args = bytearray(_VOL_ARGS_SIZE)
+        args[8 : 8 + len(raw)] = raw
+        fcntl.ioctl(pfd, BTRFS_IOC_SNAP_DESTROY, args, True)
+    finally:
+        os.close(pfd)
 
 
 def _fsid(fd: int) -> bytes:
