@@ -20,6 +20,7 @@ from datetime import datetime
 
 from agent.domain.mounts import MountIndex, UseIndex, mount_index
 from agent.domain.paths import LinkMemo, PathMap, is_under
+from agent.errors import BtrfsUnavailable
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import (
     ContainerRecord,
@@ -316,6 +317,10 @@ def take_snapshot(
     label) spares a ``filesystem show`` per request for filesystems seen before.
     ``scope``: list only what one delete touches (``Scope``)."""
     pathmap = pathmap or PathMap()
+    if scope is not None and not btrfs.tool_present():
+        # a full scan starts btrfs-progs and fails so; a scoped one starts none, but a
+        # delete is not decided while the tool is gone either (as /readyz says)
+        raise BtrfsUnavailable("btrfs-progs cannot be found or started: no delete now")
     # The backends' calls are independent processes and requests: ask them at once.
     f_info = _POOL.submit(docker.info)
     f_volumes = _POOL.submit(docker.volumes)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import Refused
+from agent.errors import BtrfsUnavailable, Refused
 from agent.runtime import Backends, Runtime, build_runtime
 from tests.agent.http.apphelpers import agent_config
 from tests.fakes import LeakScenario, make_leak_scenario
@@ -68,3 +68,19 @@ def test_the_first_volume_delete_of_a_fresh_agent_still_decides_under_the_lock(
     answer = rt.deletes.volume(sc.dind_volume, dry_run=False, actor="test")
     assert answer.deleted
     assert sc.docker.volume(sc.dind_volume) is None
+
+
+def test_no_delete_is_decided_while_btrfs_progs_is_gone(rt: Runtime, sc: LeakScenario) -> None:
+    """A scoped snapshot starts no process, but a delete still answers 503 (as a full
+    scan did, and as /readyz says) rather than deciding without the tool."""
+    rt.inventory.current()
+    sc.btrfs.missing = True
+    data_root = sc.btrfs.subvolume(sc.data_root)
+    assert data_root is not None
+    with pytest.raises(BtrfsUnavailable):
+        rt.deletes.subvolume(sc.fs_uuid, data_root.id, dry_run=False, actor="test")
+    with pytest.raises(BtrfsUnavailable):
+        rt.deletes.volume(sc.dind_volume, dry_run=False, actor="test")
+    sc.btrfs.missing = False
+    assert sc.docker.volume(sc.dind_volume) is not None
+    assert all(sc.btrfs.subvolume(p) is not None for p in sc.dind_nested)
