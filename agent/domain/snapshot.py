@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.domain.mounts import MountIndex, UseIndex, mount_index
-from agent.domain.paths import LinkMemo, PathMap, is_under
+from agent.domain.paths import VOLUME_NAME, LinkMemo, PathMap, is_under
 from agent.errors import BtrfsUnavailable
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import (
@@ -380,7 +380,8 @@ def take_snapshot(
         else:
             ids = scope.ids if scope.fs_uuid == uuid else ()
             folder = None
-            if scope.volume is not None:
+            # a name that is no volume's has no folder: the decision refuses it (4xx)
+            if scope.volume is not None and VOLUME_NAME.fullmatch(scope.volume):
                 folder = pathmap.to_local(posixpath.join(data_root, "volumes", scope.volume))
             scan = _FsScan.start_scoped(btrfs, mounts[0].mountpoint, ids, folder)
         scans.append((uuid, label, mounts, host_mps, scan))
