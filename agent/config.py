@@ -13,6 +13,7 @@
     btrfs_binary: btrfs            # a name looked up on PATH (and sbin), or a path
     orphan_min_age_seconds: 3600   # an orphan layer is cleaned only after this long unchanged
     allow_plaintext: false         # serve plain HTTP on a non-loopback address (say so)
+    subvolume_ioctls: true         # ro flags and subvolume deletes by ioctl (false: btrfs-progs)
     max_stored_plans: 1000         # plans kept at most (expired ones purged first)
     inventory_max_age_seconds: 300 # reads share one kept scan at most this old (0: none)
     unreadable_pids_allowed: []    # pids passed over when what they hold cannot be read
@@ -62,6 +63,7 @@ ENV_KEYS = {
     "NAS_JANITOR_BTRFS_BINARY": "btrfs_binary",
     "NAS_JANITOR_ORPHAN_MIN_AGE_SECONDS": "orphan_min_age_seconds",
     "NAS_JANITOR_ALLOW_PLAINTEXT": "allow_plaintext",
+    "NAS_JANITOR_SUBVOLUME_IOCTLS": "subvolume_ioctls",
     "NAS_JANITOR_MAX_STORED_PLANS": "max_stored_plans",
     "NAS_JANITOR_INVENTORY_MAX_AGE_SECONDS": "inventory_max_age_seconds",
     "NAS_JANITOR_UNREADABLE_PIDS_ALLOWED": "unreadable_pids_allowed",
@@ -118,6 +120,9 @@ class AgentConfig:
     # layer's subvolume before it records it (ORPHAN_MIN_AGE_FLOOR_SECONDS by default).
     orphan_min_age_seconds: int = ORPHAN_MIN_AGE_FLOOR_SECONDS
     allow_plaintext: bool = False
+    # Read-only flags set and cleared, and subvolumes deleted, with the btrfs ioctls
+    # (Linux 4.4 has them; no process); False: with btrfs-progs' processes.
+    subvolume_ioctls: bool = True
     max_stored_plans: int = 1000
     # Reads (and /metrics) share one kept scan of the host, scanned again when Docker's
     # events, the btrfs trees or the mount tables say something changed, and at the
@@ -281,6 +286,7 @@ def load_config(
         "btrfs_binary",
         "orphan_min_age_seconds",
         "allow_plaintext",
+        "subvolume_ioctls",
         "max_stored_plans",
         "inventory_max_age_seconds",
         "unreadable_pids_allowed",
@@ -314,6 +320,7 @@ def load_config(
         _check_secret_mode(tls_key, "tls.key", problems)
 
     allow_plaintext = _boolean(raw.get("allow_plaintext", False), "allow_plaintext", problems)
+    subvolume_ioctls = _boolean(raw.get("subvolume_ioctls", True), "subvolume_ioctls", problems)
     if isinstance(listen, str) and not (cert and tls_key) and not allow_plaintext:
         host = listen.rpartition(":")[0].strip("[]")
         if not _is_loopback(host):
@@ -453,6 +460,7 @@ def load_config(
         orphan_min_age_seconds=orphan_floor,
         unreadable_pids_allowed=unreadable,
         allow_plaintext=allow_plaintext,
+        subvolume_ioctls=subvolume_ioctls,
         max_stored_plans=max_plans,
         inventory_max_age_seconds=max_age,
     )

@@ -62,6 +62,7 @@ def real_backends(config: AgentConfig) -> Backends:
             binary=config.btrfs_binary,
             unreadable_pids_allowed=config.unreadable_pids_allowed,
             host_root=config.host_prefix or "/",
+            subvolume_ioctls=config.subvolume_ioctls,
         ),
         docker=DockerClient(
             base_url=config.docker_host,

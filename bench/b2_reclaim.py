@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "in the background)"
     )
     res.notes.append(
-        "the agent's DELETE decides on a fresh snapshot (safety checks), appends to the "
-        "audit log, deletes the nested subvolumes in one `btrfs subvolume delete` and "
+        "the agent's DELETE decides on a fresh snapshot scoped to the volume (safety "
+        "checks), appends to the audit log, destroys the nested subvolumes by ioctl and "
         "removes the volume through Docker"
     )
     res.raw = {

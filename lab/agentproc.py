@@ -149,6 +149,9 @@ def write_config(
     if roots:
         cfg["roots"] = roots
     cfg.update(extra or {})
+    if cfg.get("btrfs_binary", "btrfs") != "btrfs":
+        # another btrfs-progs (4.4.1, or a stand-in): the changes are made with it too
+        cfg.setdefault("subvolume_ioctls", False)
     path.write_text(yaml.safe_dump(cfg))
 
 

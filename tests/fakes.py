@@ -86,6 +86,7 @@ from agent.host.records import (
     Qgroup,
     QgroupReport,
     ResolvedPath,
+    ScopeRecords,
     StoredVolume,
     SubvolumeRecord,
     VolumeRecord,
@@ -870,6 +871,40 @@ class FakeBtrfs:
                 for s in sorted(fs.subvolumes.values(), key=lambda s: s.id)
                 if s.id != TOP_LEVEL
             ]
+
+    def list_scope(
+        self, mount: str, *, ids: Collection[int] = (), folder: str | None = None
+    ) -> ScopeRecords:
+        """What the real one reads: the subvolumes ``ids`` and those at or inside
+        ``folder`` (on this filesystem only), everything nested in them (by parent id,
+        as the forward refs give it), and every subvolume holding one of them."""
+        with self._lock:
+            fs = self._fs_for("tree search scope", mount, ioctl=True)
+            roots = {i for i in ids if i in fs.subvolumes and i != TOP_LEVEL}
+            if folder is not None:
+                try:
+                    on, rel = self._resolve(folder)
+                except ValueError:
+                    on, rel = None, ""
+                if on is fs:
+                    roots |= {
+                        s.id
+                        for s in fs.subvolumes.values()
+                        if s.id != TOP_LEVEL and _under(s.path, rel)
+                    }
+            seen: set[int] = set()
+            todo = set(roots)
+            while todo:
+                sid = todo.pop()
+                seen.add(sid)
+                todo |= {c.id for c in fs.children(sid)} - seen
+            for sid in list(seen):
+                cur = fs.subvolumes[sid].parent_id
+                while cur != TOP_LEVEL and cur in fs.subvolumes and cur not in seen:
+                    seen.add(cur)
+                    cur = fs.subvolumes[cur].parent_id
+            records = [fs.subvolumes[i].record() for i in sorted(seen)]
+            return ScopeRecords(records, fs.default_id)
 
     def qgroups(self, mount: str) -> QgroupReport | None:
         with self._lock:

@@ -21,7 +21,7 @@ from agent.clean.qgroups import QgroupSweeper
 from agent.domain.inventory import Inventory
 from agent.domain.plans import Deleted
 from agent.domain.safety import DeleteSet, plan_subvolume_delete, plan_volume_delete
-from agent.domain.snapshot import Snapshot
+from agent.domain.snapshot import Scope, Snapshot
 from agent.errors import (
     AgentError,
     AuditUnavailable,
@@ -161,6 +161,11 @@ class Deletes:
         self.sweeper = sweeper
         self.pending = pending
         self._on_action = on_action
+        # The filesystem the last real delete decided on: the lock a volume delete takes
+        # first (a volume's filesystem is known only once decided). Only a hint: the
+        # decision is made under the lock taken, and again under the right one when the
+        # hint was wrong.
+        self._last_fs: str | None = None
 
     def subvolume(self, fs_uuid: str, sub_id: int, *, dry_run: bool, actor: str) -> DeleteAnswer:
         return self._direct(
@@ -169,6 +174,7 @@ class Deletes:
             actor=actor,
             dry_run=dry_run,
             fs_hint=fs_uuid,
+            scope=Scope(fs_uuid=fs_uuid, ids=(sub_id,)),
             decide=lambda snap: plan_subvolume_delete(
                 snap,
                 fs_uuid,
@@ -185,6 +191,7 @@ class Deletes:
             actor=actor,
             dry_run=dry_run,
             fs_hint=None,
+            scope=Scope(volume=name),
             decide=lambda snap: plan_volume_delete(
                 snap, name, protect_labels=DEFAULT_PROTECT_LABELS
             ),
@@ -198,18 +205,23 @@ class Deletes:
         actor: str,
         dry_run: bool,
         fs_hint: str | None,
+        scope: Scope,
         decide: Callable[[Snapshot], DeleteSet],
     ) -> DeleteAnswer:
-        # A volume's filesystem is known only from a snapshot: decide, then take that
-        # filesystem's lock and decide again under it.
-        held = fs_hint or "-"
+        # A volume's filesystem is known only from a snapshot: take the lock of the
+        # filesystem it most likely is on (the last one decided on, or the only one the
+        # agent knows), decide under it, and when the decision names another filesystem
+        # take that one's lock and decide again under it.
+        held = fs_hint or self._likely_fs() or "-"
         for _ in range(3):
             lock = self.executor.fs_lock(held) if not dry_run else None
             if lock is not None:
                 lock.acquire()
             try:
                 try:
-                    snap = self.inventory.fresh_snapshot()
+                    # what the delete touches, read now: its subvolumes and everything
+                    # around them that a rule reads (agent.domain.snapshot.Scope)
+                    snap = self.inventory.fresh_snapshot(scope=scope)
                     ds = decide(snap)
                 except (Refused, NotFound, ValidationFailed, Unavailable) as exc:
                     self.audit.append(
@@ -237,6 +249,8 @@ class Deletes:
                         },
                     )
                     return self._answer(ds, dry_run=True, audit_seq=entry.seq)
+                if ds.fs_uuid:
+                    self._last_fs = ds.fs_uuid
                 if not ds.fs_uuid or ds.fs_uuid == held:
                     return self._run(snap, ds, actor, action, target)
                 held = ds.fs_uuid  # decided without that filesystem's lock: again, under it
@@ -244,6 +258,12 @@ class Deletes:
                 if lock is not None:
                     lock.release()
         raise Conflict(f"{target} moved between filesystems while deleting it; try again")
+
+    def _likely_fs(self) -> str | None:
+        if self._last_fs is not None:
+            return self._last_fs
+        known = self.inventory.known_filesystems()
+        return next(iter(known)) if len(known) == 1 else None
 
     def _run(
         self, snap: Snapshot, ds: DeleteSet, actor: str, action: str, target: str

@@ -27,7 +27,14 @@ from agent.domain.changes import DockerWatch
 from agent.domain.findings import Finding, compute_findings
 from agent.domain.keptscan import KeptScan
 from agent.domain.paths import PathMap, PathRefused, check_abs, is_under
-from agent.domain.snapshot import FsView, Snapshot, SubvolView, VolumeView, take_snapshot
+from agent.domain.snapshot import (
+    FsView,
+    Scope,
+    Snapshot,
+    SubvolView,
+    VolumeView,
+    take_snapshot,
+)
 from agent.errors import AgentError, NotFound, Unavailable, ValidationFailed
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import DockerInfo
@@ -112,11 +119,15 @@ class Inventory:
         )
 
     # -- snapshots -------------------------------------------------------------------
-    def fresh_snapshot(self, *, commit: Sequence[str] | bool = ()) -> Snapshot:
+    def fresh_snapshot(
+        self, *, commit: Sequence[str] | bool = (), scope: Scope | None = None
+    ) -> Snapshot:
         """A snapshot taken now. ``commit``: filesystems (uuids, or True for every one
         the agent looks at) whose transaction is committed first, so that the
         generations read reflect every write made before this call (btrfs moves a
-        subvolume's generation only when it commits)."""
+        subvolume's generation only when it commits). ``scope``: only the subvolumes
+        one delete touches are listed (``agent.domain.snapshot.Scope``); everything
+        else is read whole, as for any snapshot."""
         if commit is True and not self._fs_cache:
             self.take()  # learn the filesystems first
         wanted = {u for u, _ in self._fs_cache.values()} if commit is True else set(commit or ())
@@ -131,9 +142,9 @@ class Inventory:
                 fs = self.take().filesystems.get(uuid)
                 if fs is not None:
                     self.btrfs.commit(fs.local_mount)
-        return self.take()
+        return self.take(scope=scope)
 
-    def take(self) -> Snapshot:
+    def take(self, *, scope: Scope | None = None) -> Snapshot:
         snap = take_snapshot(
             self.btrfs,
             self.docker,
@@ -142,6 +153,7 @@ class Inventory:
             pathmap=self.pathmap,
             fs_cache=self._fs_cache,
             data_root_hint=self._data_root,
+            scope=scope,
         )
         self._data_root = snap.docker.data_root  # the next scan lists its filesystem early
         return snap
@@ -184,6 +196,10 @@ class Inventory:
         with self._lock:
             self._paged = (now, snap)
         return snap
+
+    def known_filesystems(self) -> set[str]:
+        """The uuids of the filesystems the scans so far have looked at (no scan)."""
+        return {u for u, _ in self._fs_cache.values()}
 
     def local_mount(self, fs_uuid: str) -> str | None:
         """Where this process sees filesystem ``fs_uuid`` (a mount of its top level when

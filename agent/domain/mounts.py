@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import posixpath
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -307,10 +307,17 @@ def read_mounts(btrfs: Btrfs, pathmap: PathMap) -> MountIndex:
     host: Future[list[MountEntry]] = Future()
     others: Future[list[NamespaceTable]] = Future()
     held: Future[Holders] = Future()
-    _settle(host, btrfs.host_mounts)
-    _settle(others, btrfs.namespace_mounts)
+    # the reads are independent: side by side (each one's own faults stay its own)
+    tables = _POOL.submit(_settle, host, btrfs.host_mounts)
+    spaces = _POOL.submit(_settle, others, btrfs.namespace_mounts)
     _settle(held, btrfs.holders)
-    return mount_index(btrfs.mounts(), host, pathmap, others, held)
+    local = btrfs.mounts()
+    tables.result()
+    spaces.result()
+    return mount_index(local, host, pathmap, others, held)
+
+
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mounts")
 
 
 def _settle(future: Future[T], read: Callable[[], T]) -> None:

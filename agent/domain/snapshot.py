@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.domain.mounts import MountIndex, UseIndex, container_uses, mount_index
-from agent.domain.paths import LinkMemo, PathMap, is_under
+from agent.domain.paths import VOLUME_NAME, LinkMemo, PathMap, is_under
+from agent.errors import BtrfsUnavailable
 from agent.host.backend import Btrfs, Docker
 from agent.host.records import (
     ContainerRecord,
@@ -31,12 +32,28 @@ from agent.host.records import (
     LayerRefs,
     MountEntry,
     QgroupReport,
+    ScopeRecords,
     SubvolumeRecord,
     VolumeRecord,
     VolumeStores,
 )
 
 TOP_LEVEL_ID = 5
+NO_USAGE = FsUsage(size_bytes=0, used_bytes=0, free_bytes=0)  # not read (a scoped snapshot)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one delete touches, for a snapshot that reads no more than that: the
+    volume ``volume`` (its folder ``<data_root>/volumes/<name>``), or the subvolumes
+    ``ids`` of filesystem ``fs_uuid``. Only their subvolumes, everything nested in
+    them and every subvolume holding them are listed; everything else a rule reads is
+    read whole, as for a full snapshot (Docker's info, volumes, containers and layer
+    records, the mount tables of every namespace, what is held open)."""
+
+    volume: str | None = None
+    fs_uuid: str | None = None
+    ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,10 @@ class VolumeView:
 
 @dataclass
 class Snapshot:
+    """``scope``: None for a full snapshot; else the snapshot lists only the subvolumes
+    the scope touches (``Scope``), has no filesystem usage (``NO_USAGE``), no stale
+    qgroups and no volume ages: what a delete decides on, never what a read shows."""
+
     taken_at: datetime
     docker: DockerInfo
     roots: tuple[str, ...]
@@ -140,6 +161,7 @@ class Snapshot:
     _sorted_ids: dict[str, list[int]] = field(default_factory=dict)
     # "no symlink on the way" answers, shared by the safety checks on this snapshot
     path_memo: LinkMemo = field(default_factory=LinkMemo)
+    scope: Scope | None = None
 
     # -- lookups ------------------------------------------------------------------
     def fs_for_host_path(self, path: str) -> FsView | None:
@@ -264,6 +286,35 @@ class _FsScan:
             default=_POOL.submit(btrfs.default_subvolume, mount),
         )
 
+    @classmethod
+    def start_scoped(
+        cls, btrfs: Btrfs, mount: str, ids: tuple[int, ...], folder: str | None
+    ) -> _FsScan:
+        """Only what the scope touches, by tree search: no process."""
+        scoped = _POOL.submit(btrfs.list_scope, mount, ids=ids, folder=folder)
+        records: Future[list[SubvolumeRecord]] = Future()
+        default: Future[int] = Future()
+        usage: Future[FsUsage] = Future()
+        usage.set_result(NO_USAGE)
+
+        def split(done: Future[ScopeRecords]) -> None:
+            try:
+                got = done.result()
+            except BaseException as exc:  # handed on to whoever reads the parts
+                records.set_exception(exc)
+                default.set_exception(exc)
+                return
+            records.set_result(got.records)
+            default.set_result(got.default_id)
+
+        scoped.add_done_callback(split)
+        return cls(
+            records=records,
+            qgroups=_POOL.submit(btrfs.qgroups, mount),
+            usage=usage,
+            default=default,
+        )
+
 
 def _wanted_groups(
     by_source: Mapping[str, list[MountEntry]], pathmap: PathMap, wanted: Sequence[str]
@@ -291,6 +342,7 @@ def take_snapshot(
     pathmap: PathMap | None = None,
     fs_cache: dict[str, tuple[str, str | None]] | None = None,
     data_root_hint: str | None = None,
+    scope: Scope | None = None,
 ) -> Snapshot:
     """Ask both backends once and join the answers. ``fs_cache`` (device -> uuid,
     label) spares a ``filesystem show`` per request for filesystems seen before.
@@ -299,8 +351,13 @@ def take_snapshot(
     listed while Docker is still asked for its data root, the longest wait of a scan;
     a listing whose filesystem the answer does not pick is dropped unread, and one it
     picks that the hint did not is started then. Either way every listing used is read
-    during this call."""
+    during this call. ``scope``: list only what one delete touches (``Scope``; no
+    early listing then)."""
     pathmap = pathmap or PathMap()
+    if scope is not None and not btrfs.tool_present():
+        # a full scan starts btrfs-progs and fails so; a scoped one starts none, but a
+        # delete is not decided while the tool is gone either (as /readyz says)
+        raise BtrfsUnavailable("btrfs-progs cannot be found or started: no delete now")
     # The backends' calls are independent processes and requests: ask them at once.
     f_info = _POOL.submit(docker.info)
     f_mounts = _POOL.submit(btrfs.mounts)
@@ -315,7 +372,7 @@ def take_snapshot(
         if m.fstype == "btrfs":
             by_source.setdefault(m.source, []).append(m)
     early: dict[tuple[str, str], _FsScan] = {}
-    if data_root_hint is not None and fs_cache:
+    if data_root_hint is not None and fs_cache and scope is None:
         hinted = (*(tuple(roots) or (data_root_hint,)), data_root_hint)
         for source, mounts, _ in _wanted_groups(by_source, pathmap, hinted):
             if source in fs_cache:
@@ -353,7 +410,15 @@ def take_snapshot(
             uuid, label = fs_cache[source]
         if any(uuid == seen for seen, *_ in scans):
             continue
-        scan = early.pop((source, mounts[0].mountpoint), None)
+        if scope is not None:
+            ids = scope.ids if scope.fs_uuid == uuid else ()
+            folder = None
+            # a name that is no volume's has no folder: the decision refuses it (4xx)
+            if scope.volume is not None and VOLUME_NAME.fullmatch(scope.volume):
+                folder = pathmap.to_local(posixpath.join(data_root, "volumes", scope.volume))
+            scan: _FsScan | None = _FsScan.start_scoped(btrfs, mounts[0].mountpoint, ids, folder)
+        else:
+            scan = early.pop((source, mounts[0].mountpoint), None)
         if scan is None:
             scan = _FsScan.start(btrfs, mounts[0].mountpoint)
         scans.append((uuid, label, mounts, host_mps, scan))
@@ -375,7 +440,9 @@ def take_snapshot(
         records: list[SubvolumeRecord] = scan.records.result()
         qg = scan.qgroups.result()
         live = {r.id for r in records}
-        stale = tuple(sorted(i for i in qg if i not in live and i != TOP_LEVEL_ID)) if qg else ()
+        stale: tuple[int, ...] = ()
+        if qg and scope is None:  # a scoped listing does not tell which are gone
+            stale = tuple(sorted(i for i in qg if i not in live and i != TOP_LEVEL_ID))
         filesystems[uuid] = FsView(
             uuid=uuid,
             label=label,
@@ -463,7 +530,7 @@ def take_snapshot(
             stamp = btrfs.folder_stamp(pathmap.to_local(posixpath.dirname(v.mountpoint)))
             identity = f"{stamp[0]}:{stamp[1]}" if stamp is not None and stamp[1] else None
             inner = docker.volume_stores(pathmap.to_local(v.mountpoint))
-        if not in_use_by and (nested or v.anonymous):
+        if not in_use_by and (nested or v.anonymous) and scope is None:
             # Only a finding's age matters (an unused volume holding subvolumes, or an
             # unused anonymous one): no stat of the folders of the others.
             last_write = _newest(
@@ -496,6 +563,7 @@ def take_snapshot(
         uses=container_uses(btrfs, containers),
         pathmap=pathmap,
         layer_folders=_layer_folders(f_folders, layer_dir, refs, filesystems, pathmap),
+        scope=scope,
     )
 
 

@@ -30,6 +30,7 @@ from agent.host.records import (
     NamespaceTable,
     QgroupReport,
     ResolvedPath,
+    ScopeRecords,
     SubvolumeRecord,
     VolumeRecord,
     VolumeStores,
@@ -83,6 +84,15 @@ class Btrfs(Protocol):
         whatever is mounted there) but the top level, by id, read-only flags included:
         identified by the kernel's ids, paths built from name bytes (None when not
         known for sure). No process: a few tree-search ioctls."""
+
+    def list_scope(
+        self, mount: str, *, ids: Collection[int] = (), folder: str | None = None
+    ) -> ScopeRecords:
+        """The records ``list_subvolumes`` gives of the subvolumes ``ids``, of those at
+        or inside the folder ``folder`` (a local path; none when it is not on this
+        filesystem), of everything nested in them and of every subvolume holding one
+        of them up to the top level; and the default subvolume's id. No process, and no
+        walk of the whole filesystem's subvolumes."""
 
     def qgroups(self, mount: str) -> QgroupReport | None:
         """Level-0 qgroup sizes by subvolume id, stale ones (subvolume gone) included,

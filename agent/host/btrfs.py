@@ -36,7 +36,14 @@ from datetime import datetime
 
 from agent.errors import BtrfsCommandError, BtrfsUnavailable
 from agent.host import files, holders, hostpaths, mounttables
-from agent.host.btrfs_ioctl import SUBVOLUME_ROOT_INO, BtrfsIoctlError, Ioctls, _arg
+from agent.host.btrfs_ioctl import (
+    SUBVOLUME_ROOT_INO,
+    BtrfsIoctlError,
+    Ioctls,
+    _arg,
+    destroy_subvolume,
+)
+from agent.host.btrfs_ioctl import set_readonly as set_readonly_by_ioctl
 from agent.host.btrfs_parse import (
     DeleteMessage,
     DeleteOutput,
@@ -60,6 +67,7 @@ from agent.host.records import (
     NamespaceTable,
     QgroupReport,
     ResolvedPath,
+    ScopeRecords,
     SubvolumeRecord,
 )
 
@@ -108,6 +116,7 @@ class BtrfsTool:
         search_buffer_bytes: int = 256 * 1024,
         unreadable_pids_allowed: Collection[int] = (),
         host_root: str = "/",
+        subvolume_ioctls: bool = False,
     ) -> None:
         if timeout <= 0 or sync_timeout <= 0 or max_args_bytes <= 0:
             raise ValueError("timeouts and max_args_bytes must be positive")
@@ -121,6 +130,9 @@ class BtrfsTool:
         self._resolved: str | None = None
         self._unreadable_allowed = tuple(unreadable_pids_allowed)
         self._local_host_root = host_root or "/"
+        # True: read-only flags and subvolume deletes by ioctl (no process); False: by
+        # btrfs-progs (``property set``, ``subvolume delete``)
+        self._subvolume_ioctls = subvolume_ioctls
 
     # ------------------------------------------------------------------ the one runner
 
@@ -282,6 +294,17 @@ class BtrfsTool:
         of the root tree, names as bytes)."""
         return self._ioctls.list_subvolumes(_arg(mount))
 
+    def list_scope(
+        self, mount: str, *, ids: Collection[int] = (), folder: str | None = None
+    ) -> ScopeRecords:
+        """What a delete touches (``agent.host.btrfs_ioctl.Ioctls.list_scope``) and the
+        default subvolume (the root tree's "default" entry), by tree search."""
+        m = _arg(mount)
+        records = self._ioctls.list_scope(
+            m, ids=ids, folder=_arg(folder) if folder is not None else None
+        )
+        return ScopeRecords(records, self._ioctls.default_subvolume(m))
+
     def qgroups(self, mount: str) -> QgroupReport | None:
         """Every level-0 qgroup (stale ones included) and the quota status; None when
         quotas are off. Never enables quotas."""
@@ -314,7 +337,20 @@ class BtrfsTool:
     # ------------------------------------------------------------------ changes
 
     def set_readonly(self, path: str, value: bool) -> None:
-        self._run(["property", "set", "-t", "s", _arg(path), "ro", "true" if value else "false"])
+        """Set or clear the subvolume's read-only flag: by ioctl (``subvolume_ioctls``),
+        else ``btrfs property set -t s PATH ro true|false``."""
+        if not self._subvolume_ioctls:
+            self._run(
+                ["property", "set", "-t", "s", _arg(path), "ro", "true" if value else "false"]
+            )
+            return
+        try:
+            set_readonly_by_ioctl(_arg(path), value)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise BtrfsCommandError(
+                ["BTRFS_IOC_SUBVOL_SETFLAGS", path], e.errno or 1, "", reason
+            ) from e
 
     def commit(self, mount: str) -> None:
         self._ioctls.commit(_arg(mount))
@@ -347,7 +383,10 @@ class BtrfsTool:
 
     def delete(self, paths: Sequence[str]) -> list[DeleteResult]:
         """Delete a batch with ``btrfs subvolume delete P1 P2 ...``: one process (more only
-        when the arguments would not fit ARG_MAX), paths handled in the given order.
+        when the arguments would not fit ARG_MAX), paths handled in the given order; or,
+        with ``subvolume_ioctls``, with one ``BTRFS_IOC_SNAP_DESTROY`` per path in the
+        given order, no process (``agent.host.btrfs_ioctl.destroy_subvolume``: the name
+        must still be the subvolume root seen before).
 
         The result of each path comes from the filesystem, not from the text: before the
         run each path is lstat'ed (missing? a subvolume root, i.e. a directory with inode
@@ -379,6 +418,11 @@ class BtrfsTool:
                 )
             else:
                 runnable.append((i, facts))
+
+        if self._subvolume_ioctls:
+            for i, f in runnable:
+                results[i] = _destroy(f)
+            return [results[i] for i in range(len(paths))]
 
         stopped: str | None = None  # why the remaining chunks are not run
         for n, chunk in enumerate(self._chunks(runnable)):
@@ -458,6 +502,23 @@ def _text(value: str | bytes | None) -> str:
 
 def _lexists(path: str) -> bool:
     return os.path.lexists(path)
+
+
+def _destroy(f: PathFacts) -> DeleteResult:
+    """One subvolume destroyed by ioctl; the result from the filesystem (gone or not)."""
+    if not f.existed:
+        return DeleteResult(f.path, ok=False, error="No such file or directory")
+    if not f.was_subvolume:
+        return DeleteResult(f.path, ok=False, error="Not a btrfs subvolume")
+    try:
+        destroy_subvolume(f.path, os.lstat(f.path))
+    except OSError as e:
+        if not _lexists(f.path):
+            return DeleteResult(f.path, ok=False, error="No such file or directory")
+        return DeleteResult(f.path, ok=False, error=e.strerror or str(e))
+    if _lexists(f.path):
+        return DeleteResult(f.path, ok=False, error="not deleted (the kernel gave no reason)")
+    return DeleteResult(f.path, ok=True)
 
 
 def _facts_before(path: str) -> PathFacts:

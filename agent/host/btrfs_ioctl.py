@@ -85,6 +85,14 @@ BTRFS_IOC_SYNC = _ioc(0, 8, 0)  # _IO(BTRFS_IOCTL_MAGIC, 8): commit the transact
 BTRFS_IOC_TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_ARGS_SIZE)  # 0xD0009411
 BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_V2_HEAD)  # 0xC0709411
 BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, _INO_LOOKUP_SIZE)  # 0xD0009412
+# struct btrfs_ioctl_vol_args: s64 fd, char name[4088] (BTRFS_PATH_NAME_MAX + 1).
+_VOL_ARGS_SIZE = 4096
+BTRFS_IOC_SNAP_DESTROY = _ioc(_IOC_WRITE, 15, _VOL_ARGS_SIZE)  # 0x5000940F
+BTRFS_IOC_SUBVOL_GETFLAGS = _ioc(_IOC_READ, 25, 8)  # 0x80089419
+BTRFS_IOC_SUBVOL_SETFLAGS = _ioc(_IOC_WRITE, 26, 8)  # 0x4008941A
+BTRFS_SUBVOL_RDONLY = 1 << 1
+_FS_INFO_SIZE = 1024
+BTRFS_IOC_FS_INFO = _ioc(_IOC_READ, 31, _FS_INFO_SIZE)  # 0x8400941F: fsid at offset 16
 BTRFS_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)  # 0x81F8943C
 
 # The kernel caps a v2 result buffer at 16 MiB (btrfs_ioctl_tree_search_v2).
@@ -194,6 +202,65 @@ class _SearchV2:
             return memoryview(args)[_SEARCH_V2_HEAD:], found
 
 
+def _open_subvolume(path: str) -> int:
+    """An fd of the subvolume root at ``path``, not through a symlink at its end;
+    ``NotASubvolume`` (an OSError) when it is not one."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if os.fstat(fd).st_ino != SUBVOLUME_ROOT_INO:
+        os.close(fd)
+        raise OSError(errno.EINVAL, "Not a btrfs subvolume", path)
+    return fd
+
+
+def set_readonly(path: str, value: bool) -> None:
+    """Set or clear the subvolume's read-only flag: ``BTRFS_IOC_SUBVOL_GETFLAGS`` then
+    ``BTRFS_IOC_SUBVOL_SETFLAGS`` (Linux 3.0+; what ``btrfs property set PATH ro`` does),
+    no process. ``OSError`` with the kernel's reason."""
+    fd = _open_subvolume(path)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_GETFLAGS, buf, True)
+        (flags,) = struct.unpack("=Q", buf)
+        new = flags | BTRFS_SUBVOL_RDONLY if value else flags & ~BTRFS_SUBVOL_RDONLY
+        if new != flags:
+            fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS, bytearray(struct.pack("=Q", new)), True)
+    finally:
+        os.close(fd)
+
+
+def destroy_subvolume(path: str, expect: os.stat_result) -> None:
+    """Destroy the subvolume at ``path`` with ``BTRFS_IOC_SNAP_DESTROY`` on its parent
+    folder (every kernel with btrfs; what ``btrfs subvolume delete`` does), no process.
+    The parent is opened without following a symlink at its end, and the name in it
+    must still be the subvolume root ``expect`` (device and inode) that the caller saw:
+    otherwise nothing is destroyed. ``OSError`` with the kernel's reason."""
+    parent, name = os.path.split(os.path.normpath(path))
+    raw = os.fsencode(name)
+    if not raw or raw in (b".", b"..") or len(raw) >= _VOL_ARGS_SIZE - 8:
+        raise OSError(errno.EINVAL, "not a subvolume's name", path)
+    pfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.stat(raw, dir_fd=pfd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+            raise OSError(errno.ESTALE, "the path changed since it was checked", path)
+        args = bytearray(_VOL_ARGS_SIZE)
+        args[8 : 8 + len(raw)] = raw
+        fcntl.ioctl(pfd, BTRFS_IOC_SNAP_DESTROY, args, True)
+    finally:
+        os.close(pfd)
+
+
+def _fsid(fd: int) -> bytes:
+    """The btrfs filesystem's uuid of an open file (BTRFS_IOC_FS_INFO, Linux 3.1+); empty
+    when it is not on btrfs."""
+    args = bytearray(_FS_INFO_SIZE)
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_FS_INFO, args, True)
+    except OSError:
+        return b""
+    return bytes(args[16:32])
+
+
 # ---------------------------------------------------------------------- subvolume otime
 
 
@@ -265,6 +332,152 @@ class Ioctls:
                 listing.page,
             )
             return listing.records(fs.ino_lookup)
+
+    def list_scope(
+        self, mount: str, *, ids: Collection[int] = (), folder: str | None = None
+    ) -> list[SubvolumeRecord]:
+        """The part of ``list_subvolumes`` that a delete of ``ids`` (subvolume ids) or of
+        the folder ``folder`` (a local path) touches, as the full listing gives it:
+        those subvolumes, the subvolumes at or inside ``folder``, everything nested in
+        them, and every subvolume that holds one of them up to the top level.
+
+        No walk of the whole root tree: per subvolume, a search of its own keys (root
+        item, backref, and the forward refs that name its children); for ``folder``,
+        ``BTRFS_IOC_INO_LOOKUP`` for the subvolume holding it and its place there, and
+        the forward refs of that subvolume (its direct children: what it costs grows
+        with those, not with the filesystem). A ``folder`` on another filesystem than
+        the one at ``mount`` (or on none that is btrfs) adds nothing."""
+        with _Fs(mount) as fs:
+            roots = set(ids)
+            if folder is not None:
+                roots |= self._inside_folder(fs, folder)
+            listing = RootTree()
+            seen: set[int] = set()
+            holders: set[int] = set()
+            # down: the subvolumes asked for and everything nested in them
+            todo = {r for r in roots if r >= tree.FIRST_FREE_OBJECTID}
+            while todo:
+                sid = todo.pop()
+                seen.add(sid)
+                kids, parent = self._one_root(fs, sid, listing)
+                todo |= kids - seen
+                if parent is not None:
+                    holders.add(parent)
+            # up: every subvolume holding one of them, to the top level
+            up = {p for p in holders if p >= tree.FIRST_FREE_OBJECTID} - seen
+            while up:
+                sid = up.pop()
+                seen.add(sid)
+                _, parent = self._one_root(fs, sid, listing)
+                if parent is not None and parent >= tree.FIRST_FREE_OBJECTID and parent not in seen:
+                    up.add(parent)
+            return listing.records(fs.ino_lookup)
+
+    def _one_root(self, fs: _Fs, sid: int, listing: RootTree) -> tuple[set[int], int | None]:
+        """Feed subvolume ``sid``'s root item and backref to ``listing``; (its children
+        by forward ref, its parent by backref)."""
+        kids: set[int] = set()
+        parent: list[int] = []
+
+        def page(buf: tree.Buffer, nr_items: int) -> tree.Key:
+            last = listing.page(buf, nr_items)
+            for item in tree.iter_items(buf, nr_items):
+                if item.type == tree.ROOT_REF_KEY and item.objectid == sid:
+                    kids.add(item.offset)
+                elif item.type == tree.ROOT_BACKREF_KEY and item.objectid == sid:
+                    parent.append(item.offset)
+            return last
+
+        self._walk(
+            fs,
+            tree.ROOT_TREE_OBJECTID,
+            (sid, tree.ROOT_ITEM_KEY, 0),
+            (sid, tree.ROOT_REF_KEY, _U64_MAX),
+            page,
+        )
+        return kids, (parent[0] if len(parent) == 1 else None)
+
+    def _inside_folder(self, fs: _Fs, folder: str) -> set[int]:
+        """The subvolumes at or directly under ``folder`` (those nested deeper hang from
+        these): the subvolume holding the folder when the folder is its root, else the
+        children of that subvolume whose place in it lies inside the folder."""
+        try:
+            fd = os.open(_arg(folder), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return set()
+        except OSError as e:
+            raise BtrfsIoctlError("open", folder, e) from e
+        try:
+            if _fsid(fd) != _fsid(fs.fd):
+                return set()
+            ino = os.fstat(fd).st_ino
+            args = bytearray(_INO_LOOKUP_SIZE)
+            struct.pack_into("=2Q", args, 0, 0, tree.FIRST_FREE_OBJECTID)
+            try:
+                fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, args, True)
+            except OSError as e:
+                raise BtrfsIoctlError("BTRFS_IOC_INO_LOOKUP", folder, e) from e
+        finally:
+            os.close(fd)
+        (holder,) = struct.unpack_from("=Q", args, 0)
+        if ino == SUBVOLUME_ROOT_INO:
+            return {holder}
+        place = fs.ino_lookup(holder, ino)
+        if place is None:
+            raise BtrfsIoctlError(
+                "BTRFS_IOC_INO_LOOKUP",
+                folder,
+                OSError(errno.ENAMETOOLONG, "the folder's place cannot be read"),
+            )
+        refs: list[tuple[int, int, bytes]] = []
+
+        def page(buf: tree.Buffer, nr_items: int) -> tree.Key:
+            item: tree.SearchItem | None = None
+            for item in tree.iter_items(buf, nr_items):
+                if item.type == tree.ROOT_REF_KEY and len(item.data) >= tree.ROOT_REF.size:
+                    dirid, _, name_len = tree.ROOT_REF.unpack_from(item.data, 0)
+                    name = item.data[tree.ROOT_REF.size : tree.ROOT_REF.size + name_len]
+                    refs.append((item.offset, dirid, name))
+            assert item is not None
+            return (item.objectid, item.type, item.offset)
+
+        self._walk(
+            fs,
+            tree.ROOT_TREE_OBJECTID,
+            (holder, tree.ROOT_REF_KEY, 0),
+            (holder, tree.ROOT_REF_KEY, _U64_MAX),
+            page,
+        )
+        dirs: dict[int, bytes | None] = {}
+        out: set[int] = set()
+        for child, dirid, name in refs:
+            if dirid not in dirs:
+                dirs[dirid] = (
+                    b"" if dirid == tree.FIRST_FREE_OBJECTID else fs.ino_lookup(holder, dirid)
+                )
+            where = dirs[dirid]
+            # a child whose place cannot be read is taken in: more is checked, not less
+            if where is None or (where + name + b"/").startswith(place):
+                out.add(child)
+        return out
+
+    def default_subvolume(self, mount: str) -> int:
+        """The default subvolume's id: the root tree's "default" entry (what ``btrfs
+        subvolume get-default`` reads), the top level when there is none."""
+        found: list[int] = []
+
+        def item(it: tree.SearchItem) -> None:
+            found.extend(oid for name, oid in tree.decode_dir_items(it.data) if name == b"default")
+
+        with _Fs(mount) as fs:
+            self._walk(
+                fs,
+                tree.ROOT_TREE_OBJECTID,
+                (tree.ROOT_TREE_DIR_OBJECTID, tree.DIR_ITEM_KEY, 0),
+                (tree.ROOT_TREE_DIR_OBJECTID, tree.DIR_ITEM_KEY, _U64_MAX),
+                tree.page_items(item),
+            )
+        return found[0] if found else tree.FS_TREE_OBJECTID
 
     def still_dropping(self, mount: str, ids: Collection[int]) -> set[int]:
         """Which of the deleted subvolumes ``ids`` the kernel is still cleaning (their

@@ -91,6 +91,7 @@ __all__ = [
     "ROOT_ITEM_KEY",
     "ROOT_ITEM_SIZE",
     "ROOT_ITEM_V0_SIZE",
+    "ROOT_REF_KEY",
     "ROOT_SUBVOL_RDONLY",
     "ROOT_TREE_DIR_OBJECTID",
     "ROOT_TREE_OBJECTID",
@@ -100,6 +101,7 @@ __all__ = [
     "RootInfo",
     "SearchItem",
     "TreeFormatError",
+    "decode_dir_items",
     "decode_ino_lookup",
     "decode_qgroup_info",
     "decode_qgroup_status",
@@ -123,6 +125,7 @@ ROOT_TREE_DIR_OBJECTID = 6  # the root tree's directory: its "default" entry
 DIR_ITEM_KEY = 84
 ROOT_ITEM_KEY = 132
 ROOT_BACKREF_KEY = 144
+ROOT_REF_KEY = 156  # key (parent, 156, child): the forward ref of a subvolume in its parent
 QGROUP_STATUS_KEY = 240
 QGROUP_INFO_KEY = 242
 ROOT_SUBVOL_RDONLY = 1 << 0
@@ -338,6 +341,25 @@ def decode_root_item(data: bytes) -> RootInfo:
         raise TreeFormatError(f"root item of {n} bytes (at least {ROOT_ITEM_V0_SIZE} expected)")
     gen, flags = ROOT_V0.unpack_from(data)
     return RootInfo(gen, flags, None, None, None, None, None)
+
+
+# location (objectid, type, offset), transid, data_len, name_len, type: 30 bytes
+DIR_ITEM = struct.Struct("<QBQQHHB")
+
+
+def decode_dir_items(data: bytes) -> list[tuple[bytes, int]]:
+    """(name, location objectid) of each ``struct btrfs_dir_item`` packed in one item
+    (names that hash alike share an item)."""
+    out: list[tuple[bytes, int]] = []
+    pos = 0
+    while pos + DIR_ITEM.size <= len(data):
+        objectid, _, _, _, data_len, name_len, _ = DIR_ITEM.unpack_from(data, pos)
+        pos += DIR_ITEM.size
+        if pos + name_len + data_len > len(data):
+            raise TreeFormatError(f"dir item truncated: {name_len}+{data_len} at {pos}")
+        out.append((data[pos : pos + name_len], objectid))
+        pos += name_len + data_len
+    return out
 
 
 def decode_ino_lookup(name_field: Buffer) -> bytes | None:

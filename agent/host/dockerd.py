@@ -28,6 +28,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -70,6 +71,10 @@ EVENT_FILTERS = {
 }  # fmt: skip
 
 
+# for the second of two requests asked side by side
+_ASIDE = ThreadPoolExecutor(max_workers=2, thread_name_prefix="docker")
+
+
 class DockerClient:
     """``agent.host.backend.Docker`` over the Docker SDK, talking to ``base_url``
     (``unix:///var/run/docker.sock``, ``tcp://host:2375``) with ``timeout`` seconds
@@ -110,8 +115,9 @@ class DockerClient:
     def info(self) -> DockerInfo:
         api = self._api()
         with self._boundary("info"):
+            asked = _ASIDE.submit(api.version)  # two requests, side by side
             info = api.info()
-            version = api.version()
+            version = asked.result()
         return DockerInfo(
             server_version=_text(info, "ServerVersion", "info"),
             api_version=_text(version, "ApiVersion", "version"),

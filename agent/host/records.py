@@ -294,6 +294,14 @@ class LayerRefs:
         return self.image_cache_ids | self.container_mount_ids | self.container_init_ids
 
 
+class ScopeRecords(NamedTuple):
+    """What ``Btrfs.list_scope`` read: the records of the subvolumes a delete touches
+    (as ``list_subvolumes`` gives them) and the filesystem's default subvolume."""
+
+    records: list[SubvolumeRecord]
+    default_id: int
+
+
 @dataclass(frozen=True)
 class ChangeMark:
     """What a filesystem's trees looked like at one moment, cheaply compared: for each

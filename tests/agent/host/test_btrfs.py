@@ -247,6 +247,13 @@ def tool(btrfs_binary: str) -> BtrfsTool:
     return BtrfsTool(binary=btrfs_binary)
 
 
+@pytest.fixture(params=["btrfs-progs", "ioctl"])
+def changer(request: pytest.FixtureRequest, btrfs_binary: str) -> BtrfsTool:
+    """A tool that sets read-only flags and deletes subvolumes with btrfs-progs (the
+    one under test), or by ioctl."""
+    return BtrfsTool(binary=btrfs_binary, subvolume_ioctls=request.param == "ioctl")
+
+
 @pytest.fixture
 def processes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Every command BtrfsTool starts (the tests' own ``sh`` is not counted)."""
@@ -372,19 +379,22 @@ def readonly_ids(tool: BtrfsTool, mount: str) -> set[int]:
 
 
 @lab
-def test_read_only_flags_and_set_readonly(loop_btrfs: LoopBtrfs, tool: BtrfsTool) -> None:
+def test_read_only_flags_and_set_readonly(loop_btrfs: LoopBtrfs, changer: BtrfsTool) -> None:
     paths = make_tree(loop_btrfs.mount)
-    assert readonly_ids(tool, loop_btrfs.mount) == {rootid(paths["snap-ro"])}
+    assert readonly_ids(changer, loop_btrfs.mount) == {rootid(paths["snap-ro"])}
 
-    tool.set_readonly(paths["a/b"], True)
-    assert readonly_ids(tool, loop_btrfs.mount) == {rootid(paths["snap-ro"]), rootid(paths["a/b"])}
+    changer.set_readonly(paths["a/b"], True)
+    assert readonly_ids(changer, loop_btrfs.mount) == {
+        rootid(paths["snap-ro"]),
+        rootid(paths["a/b"]),
+    }
     assert sh("btrfs", "property", "get", paths["a/b"], "ro").strip() == "ro=true"
     with pytest.raises(OSError) as exc:
         Path(paths["a/b"], "file").write_text("x")
     assert exc.value.errno == errno.EROFS
 
-    tool.set_readonly(paths["a/b"], False)
-    assert readonly_ids(tool, loop_btrfs.mount) == {rootid(paths["snap-ro"])}
+    changer.set_readonly(paths["a/b"], False)
+    assert readonly_ids(changer, loop_btrfs.mount) == {rootid(paths["snap-ro"])}
     Path(paths["a/b"], "file").write_text("x")
 
 
@@ -435,37 +445,39 @@ def test_delete_children_first_in_one_process(
 
 
 @lab
-def test_delete_parent_before_child_is_enotempty(loop_btrfs: LoopBtrfs, tool: BtrfsTool) -> None:
+def test_delete_parent_before_child_is_enotempty(loop_btrfs: LoopBtrfs, changer: BtrfsTool) -> None:
     paths = make_tree(loop_btrfs.mount)
-    results = tool.delete([paths["a/b"], paths["a/b/c"]])
+    results = changer.delete([paths["a/b"], paths["a/b/c"]])
     assert results == [
         DeleteResult(paths["a/b"], ok=False, error="Directory not empty"),
         DeleteResult(paths["a/b/c"], ok=True),
     ]
     assert os.path.isdir(paths["a/b"])
-    assert tool.delete([paths["a/b"]]) == [DeleteResult(paths["a/b"], ok=True)]
+    assert changer.delete([paths["a/b"]]) == [DeleteResult(paths["a/b"], ok=True)]
 
 
 @lab
-def test_delete_child_of_readonly_parent_is_erofs(loop_btrfs: LoopBtrfs, tool: BtrfsTool) -> None:
+def test_delete_child_of_readonly_parent_is_erofs(
+    loop_btrfs: LoopBtrfs, changer: BtrfsTool
+) -> None:
     paths = make_tree(loop_btrfs.mount)
-    tool.set_readonly(paths["a/b"], True)
-    assert tool.delete([paths["a/b/c"]]) == [
+    changer.set_readonly(paths["a/b"], True)
+    assert changer.delete([paths["a/b/c"]]) == [
         DeleteResult(paths["a/b/c"], ok=False, error="Read-only file system")
     ]
     assert os.path.isdir(paths["a/b/c"])
-    tool.set_readonly(paths["a/b"], False)
-    assert tool.delete([paths["a/b/c"], paths["a/b"]]) == [
+    changer.set_readonly(paths["a/b"], False)
+    assert changer.delete([paths["a/b/c"], paths["a/b"]]) == [
         DeleteResult(paths["a/b/c"], ok=True),
         DeleteResult(paths["a/b"], ok=True),
     ]
 
 
 @lab
-def test_delete_readonly_leaf(loop_btrfs: LoopBtrfs, tool: BtrfsTool) -> None:
+def test_delete_readonly_leaf(loop_btrfs: LoopBtrfs, changer: BtrfsTool) -> None:
     leaf = subvol(f"{loop_btrfs.mount}/leaf")
-    tool.set_readonly(leaf, True)
-    assert tool.delete([leaf]) == [DeleteResult(leaf, ok=True)]
+    changer.set_readonly(leaf, True)
+    assert changer.delete([leaf]) == [DeleteResult(leaf, ok=True)]
     assert not os.path.lexists(leaf)
 
 
@@ -702,3 +714,95 @@ def test_delete_refusals_of_btrfs_itself(loop_btrfs: LoopBtrfs, tool: BtrfsTool)
         DeleteResult(leaf, ok=True),
     ]
     assert os.path.isdir(default)
+
+
+@lab
+def test_a_delete_scope_lists_what_the_full_listing_does_for_it(
+    loop_btrfs: LoopBtrfs, tool: BtrfsTool, tmp_path: Path
+) -> None:
+    """On a real filesystem: the subvolumes in a volume's folder (nested at several
+    depths, read-only ones, one holding a child), the subvolumes holding them, and no
+    other, each record exactly as the full listing gives it; by id too."""
+    m = loop_btrfs.mount
+    root = subvol(f"{m}/docker")
+    vols = f"{root}/volumes"
+    data = f"{vols}/v1/_data/btrfs/subvolumes"
+    os.makedirs(data)
+    a, b = subvol(f"{data}/a"), subvol(f"{data}/b")
+    child = subvol(f"{a}/child")
+    os.makedirs(f"{child}/deep")
+    grand = subvol(f"{child}/deep/grand")
+    sh("btrfs", "property", "set", a, "ro", "true")
+    os.makedirs(f"{vols}/v2/_data")
+    other_vol = subvol(f"{vols}/v2/_data/x")
+    os.makedirs(f"{vols}/v1x")  # a name that starts like v1's
+    near = subvol(f"{vols}/v1x/s")
+    whole = subvol(f"{vols}/v3")  # a volume's folder that is a subvolume itself
+    inner = subvol(f"{whole}/_data")
+    os.makedirs(f"{m}/others")
+    others = [subvol(f"{m}/others/s{i:02d}") for i in range(20)]
+    layers = f"{root}/btrfs/subvolumes"
+    os.makedirs(layers)
+    layer = subvol(f"{layers}/l1")
+    full = {r.id: r for r in tool.list_subvolumes(m)}
+    ids = {p: rootid(p) for p in (root, a, b, child, grand, other_vol, near, whole, inner, layer)}
+
+    def scoped(**kw: object) -> dict[int, object]:
+        got = tool.list_scope(m, **kw)  # type: ignore[arg-type]
+        assert got.default_id == 5
+        return {r.id: r for r in got.records}
+
+    v1 = scoped(folder=f"{vols}/v1")
+    assert set(v1) == {ids[root], ids[a], ids[b], ids[child], ids[grand]}
+    assert all(v1[i] == full[i] for i in v1)
+    assert [full[i].read_only for i in (ids[a], ids[b])] == [True, False]
+    v3 = scoped(folder=whole)
+    assert set(v3) == {ids[root], ids[whole], ids[inner]}
+    assert scoped(folder=f"{vols}/gone") == {}
+    assert scoped(folder=str(tmp_path)) == {}  # not this filesystem
+    by_id = scoped(ids=(ids[child],))
+    assert set(by_id) == {ids[root], ids[a], ids[child], ids[grand]}
+    assert all(by_id[i] == full[i] for i in by_id)
+    assert scoped(ids=(rootid(others[3]),)) == {rootid(others[3]): full[rootid(others[3])]}
+    assert scoped(ids=(999_999,)) == {}
+    sh("btrfs", "subvolume", "set-default", str(ids[b]), m)
+    assert tool.list_scope(m, ids=()).default_id == ids[b] == tool.default_subvolume(m)
+
+
+@lab
+def test_ioctl_changes_start_no_process_and_say_what_happened(
+    loop_btrfs: LoopBtrfs, btrfs_binary: str, processes: list[list[str]]
+) -> None:
+    """By ioctl: the same answers as btrfs-progs for each path of a mixed batch, the
+    kernel's refusal of the default subvolume, nothing through a symlink, no process."""
+    tool = BtrfsTool(binary=btrfs_binary, subvolume_ioctls=True)
+    m = loop_btrfs.mount
+    x = subvol(f"{m}/x")
+    q = subvol(f"{m}/q")
+    subvol(f"{m}/q/c")
+    p = subvol(f"{m}/p")
+    child = subvol(f"{m}/p/child")
+    tool.set_readonly(p, True)
+    tool.set_readonly(p, True)  # already: nothing changes
+    assert sh("btrfs", "property", "get", p, "ro").strip() == "ro=true"
+    plain = f"{m}/plain"
+    os.mkdir(plain)
+    missing = f"{m}/missing"
+    default = subvol(f"{m}/default")
+    sh("btrfs", "subvolume", "set-default", str(rootid(default)), m)
+    os.symlink(x, f"{m}/link")
+    batch = [f"{m}/link", x, missing, q, child, plain, default]
+    assert tool.delete(batch) == [
+        DeleteResult(f"{m}/link", ok=False, error=f"refused: the path resolves to {x!r}"),
+        DeleteResult(x, ok=True),
+        DeleteResult(missing, ok=False, error="No such file or directory"),
+        DeleteResult(q, ok=False, error="Directory not empty"),
+        DeleteResult(child, ok=False, error="Read-only file system"),
+        DeleteResult(plain, ok=False, error="Not a btrfs subvolume"),
+        DeleteResult(default, ok=False, error="Operation not permitted"),
+    ]
+    with pytest.raises(BtrfsCommandError):
+        tool.set_readonly(plain, True)
+    tool.set_readonly(p, False)
+    assert tool.delete([child, p]) == [DeleteResult(child, ok=True), DeleteResult(p, ok=True)]
+    assert processes == []

@@ -34,6 +34,9 @@ def agent_config(state_dir: Path, **extra: Any) -> AgentConfig:
         ],
     }
     data.update(extra)
+    if data.get("btrfs_binary", "btrfs") != "btrfs":
+        # another btrfs-progs (4.4.1): make the changes with it too, not by ioctl
+        data.setdefault("subvolume_ioctls", False)
     return load_config(data=data, env={})
 
 
