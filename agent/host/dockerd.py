@@ -459,15 +459,8 @@ def _read_store(path: str) -> bytes:
             raise ValueError("not a regular file")
         if st.st_size > STORE_MAX_BYTES:
             raise ValueError(f"{st.st_size} bytes, over {STORE_MAX_BYTES}")
-        chunks: list[bytes] = []
-        left = st.st_size
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(st.st_size)
     finally:
         os.close(fd)
 

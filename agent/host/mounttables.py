@@ -84,7 +84,19 @@ def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:
             "the agent runs in a pid namespace of its own: the mount namespaces of the "
             "host's processes are invisible; run it with `pid: host`"
         )
-    seen = {_first_mount_id(os.path.join(proc_root, p, "mountinfo")) for p in ("self", "1")}
+    # this process's table and the host's, read whole once: their first mount ids name
+    # the namespaces not to list again, their nsfs mounts may pin others
+    own: list[tuple[str, list[MountEntry]]] = []
+    seen: set[bytes | None] = set()
+    for who in ("self", "1"):
+        path = os.path.join(proc_root, who, "mountinfo")
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except OSError as e:
+            raise HostMountsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
+        seen.add(text.split(" ", 1)[0].encode() or None)
+        own.append((who, _parse(path, text)))
     tables: list[NamespaceTable] = []
     try:
         pids = sorted(int(p) for p in os.listdir(proc_root) if p.isdigit())
@@ -110,7 +122,7 @@ def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:
                 f"cannot read the mount table of pid {pid} ({path}): {e.strerror}"
             ) from e
         tables.append(NamespaceTable(pid, tuple(parse_mountinfo(text))))
-    tables.extend(_pinned_tables(proc_root, seen, tables))
+    tables.extend(_pinned_tables(proc_root, seen, own, tables))
     return tables
 
 
@@ -156,7 +168,10 @@ def enter_and_read(nsfs_path: str) -> str:
 
 
 def _pinned_tables(
-    proc_root: str, seen: set[bytes | None], tables: list[NamespaceTable]
+    proc_root: str,
+    seen: set[bytes | None],
+    own: list[tuple[str, list[MountEntry]]],
+    tables: list[NamespaceTable],
 ) -> list[NamespaceTable]:
     """The tables of mount namespaces that no process is in, each kept alive by a bind
     mount of its nsfs file (``unshare --mount=FILE``, what tools that keep a
@@ -164,14 +179,7 @@ def _pinned_tables(
     this process's table, the host's and every other namespace's (also those found
     this way), and read by entering them. One that cannot be entered raises
     ``HostMountsUnavailable``: what is mounted there cannot be told."""
-    todo: list[tuple[str, list[MountEntry]]] = []
-    for who in ("self", "1"):
-        path = os.path.join(proc_root, who, "mountinfo")
-        try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                todo.append((who, _parse(path, f.read())))
-        except OSError as e:
-            raise HostMountsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
+    todo = list(own)
     todo.extend((str(t.pid), list(t.mounts)) for t in tables)
     out: list[NamespaceTable] = []
     entered: set[str] = set()
