@@ -43,6 +43,7 @@ from lab.agentproc import pids_root_may_not_read
 from shared.policy import FINDING_KINDS
 from shared.wirepath import from_wire
 from tests.agent.http.apphelpers import BOTH, CLEAN, agent_config, auth
+from tests.namespaces import fd_held_namespace_tmpfs, pinned_namespace_tmpfs
 
 BROAD: dict[str, Any] = {
     "kinds": list(FINDING_KINDS),
@@ -1131,43 +1132,6 @@ def test_attack_a_mount_in_another_mount_namespace(slab: Lab, api: Api, guarded:
     assert_dind_gone(slab, leak)
 
 
-@contextlib.contextmanager
-def pinned_namespace_tmpfs(lab: Lab, *points: Path) -> Iterator[tuple[Path, Callable[[], str]]]:
-    """A mount namespace that no process is in, kept by a bind mount of its nsfs file
-    (``unshare --mount=FILE``: how tools keep a namespace for later), with a tmpfs
-    holding a file at each of ``points``: no process's mount table shows them. Yields
-    (the pin file, a function that digests the files from inside the namespace)."""
-    pin_dir = lab.root / f"pin-{secrets.token_hex(3)}"
-    pin_dir.mkdir()
-    pin = pin_dir / "ns"
-    made: list[Path] = []
-    for p in points:
-        p.mkdir(parents=True, exist_ok=True)
-    try:
-        run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", pin_dir)
-        made.append(pin_dir)
-        run("mount", "--make-private", pin_dir)
-        pin.touch()
-        script = "".join(
-            f"mount -t tmpfs -o size=4m tmpfs '{p}' && "
-            f"head -c 3000 /dev/urandom > '{p}/only-here' && "
-            for p in points
-        )
-        run("unshare", f"--mount={pin}", "--propagation", "private", "sh", "-c", script + "true")
-        made.append(pin)
-
-        def read() -> str:
-            files = [str(p / "only-here") for p in points]
-            return run("nsenter", f"--mount={pin}", "sha256sum", *files).stdout.decode()
-
-        assert len(read().splitlines()) == len(points)
-        assert not any((p / "only-here").exists() for p in points)  # not here
-        yield pin, read
-    finally:
-        for m in reversed(made):
-            run("umount", m, check=False)
-
-
 def test_attack_a_mount_in_a_namespace_no_process_is_in(slab: Lab, api: Api) -> None:
     """The same, in a namespace that no process is in: a tmpfs mounted inside a leaked
     volume's data and one inside an orphan layer, in a namespace kept only by a bind
@@ -1177,7 +1141,10 @@ def test_attack_a_mount_in_a_namespace_no_process_is_in(slab: Lab, api: Api) -> 
     vol = slab.seed_dind_volume()
     orphan = slab.seed_orphan_subvolume()
     leak = slab.seed_dind_volume()
-    with pinned_namespace_tmpfs(slab, vol.mountpoint / "pinned", orphan / "pinned") as (pin, read):
+    with pinned_namespace_tmpfs(slab.root, vol.mountpoint / "pinned", orphan / "pinned") as (
+        pin,
+        read,
+    ):
         before = read()
         plan, job = api.broad()
         for name in (vol.volume, orphan.name):
@@ -1190,51 +1157,6 @@ def test_attack_a_mount_in_a_namespace_no_process_is_in(slab: Lab, api: Api) -> 
         assert read() == before
     assert vol.volume in volume_names(slab) and orphan.exists()
     assert_dind_gone(slab, leak)
-
-
-@contextlib.contextmanager
-def fd_held_namespace_tmpfs(*points: Path) -> Iterator[tuple[int, Callable[[], str]]]:
-    """A mount namespace that no process is in, held open by another process's fd on
-    its ``/proc/<pid>/ns/mnt`` (its maker has ended), with a tmpfs holding a file at each
-    of ``points``. Yields (the keeper's pid, a digest of the files read from inside)."""
-    script = "".join(
-        f"mount -t tmpfs -o size=4m tmpfs '{p}' && head -c 3000 /dev/urandom > '{p}/only-here' && "
-        for p in points
-    )
-    for p in points:
-        p.mkdir(parents=True, exist_ok=True)
-    maker = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         script + "echo ready && exec sleep 600"],
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
-    keeper = None
-    try:
-        assert maker.stdout is not None and maker.stdout.readline().strip() == b"ready"
-        keeper = subprocess.Popen(
-            ["python3", "-c",
-             f"import os, time; fd = os.open('/proc/{maker.pid}/ns/mnt', os.O_RDONLY); "
-             "print(fd, flush=True); time.sleep(600)"],
-            stdout=subprocess.PIPE,
-        )  # fmt: skip
-        assert keeper.stdout is not None
-        fd = keeper.stdout.readline().strip().decode()
-        maker.kill()
-        maker.wait()
-
-        def read() -> str:
-            files = [str(p / "only-here") for p in points]
-            ns = f"/proc/{keeper.pid}/fd/{fd}" if keeper else ""
-            return run("nsenter", f"--mount={ns}", "sha256sum", *files).stdout.decode()
-
-        assert len(read().splitlines()) == len(points)
-        assert not any((p / "only-here").exists() for p in points)  # not here
-        yield keeper.pid, read
-    finally:
-        for proc in (maker, keeper):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
 
 
 def test_attack_a_mount_in_a_namespace_only_an_open_file_keeps(slab: Lab, api: Api) -> None:

@@ -24,6 +24,7 @@ from agent.host.holders import (
 )
 from agent.host.records import Holders
 from tests.agent.host.test_btrfs_parse import CAPTURES
+from tests.namespaces import fd_held_namespace_tmpfs
 
 LINUX = CAPTURES / "linux"
 
@@ -246,32 +247,11 @@ def test_what_a_namespace_of_only_chrooted_processes_holds_is_placed_everywhere(
 
 @pytest.fixture
 def held_namespace(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """A mount namespace that no process is in, held open by a process's fd (the
-    ``unshare`` process that made it, with a tmpfs at a folder that is a plain folder
-    here, has ended; another keeps ``/proc/<it>/ns/mnt`` open)."""
+    """A mount namespace that no process is in, held open by a process's fd, with a
+    tmpfs at a folder that is a plain folder here."""
     target = tmp_path / "target"
-    target.mkdir()
-    maker = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount -t tmpfs tmpfs '{target}' && echo ready && exec sleep 600"],
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert maker.stdout is not None and maker.stdout.readline().strip() == b"ready"
-    keeper = subprocess.Popen(
-        ["python3", "-c",
-         f"import os, time; fd = os.open('/proc/{maker.pid}/ns/mnt', os.O_RDONLY); "
-         "print(fd, flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert keeper.stdout is not None and keeper.stdout.readline().strip().isdigit()
-        maker.kill()
-        maker.wait()
-        yield keeper.pid, target
-    finally:
-        for p in (maker, keeper):
-            p.kill()
-            p.wait()
+    with fd_held_namespace_tmpfs(target) as (keeper, _read):
+        yield keeper, target
 
 
 def test_a_namespace_held_open_by_an_fd_is_read_by_entering_it(

@@ -4,7 +4,6 @@ in a temporary folder from a real captured table, and this machine's own."""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from agent.host.mounttables import (
 )
 from agent.host.records import MountEntry
 from tests.agent.host.test_btrfs_parse import CAPTURES
+from tests.namespaces import pinned_namespace_tmpfs
 
 
 def test_mounts_from_proc_root(tmp_path: Path) -> None:
@@ -185,29 +185,11 @@ def test_pins_of_other_namespace_kinds_are_not_mount_namespaces(tmp_path: Path) 
 
 @pytest.fixture
 def pinned(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """A real mount namespace no process is in (``unshare --mount=FILE``, the way tools
-    keep one for later), holding a tmpfs at a folder that is a plain folder here."""
-    pin_dir, target = tmp_path / "pin", tmp_path / "target"
-    pin_dir.mkdir()
-    target.mkdir()
-    made: list[Path] = []
-    try:
-        _run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(pin_dir))
-        made.append(pin_dir)
-        _run("mount", "--make-private", str(pin_dir))
-        pin = pin_dir / "ns"
-        pin.touch()
-        _run("unshare", f"--mount={pin}", "--propagation", "private", "true")
-        made.append(pin)
-        _run("nsenter", f"--mount={pin}", "mount", "-t", "tmpfs", "tmpfs", str(target))
+    """A real mount namespace no process is in (``unshare --mount=FILE``), holding a
+    tmpfs at a folder that is a plain folder here."""
+    target = tmp_path / "target"
+    with pinned_namespace_tmpfs(tmp_path, target) as (pin, _read):
         yield pin, target
-    finally:
-        for p in reversed(made):
-            _run("umount", str(p))
-
-
-def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
 
 
 def test_a_namespace_no_process_is_in_is_read_by_entering_it(
