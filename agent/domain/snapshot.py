@@ -526,7 +526,9 @@ def take_snapshot(
             excl = sum(s.exclusive_bytes or 0 for s in nested)
         in_use_by = tuple(users.get(v.name, ()))
         last_write = identity = inner = None
-        if not in_use_by and v.mountpoint:  # identity: which folder the volume is
+        # a scoped snapshot needs them only of the volumes the delete touches
+        touched = scope is None or v.name == scope.volume or bool(nested)
+        if not in_use_by and v.mountpoint and touched:  # identity: which folder it is
             stamp = btrfs.folder_stamp(pathmap.to_local(posixpath.dirname(v.mountpoint)))
             identity = f"{stamp[0]}:{stamp[1]}" if stamp is not None and stamp[1] else None
             inner = docker.volume_stores(pathmap.to_local(v.mountpoint))

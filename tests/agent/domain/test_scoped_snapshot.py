@@ -2,7 +2,8 @@
 listed) decides exactly as a full snapshot does: over the stateful fakes, for states
 built from many combinations of what makes a target unsafe (a mount inside it, its
 subvolume mounted elsewhere, a bind mount of it, a container using it, something held
-open in it, a default subvolume inside it, a subvolume inside a layer, a read-only
+open in it, a default subvolume inside it, an inner daemon's volume labelled keep or
+its volume store unreadable, a subvolume inside a layer, a read-only
 parent, a path the kernel cannot give, protect labels, named volumes, the data root,
 layers and orphans...), every volume and every subvolume is decided on both, and the
 answers (refused with which error and reason, or the same delete set) are the same."""
@@ -85,6 +86,14 @@ def _a_private_mount_in_another_namespace(sc: LeakScenario) -> None:
     sc.btrfs.add_private_mount(f"{sc.dind_nested[0]}", pid=4321)
 
 
+def _inner_volume_labelled_keep(sc: LeakScenario) -> None:
+    sc.docker.record_inner_volumes(sc.dind_mountpoint, {"results": {"keep": "true"}})
+
+
+def _unreadable_volume_store(sc: LeakScenario) -> None:
+    sc.docker.break_volume_store(sc.dind_mountpoint)
+
+
 def _many_other_subvolumes(sc: LeakScenario) -> None:
     for i in range(30):
         sc.btrfs.create_subvolume(f"{sc.share}/others/s{i:03d}")
@@ -104,6 +113,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     _volume_folder_itself_a_subvolume,
     _kept_named_volume_with_subvolumes,
     _a_private_mount_in_another_namespace,
+    _inner_volume_labelled_keep,
+    _unreadable_volume_store,
     _many_other_subvolumes,
 )
 
