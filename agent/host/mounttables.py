@@ -189,17 +189,15 @@ def _pinned_tables(
             if m.fstype != "nsfs" or not _MNT_NS_ROOT.fullmatch(m.root) or m.root in entered:
                 continue
             entered.add(m.root)
-            if who == "self":
-                opener = m.mountpoint
-            elif who.startswith("/"):  # found in a pinned namespace: through that file
-                opener = ""
-            else:
-                opener = os.path.join(proc_root, who, "root") + m.mountpoint
-            if not opener:
+            if who.startswith("/"):  # shown only by a pinned namespace's own table
                 raise HostMountsUnavailable(
                     f"a mount namespace ({m.root}) is pinned at {m.mountpoint} inside "
                     f"another one that no process is in ({who}): it cannot be read"
                 )
+            if who == "self":
+                opener = m.mountpoint
+            else:
+                opener = os.path.join(proc_root, who, "root") + m.mountpoint
             try:
                 text = enter_and_read(opener)
             except OSError as e:
