@@ -113,17 +113,30 @@ class DockerClient:
             raise DockerUnavailable(f"Docker at {self.base_url} did not answer OK to a ping")
 
     def info(self) -> DockerInfo:
+        """The daemon's versions, storage driver and data root: ``GET /info``, and the
+        API version from the ``Api-Version`` header of ``GET /_ping`` (Engine API 1.25
+        and later), asked side by side. ``GET /version`` answers the API version too,
+        but the daemon runs ``runc --version`` and ``docker-init --version`` for it
+        each time (about 6 ms of its CPU); it is asked only of a daemon whose ping
+        names no API version."""
         api = self._api()
         with self._boundary("info"):
-            asked = _ASIDE.submit(api.version)  # two requests, side by side
+            asked = _ASIDE.submit(self._api_version, api)  # two requests, side by side
             info = api.info()
-            version = asked.result()
+            api_version = asked.result()
         return DockerInfo(
             server_version=_text(info, "ServerVersion", "info"),
-            api_version=_text(version, "ApiVersion", "version"),
+            api_version=api_version,
             storage_driver=_text(info, "Driver", "info"),
             data_root=_text(info, "DockerRootDir", "info"),
         )
+
+    def _api_version(self, api: Any) -> str:
+        answer = api.get(f"{api.base_url}/_ping", timeout=self.timeout)
+        named = answer.headers.get("Api-Version")
+        if answer.status_code == 200 and isinstance(named, str) and named:
+            return named
+        return _text(api.version(), "ApiVersion", "version")
 
     def volumes(self) -> list[VolumeRecord]:
         api = self._api()

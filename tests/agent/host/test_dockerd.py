@@ -8,10 +8,15 @@ shared lab, on btrfs, with the leaked docker-in-docker volume it seeded.
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import re
 import signal
 import socket
+import socketserver
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -338,6 +343,73 @@ def test_a_daemon_that_does_not_answer_is_unavailable_after_the_timeout(tmp_path
         assert time.monotonic() - started < 10
 
 
+class _Daemon(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    paths: list[str]
+    ping_names_api: bool
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """A daemon of only ``/_ping``, ``/version`` and ``/info``; the ping has an
+    ``Api-Version`` header unless the server says not (Engine API before 1.25)."""
+
+    server: _Daemon
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        self.server.paths.append(re.sub(r"^/v[\d.]+", "", path))
+        headers = {"Api-Version": "1.41"} if self.server.ping_names_api else {}
+        if path.endswith("/_ping"):
+            body = b"OK"
+        elif path.endswith("/version"):
+            body = json.dumps({"ApiVersion": "1.24", "Version": "1.12.6"}).encode()
+        else:
+            answer = {"ServerVersion": "1.12.6", "Driver": "btrfs", "DockerRootDir": "/d"}
+            body = json.dumps(answer).encode()
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextmanager
+def _daemon(path: Path, *, ping_names_api: bool) -> Iterator[_Daemon]:
+    server = _Daemon(str(path), _Answer)
+    server.paths, server.ping_names_api = [], ping_names_api
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("ping_names_api", [True, False])
+def test_info_takes_the_api_version_from_the_ping_and_asks_version_only_without_it(
+    tmp_path: Path, ping_names_api: bool
+) -> None:
+    with _daemon(tmp_path / "d.sock", ping_names_api=ping_names_api) as server:
+        client = DockerClient(base_url=f"unix://{tmp_path}/d.sock", timeout=5)
+        client.ping()  # the SDK asks /version once when its client is made
+        server.paths.clear()
+        info = client.info()
+    assert (info.server_version, info.storage_driver, info.data_root) == ("1.12.6", "btrfs", "/d")
+    if ping_names_api:
+        assert info.api_version == "1.41"
+        assert sorted(server.paths) == ["/_ping", "/info"]
+    else:
+        assert info.api_version == "1.24"
+        assert sorted(server.paths) == ["/_ping", "/info", "/version"]
+
+
 # --------------------------------------------------------------------------- the real daemon
 
 
@@ -370,7 +442,8 @@ def _requests_made(client: DockerClient) -> Iterator[list[str]]:
 
 @pytest.mark.lab
 def test_lab_info(lab: Any, client: DockerClient) -> None:
-    info = client.info()
+    with _requests_made(client) as seen:
+        info = client.info()
     version, api = _cli(
         lab, "version", "--format", "{{.Server.Version}} {{.Server.APIVersion}}"
     ).split()
@@ -378,6 +451,8 @@ def test_lab_info(lab: Any, client: DockerClient) -> None:
     assert info.storage_driver == "btrfs"
     assert info.data_root == str(lab.data_root)
     assert (info.server_version, info.api_version) == (version, api)
+    # the API version comes from the ping's header: /version runs runc in the daemon
+    assert sorted(p.split("?")[0].rsplit("/", 1)[-1] for p in seen) == ["_ping", "info"], seen
     client.ping()
 
 
