@@ -39,7 +39,7 @@ from collections.abc import Collection
 
 from agent.errors import HoldersUnavailable
 from agent.host.btrfs_parse import parse_mountinfo, unescape_mountinfo
-from agent.host.mounttables import enter_and_read
+from agent.host.mounttables import enter_and_read, parse_mounts, read_proc_file
 from agent.host.records import HeldPath, Holders, HolderTable, MountEntry, NamespaceTable
 
 __all__ = [
@@ -97,6 +97,23 @@ def parse_maps(text: str) -> list[str]:
             if path is not None:
                 out[path] = None
     return list(out)
+
+
+# The files of each ``maps`` text parsed lately: a process's mappings rarely change
+# between two reads a few milliseconds apart (a delete reads every process four
+# times). Keyed by the whole text, so a changed table is always parsed; bounded.
+_MAPS_MEMO: dict[str, tuple[str, ...]] = {}
+_MAPS_MEMO_MAX = 1024
+
+
+def _mapped_files(text: str) -> tuple[str, ...]:
+    known = _MAPS_MEMO.get(text)
+    if known is None:
+        known = tuple(parse_maps(text))
+        if len(_MAPS_MEMO) >= _MAPS_MEMO_MAX:
+            _MAPS_MEMO.clear()
+        _MAPS_MEMO[text] = known
+    return known
 
 
 def parse_swaps(text: str) -> list[str]:
@@ -208,7 +225,7 @@ def _process_held(
     may have a working folder of its own (``unshare(CLONE_FS)``, as Samba's do). Mount
     namespaces it holds open (an fd whose link is ``mnt:[...]``) go to ``ns_held``
     (link -> (pid, fd))."""
-    base = os.path.join(proc_root, str(pid))
+    base = f"{proc_root}/{pid}"
     found: dict[str, str] = {}
     root = _readlink(base, "root", pid)
     for link, what in (("cwd", "working folder"), ("exe", "program")):
@@ -218,19 +235,19 @@ def _process_held(
     if root is not None and root.startswith("/"):
         found.setdefault(root, "root")
     try:
-        tids = [t for t in os.listdir(os.path.join(base, "task")) if t != str(pid)]
+        tids = [t for t in os.listdir(f"{base}/task") if t != str(pid)]
     except OSError as exc:
         if exc.errno in _GONE:
             return None
         raise _Unreadable(pid, "task", exc) from exc
     budget.spend(len(tids))
     for tid in tids:
-        task = os.path.join(base, "task", tid)
+        task = f"{base}/task/{tid}"
         for link, what in (("cwd", "working folder"), ("root", "root")):
             path = _clean(_readlink(task, link, pid) or "")
             if path is not None:
                 found.setdefault(path, f"{what} of thread {tid}")
-    fd_dir = os.path.join(base, "fd")
+    fd_dir = f"{base}/fd"
     try:
         fds = os.listdir(fd_dir)
     except OSError as exc:
@@ -247,13 +264,12 @@ def _process_held(
         if path is not None:
             found.setdefault(path, "open file")
     try:
-        with open(os.path.join(base, "maps"), encoding="utf-8", errors="surrogateescape") as f:
-            maps = f.read()
+        maps = read_proc_file(f"{base}/maps")
     except OSError as exc:
         if exc.errno in _GONE:
             return None
         raise _Unreadable(pid, "maps", exc) from exc
-    mapped = parse_maps(maps)
+    mapped = _mapped_files(maps)
     budget.spend(len(mapped))
     for path in mapped:
         found.setdefault(path, "mapped file")
@@ -263,8 +279,7 @@ def _process_held(
 def _read_text(path: str) -> str | None:
     """A small /proc file; None when its process is gone (or a zombie's)."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
+        return read_proc_file(path)
     except OSError as exc:
         if exc.errno in _GONE or exc.errno == errno.EINVAL:
             return None
@@ -376,8 +391,9 @@ def read_holders(
     except OSError as exc:
         raise HoldersUnavailable(f"cannot list {proc_root}: {exc.strerror}") from exc
     parents: dict[int, int] = {}
+    names: dict[int, str] = {}  # the program's name, as /proc/<pid>/comm has it
     for pid in pids:
-        stat = _read_text(os.path.join(proc_root, str(pid), "stat"))
+        stat = _read_text(f"{proc_root}/{pid}/stat")
         if stat is not None:
             try:
                 ppid, flags = parse_stat(stat)
@@ -385,6 +401,7 @@ def read_holders(
                 raise HoldersUnavailable(f"/proc/{pid}/stat cannot be read: {stat!r}") from None
             if not flags & PF_KTHREAD:
                 parents[pid] = ppid
+                names[pid] = stat[stat.find("(") + 1 : stat.rindex(")")]
     server = set(agent_pids)
     own = {os.getpid(), *server, *(p for p, pp in parents.items() if pp in server)}
     helpers = set(helper_exes)
@@ -396,9 +413,9 @@ def read_holders(
     for pid, ppid in parents.items():
         if pid in own:
             continue
-        base = os.path.join(proc_root, str(pid))
+        base = f"{proc_root}/{pid}"
         if ppid in own and helpers:
-            exe = _readlink_quiet(os.path.join(base, "exe"))
+            exe = _readlink_quiet(f"{base}/exe")
             if exe is not None and exe in helpers:
                 continue  # a btrfs process of the agent's
         try:
@@ -414,7 +431,7 @@ def read_holders(
             raise exc.refusal() from exc.exc
         if held is None:
             continue
-        comm = (_read_text(os.path.join(base, "comm")) or "?").strip()
+        comm = names[pid].strip() or "?"
         pids_of, found = spaces.setdefault(key, ([], {}))
         # the table to place by is that of a process at the namespace's root: the
         # kernel prints paths from there, and a chrooted process's table from its root
@@ -432,9 +449,9 @@ def read_holders(
         mounts: tuple[MountEntry, ...] | None = None
         for pid in pids_of:  # the first that is still there
             who = "self" if pid == os.getpid() else str(pid)
-            text = _read_text(os.path.join(proc_root, who, "mountinfo"))
+            text = _read_text(f"{proc_root}/{who}/mountinfo")
             if text is not None:
-                mounts = tuple(parse_mountinfo(text))
+                mounts = tuple(parse_mounts(text))
                 break
         if mounts is None:
             # every process of it has a root of its own (a chroot: its table shows only

@@ -17,29 +17,50 @@ from agent.host.records import MountEntry, NamespaceTable
 # Mount namespaces read at most (every container has one; beyond: not all are seen).
 MAX_MOUNT_NAMESPACES = 4096
 
-# The last table read from each path and its mounts: a table read again unchanged (the
-# kept scan's checks read two per request) is not parsed again.
-_parsed: dict[str, tuple[str, tuple[MountEntry, ...]]] = {}
+# The mounts of each table text parsed lately: a table read again unchanged (a delete
+# reads every namespace's four times, the kept scan's checks two per request) is not
+# parsed again. Keyed by the whole text, so a changed table is always parsed; bounded.
+_PARSED: dict[str, tuple[MountEntry, ...]] = {}
+_PARSED_MAX = 256
+_CHUNK = 65536
 
 
-def _parse(path: str, text: str) -> list[MountEntry]:
-    last = _parsed.get(path)
-    if last is not None and last[0] == text:
-        return list(last[1])
-    mounts = parse_mountinfo(text)
-    _parsed[path] = (text, tuple(mounts))
-    return mounts
+def parse_mounts(text: str) -> tuple[MountEntry, ...]:
+    """``parse_mountinfo(text)``, remembered for the same text."""
+    known = _PARSED.get(text)
+    if known is None:
+        known = tuple(parse_mountinfo(text))
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[text] = known
+    return known
+
+
+def read_proc_file(path: str) -> str:
+    """The whole of a ``/proc`` file, by ``os.read`` (no buffered text file around it:
+    the holders' read runs this for every process, several times per delete).
+    ``OSError`` as the kernel says."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, _CHUNK)
+        if len(data) == _CHUNK:  # more to come (a seq_file gives a chunk at a time)
+            parts = [data]
+            while chunk := os.read(fd, _CHUNK):
+                parts.append(chunk)
+            data = b"".join(parts)
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", "surrogateescape")
 
 
 def read_mounts(proc_root: str) -> list[MountEntry]:
     """Every mount this process sees, of any type (local paths)."""
     path = os.path.join(proc_root, "self/mountinfo")
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
+        text = read_proc_file(path)
     except OSError as e:
         raise BtrfsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
-    return _parse(path, text)
+    return list(parse_mounts(text))
 
 
 def read_host_mounts(proc_root: str) -> list[MountEntry]:
@@ -59,13 +80,12 @@ def read_host_mounts(proc_root: str) -> list[MountEntry]:
                 "on the host are invisible; run it with `pid: host` (docker-compose) "
                 "or `--pid host`"
             )
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
+        text = read_proc_file(path)
     except OSError as e:
         raise HostMountsUnavailable(
             f"cannot read the host's mount table {path}: {e.strerror}"
         ) from e
-    return _parse(path, text)
+    return list(parse_mounts(text))
 
 
 def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:
@@ -91,19 +111,18 @@ def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:
     for who in ("self", "1"):
         path = os.path.join(proc_root, who, "mountinfo")
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                text = f.read()
+            text = read_proc_file(path)
         except OSError as e:
             raise HostMountsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
         seen.add(text.split(" ", 1)[0].encode() or None)
-        own.append((who, _parse(path, text)))
+        own.append((who, list(parse_mounts(text))))
     tables: list[NamespaceTable] = []
     try:
         pids = sorted(int(p) for p in os.listdir(proc_root) if p.isdigit())
     except OSError as e:
         raise HostMountsUnavailable(f"cannot list {proc_root}: {e.strerror}") from e
     for pid in pids:
-        path = os.path.join(proc_root, str(pid), "mountinfo")
+        path = f"{proc_root}/{pid}/mountinfo"
         key = _first_mount_id(path)
         if key is None or key in seen:
             continue
@@ -113,15 +132,14 @@ def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:
                 f"more than {MAX_MOUNT_NAMESPACES} mount namespaces: not all can be read"
             )
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                text = f.read()
+            text = read_proc_file(path)
         except (FileNotFoundError, ProcessLookupError):
             continue  # ended meanwhile
         except OSError as e:
             raise HostMountsUnavailable(
                 f"cannot read the mount table of pid {pid} ({path}): {e.strerror}"
             ) from e
-        tables.append(NamespaceTable(pid, tuple(parse_mountinfo(text))))
+        tables.append(NamespaceTable(pid, parse_mounts(text)))
     tables.extend(_pinned_tables(proc_root, seen, own, tables))
     return tables
 
@@ -214,7 +232,7 @@ def _pinned_tables(
                 raise HostMountsUnavailable(
                     f"more than {MAX_MOUNT_NAMESPACES} mount namespaces: not all can be read"
                 )
-            table = NamespaceTable(0, tuple(parse_mountinfo(text)), pinned_at=m.mountpoint)
+            table = NamespaceTable(0, parse_mounts(text), pinned_at=m.mountpoint)
             out.append(table)
             todo.append((m.mountpoint, list(table.mounts)))
     return out
@@ -229,15 +247,20 @@ def _first_mount_id(path: str) -> bytes | None:
     when the process is gone or holds no table (a zombie). ``HostMountsUnavailable``
     when it exists and cannot be read."""
     try:
-        with open(path, "rb") as f:
-            head = f.readline(64)
+        # 64 bytes by one read: the kernel makes only the first line for it (a
+        # buffered readline would have it print a whole buffer's worth of mounts)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 64)
+        finally:
+            os.close(fd)
     except (FileNotFoundError, ProcessLookupError):
         return None
     except OSError as e:
         if e.errno in (errno.ESRCH, errno.ENOENT, errno.EINVAL):
             return None
         raise HostMountsUnavailable(f"cannot read the mount table {path}: {e.strerror}") from e
-    return head.split(b" ", 1)[0] or None
+    return head.split(b"\n", 1)[0].split(b" ", 1)[0] or None
 
 
 def in_initial_pid_namespace(proc_root: str) -> bool:

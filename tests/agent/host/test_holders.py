@@ -263,3 +263,14 @@ def test_a_namespace_held_open_by_an_fd_is_read_by_entering_it(
     (table,) = [t for t in found.hidden_namespaces if f"of pid {keeper}" in (t.pinned_at or "")]
     assert table.pid == 0
     assert any(m.mountpoint == str(target) and m.fstype == "tmpfs" for m in table.mounts)
+
+
+def test_the_mapped_files_remembered_are_bounded_and_follow_the_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(holders, "_MAPS_MEMO", {})
+    line = "7f00-7f01 r--p 00000000 08:01 {0} /lib/m{0}.so\n"
+    for i in range(3 * holders._MAPS_MEMO_MAX):
+        assert holders._mapped_files(line.format(i)) == (f"/lib/m{i}.so",)
+        assert len(holders._MAPS_MEMO) <= holders._MAPS_MEMO_MAX
+    assert holders._mapped_files(line.format(7) + line.format(8)) == ("/lib/m7.so", "/lib/m8.so")

@@ -55,6 +55,7 @@ def test_a_table_read_again_is_parsed_again_only_when_it_changed(
         return real_parse(text, fstype)
 
     monkeypatch.setattr(mounttables, "parse_mountinfo", counting_parse)
+    monkeypatch.setattr(mounttables, "_PARSED", {})  # what earlier tests parsed
     first = read_mounts(str(tmp_path))
     first.clear()  # what a caller does with its list is its own
     again = read_mounts(str(tmp_path))
@@ -62,6 +63,15 @@ def test_a_table_read_again_is_parsed_again_only_when_it_changed(
     # one mount fewer: read as it is now
     table.write_text("".join(text.splitlines(keepends=True)[:-1]))
     assert len(read_mounts(str(tmp_path))) == 8 and len(parsed) == 2
+
+
+def test_the_parsed_tables_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mounttables, "_PARSED", {})
+    line = "{0} 1 0:{0} / /m{0} rw - tmpfs t rw\n"
+    for i in range(3 * mounttables._PARSED_MAX):
+        (entry,) = mounttables.parse_mounts(line.format(i + 1))
+        assert entry.mountpoint == f"/m{i + 1}"
+        assert len(mounttables._PARSED) <= mounttables._PARSED_MAX
 
 
 def test_mounts_unreadable_is_unavailable(tmp_path: Path) -> None:
