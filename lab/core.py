@@ -317,13 +317,30 @@ class Lab:
             timeout,
         )
 
-    def _start_dockerd(self, binary: str, timeout: float) -> None:
+    def restart_dockerd(
+        self,
+        *,
+        data_root: Path | None = None,
+        binary: str = "dockerd",
+        timeout: float = 60.0,
+    ) -> int:
+        """Stop the lab's dockerd (SIGTERM, as a service manager does) and start it
+        again, on ``data_root`` (a folder on the lab's filesystem) when given; the new
+        daemon's pid. The lab's own helpers (``data_root``, ``layer_dir``, seeding)
+        keep naming the first data root."""
+        ref = self._require(self._state.dockerd, "dockerd")
+        ref.stop(grace=20.0)
+        self._start_dockerd(binary, timeout, data_root=data_root)
+        return self.dockerd_pid
+
+    def _start_dockerd(self, binary: str, timeout: float, *, data_root: Path | None = None) -> None:
         layout = self._layout
+        root = data_root or layout.data_root
         layout.daemon_json.write_text("{}\n")  # never the host's /etc/docker/daemon.json
         cmd = [
             binary,
             "--config-file", str(layout.daemon_json),
-            "--data-root", str(layout.data_root),
+            "--data-root", str(root),
             "--storage-driver", "btrfs",
             "--host", self.docker_host,
             "--pidfile", str(layout.pidfile),
@@ -341,7 +358,7 @@ class Lab:
             lambda: host.docker_ping(layout.socket), ref, layout.logs / "dockerd.log", timeout
         )
         info = json.loads(self.docker("info", "--format", "{{json .}}").stdout)
-        if info.get("Driver") != "btrfs" or info.get("DockerRootDir") != str(layout.data_root):
+        if info.get("Driver") != "btrfs" or info.get("DockerRootDir") != str(root):
             raise LabError(
                 f"dockerd runs with driver {info.get('Driver')!r} at {info.get('DockerRootDir')!r}"
             )

@@ -1362,6 +1362,8 @@ class FakeDocker:
         self.anonymous_label = anonymous_label
         self.now = now or (btrfs.now if btrfs is not None else DEFAULT_NOW)
         self.down = False
+        self.identity_known = True
+        self.restarts = 0
         self.calls: list[str] = []
         self.images: dict[str, FakeImage] = {}
         self.containers_by_id: dict[str, FakeContainer] = {}
@@ -1535,6 +1537,20 @@ class FakeDocker:
 
     def ping(self) -> None:
         self._api("ping")
+
+    def daemon_identity(self) -> str | None:
+        """The daemon process: another after ``restart()``, and after any change of
+        the settings ``info`` answers (a real daemon changes them only by restarting);
+        None while down or when ``identity_known`` is off (a tcp:// daemon)."""
+        self.calls.append("daemon_identity")
+        if self.down or not self.identity_known:
+            return None
+        settings = (self.data_root, self.storage_driver, self.server_version, self.api_version)
+        return f"fake-{self.restarts}:{settings!r}"
+
+    def restart(self) -> None:
+        """The daemon restarts: another process answers from now on."""
+        self.restarts += 1
 
     def info(self) -> DockerInfo:
         self._api("info")

@@ -2,8 +2,10 @@
 views and the local CLI turn them into their own shapes).
 
 ``Inventory`` asks the backends through ``take_snapshot`` and keeps what never changes
-(a subvolume's creation time, a filesystem's uuid). Every delete decides on a snapshot
-taken for it (``fresh_snapshot``); nothing kept for the reads is ever used to delete.
+(a subvolume's creation time, a filesystem's uuid), and Docker's info while the daemon
+process that gave it answers (``agent.domain.snapshot.DaemonInfo``: checked before and
+after every snapshot). Every delete decides on a snapshot taken for it
+(``fresh_snapshot``); nothing kept for the reads is ever used to delete.
 
 The reads (and ``/metrics``) share one kept scan (``agent.domain.keptscan``): used
 again while nothing says the host changed.
@@ -28,6 +30,7 @@ from agent.domain.findings import Finding, compute_findings
 from agent.domain.keptscan import KeptScan
 from agent.domain.paths import PathMap, PathRefused, check_abs, is_under
 from agent.domain.snapshot import (
+    DaemonInfo,
     FsView,
     Scope,
     Snapshot,
@@ -103,6 +106,7 @@ class Inventory:
             log.warning("root %s is a symbolic link: acting under its real path %s", link, real)
         self._fs_cache: dict[str, tuple[str, str | None]] = {}
         self._data_root: str | None = None  # Docker's data root as the last scan saw it
+        self.daemon_info = DaemonInfo()  # Docker's info, while the same daemon answers
         # A subvolume's creation time never changes: keep it by (filesystem, subvolume
         # uuid), so a listing asks the kernel once per subvolume, not once per request.
         self._created: dict[tuple[str, str], datetime] = {}
@@ -154,6 +158,7 @@ class Inventory:
             fs_cache=self._fs_cache,
             data_root_hint=self._data_root,
             scope=scope,
+            daemon_info=self.daemon_info,
         )
         self._data_root = snap.docker.data_root  # the next scan lists its filesystem early
         return snap

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 from agent.domain.mounts import MountIndex, UseIndex, container_uses, mount_index
 from agent.domain.paths import VOLUME_NAME, LinkMemo, PathMap, is_under
@@ -266,6 +267,7 @@ def _map_path(in_fs: str, views: Sequence[tuple[str, str]]) -> str | None:
 
 
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="snapshot")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,43 @@ def _wanted_groups(
     return groups
 
 
+class DaemonInfo:
+    """Docker's ``info`` (versions, storage driver, data root), kept while the daemon
+    process that answered it is the one answering (``Docker.daemon_identity``): those
+    change only when the daemon restarts, and a restarted daemon is another process.
+    ``GET /info`` is the slowest of a snapshot's requests (the daemon runs ``runc`` and
+    ``docker-init`` for it, from disk when the page cache was dropped).
+
+    ``take_snapshot`` asks who answers before it reads anything and again once every
+    answer is in: the kept info is used only when both name the process that answered
+    it, so every answer of the snapshot came from that process. A daemon that cannot
+    be told apart (None) is asked for its info every time."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[str, DockerInfo] | None = None
+        self.reused = 0  # snapshots that used the kept info
+
+    def before(self, docker: Docker) -> tuple[str | None, DockerInfo | None]:
+        """(who answers now, the info kept for that process or None)."""
+        ident = docker.daemon_identity()
+        kept = self._kept
+        if ident is not None and kept is not None and kept[0] == ident:
+            return ident, kept[1]
+        return ident, None
+
+    def forget(self) -> None:
+        self._kept = None
+
+    def after(self, docker: Docker, ident: str | None, info: DockerInfo, *, asked: bool) -> bool:
+        """Whether the process ``before`` named still answers; the info it was asked
+        for (``asked``) is kept for it then."""
+        if ident is None or docker.daemon_identity() != ident:
+            return False
+        if asked:
+            self._kept = (ident, info)
+        return True
+
+
 def take_snapshot(
     btrfs: Btrfs,
     docker: Docker,
@@ -343,9 +382,51 @@ def take_snapshot(
     fs_cache: dict[str, tuple[str, str | None]] | None = None,
     data_root_hint: str | None = None,
     scope: Scope | None = None,
+    daemon_info: DaemonInfo | None = None,
+) -> Snapshot:
+    """``_take`` with Docker's info kept in ``daemon_info`` (``DaemonInfo``) while the
+    same daemon process answers. When the daemon changed while a snapshot was read
+    with the info kept, that snapshot is dropped and read again, asking the daemon."""
+
+    def take(known_info: DockerInfo | None) -> Snapshot:
+        return _take(
+            btrfs, docker, now=now, roots=roots, pathmap=pathmap, fs_cache=fs_cache,
+            data_root_hint=data_root_hint, scope=scope, known_info=known_info,
+        )  # fmt: skip
+
+    if daemon_info is None:
+        return take(None)
+    ident, kept = daemon_info.before(docker)
+    snap = take(kept)
+    if daemon_info.after(docker, ident, snap.docker, asked=kept is None):
+        daemon_info.reused += kept is not None
+        return snap
+    if kept is None:
+        return snap  # asked fresh throughout: what a snapshot without the cache is
+    # the daemon changed under the kept info: read again, asking it (once: nothing is
+    # kept now)
+    daemon_info.forget()
+    return take_snapshot(
+        btrfs, docker, now=now, roots=roots, pathmap=pathmap, fs_cache=fs_cache,
+        data_root_hint=data_root_hint, scope=scope, daemon_info=daemon_info,
+    )  # fmt: skip
+
+
+def _take(
+    btrfs: Btrfs,
+    docker: Docker,
+    *,
+    now: datetime,
+    roots: Sequence[str] = (),
+    pathmap: PathMap | None = None,
+    fs_cache: dict[str, tuple[str, str | None]] | None = None,
+    data_root_hint: str | None = None,
+    scope: Scope | None = None,
+    known_info: DockerInfo | None,
 ) -> Snapshot:
     """Ask both backends once and join the answers. ``fs_cache`` (device -> uuid,
     label) spares a ``filesystem show`` per request for filesystems seen before.
+    ``known_info``: Docker's info, not asked again (``DaemonInfo``).
 
     ``data_root_hint`` (Docker's data root as last seen): the filesystems it picks are
     listed while Docker is still asked for its data root, the longest wait of a scan;
@@ -359,7 +440,7 @@ def take_snapshot(
         # delete is not decided while the tool is gone either (as /readyz says)
         raise BtrfsUnavailable("btrfs-progs cannot be found or started: no delete now")
     # The backends' calls are independent processes and requests: ask them at once.
-    f_info = _POOL.submit(docker.info)
+    f_info = _POOL.submit(docker.info) if known_info is None else _done(known_info)
     f_mounts = _POOL.submit(btrfs.mounts)
     f_volumes = _POOL.submit(docker.volumes)
     f_containers = _POOL.submit(docker.containers)
@@ -567,6 +648,12 @@ def take_snapshot(
         layer_folders=_layer_folders(f_folders, layer_dir, refs, filesystems, pathmap),
         scope=scope,
     )
+
+
+def _done(value: T) -> Future[T]:
+    done: Future[T] = Future()
+    done.set_result(value)
+    return done
 
 
 def _newest(*times: datetime | None) -> datetime | None:

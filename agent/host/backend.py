@@ -158,6 +158,10 @@ class Docker(Protocol):
 
     def info(self) -> DockerInfo: ...
 
+    def daemon_identity(self) -> str | None:
+        """Which daemon process answers right now (the same string while the same
+        process does, another once it restarted); None when it cannot be told."""
+
     def volumes(self) -> list[VolumeRecord]: ...
 
     def containers(self) -> list[ContainerRecord]:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -92,8 +94,10 @@ class DockerClient:
         timeout: float,
         remove_timeout: float | None = None,
         hung_cooldown: float = 0.0,
+        proc_root: str = "/proc",
     ) -> None:
         self.base_url = base_url
+        self._proc_root = proc_root
         self.timeout = timeout
         self.remove_timeout = remove_timeout if remove_timeout is not None else timeout
         self.hung_cooldown = hung_cooldown
@@ -111,6 +115,42 @@ class DockerClient:
             answered = api.ping()
         if answered is not True:
             raise DockerUnavailable(f"Docker at {self.base_url} did not answer OK to a ping")
+
+    def daemon_identity(self) -> str | None:
+        """Which daemon process answers at ``base_url`` right now: ``"PID:START"``,
+        its pid and start time (``/proc/PID/stat``: never the same for two processes
+        while the host is up). Told only for a ``unix://`` socket whose listener is a
+        process named ``dockerd`` (``SO_PEERCRED`` of a new connection: the process
+        that listens); None when it cannot be told: a ``tcp://`` daemon, a socket made
+        by systemd (``fd://``) or a proxy, a pid this process cannot see or read.
+
+        A daemon's data root, storage driver and versions change only when it
+        restarts, and a restarted daemon is another process: ``agent.domain.snapshot``
+        keeps ``info`` for as long as this stays the same."""
+        if not self.base_url.startswith("unix://"):
+            return None
+        path = self.base_url.removeprefix("unix://")
+        size = struct.calcsize("3i")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(min(self.timeout, 1.0))
+                conn.connect(path)
+                pid = struct.unpack(
+                    "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size)
+                )[0]
+            if pid <= 0:
+                return None  # a listener in a pid namespace this process cannot see
+            exe = os.readlink(f"{self._proc_root}/{pid}/exe").removesuffix(" (deleted)")
+            with open(f"{self._proc_root}/{pid}/stat", "rb") as f:
+                line = f.read()
+        except OSError:
+            return None
+        if os.path.basename(exe) != "dockerd":
+            return None
+        fields = line[line.rindex(b")") + 2 :].split()
+        if len(fields) < 20 or not fields[19].isdigit():
+            return None
+        return f"{pid}:{fields[19].decode()}"  # field 22: start time since boot, in ticks
 
     def info(self) -> DockerInfo:
         """The daemon's versions, storage driver and data root: ``GET /info``, and the

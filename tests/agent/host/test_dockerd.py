@@ -410,6 +410,32 @@ def test_info_takes_the_api_version_from_the_ping_and_asks_version_only_without_
         assert sorted(server.paths) == ["/_ping", "/info", "/version"]
 
 
+def test_the_daemon_is_told_by_the_process_that_listens(tmp_path: Path) -> None:
+    sock = tmp_path / "d.sock"
+    proc = tmp_path / "proc" / str(os.getpid())
+    proc.mkdir(parents=True)
+    (proc / "stat").write_bytes(Path("/proc/self/stat").read_bytes())
+    start = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock))
+        s.listen(8)  # this process listens: SO_PEERCRED names it
+        client = DockerClient(
+            base_url=f"unix://{sock}", timeout=5, proc_root=str(tmp_path / "proc")
+        )
+        assert client.daemon_identity() is None  # no exe link: cannot be told
+        (proc / "exe").symlink_to("/usr/local/bin/something-else")
+        assert client.daemon_identity() is None  # not a dockerd (a proxy, systemd)
+        (proc / "exe").unlink()
+        (proc / "exe").symlink_to("/var/packages/ContainerManager/target/usr/bin/dockerd")
+        assert client.daemon_identity() == f"{os.getpid()}:{start}"
+        # by the real /proc this process is python: not a daemon to keep info for
+        assert DockerClient(base_url=f"unix://{sock}", timeout=5).daemon_identity() is None
+    assert client.daemon_identity() is None  # nobody listens
+    assert DockerClient(base_url="tcp://127.0.0.1:1", timeout=1).daemon_identity() is None
+    missing = DockerClient(base_url=f"unix://{tmp_path}/missing.sock", timeout=1)
+    assert missing.daemon_identity() is None
+
+
 # --------------------------------------------------------------------------- the real daemon
 
 
@@ -451,6 +477,8 @@ def test_lab_info(lab: Any, client: DockerClient) -> None:
     assert info.storage_driver == "btrfs"
     assert info.data_root == str(lab.data_root)
     assert (info.server_version, info.api_version) == (version, api)
+    start = Path(f"/proc/{lab.dockerd_pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    assert client.daemon_identity() == f"{lab.dockerd_pid}:{start}"
     # the API version comes from the ping's header: /version runs runc in the daemon
     assert sorted(p.split("?")[0].rsplit("/", 1)[-1] for p in seen) == ["_ping", "info"], seen
     client.ping()
