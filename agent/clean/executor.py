@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agent.domain.mounts import MountIndex, container_uses
@@ -38,6 +39,7 @@ from agent.errors import AgentError, BtrfsCommandError
 from agent.host.backend import Btrfs, Docker
 
 QGROUP_BUSY_RETRIES = 5
+_ASIDE = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guard")
 QGROUP_BUSY_WAIT_SECONDS = 1.0
 
 
@@ -192,12 +194,14 @@ class Executor:
         """The guarded paths against the mount tables and the containers as they are
         now; a failure ends the run before ``step``."""
         try:
-            check_guard(
-                snap,
-                run.ds.guard,
-                self._read_mounts(),
-                container_uses(self.btrfs, self.docker.containers()),
-            )
+            # both read now, side by side: the mount tables with what is held open,
+            # and the containers with their sources resolved on the host
+            uses = _ASIDE.submit(lambda: container_uses(self.btrfs, self.docker.containers()))
+            try:
+                mounts = self._read_mounts()
+            finally:
+                found = uses.result()  # never left running into the next step
+            check_guard(snap, run.ds.guard, mounts, found)
         except AgentError as exc:
             run.fail(step, f"stopped before it: {exc.code}: {exc.detail}")
             return False

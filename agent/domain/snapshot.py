@@ -464,6 +464,13 @@ def _take(
     f_refs = _POOL.submit(docker.layer_refs, pathmap.to_local(data_root))
     layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
     f_folders = _POOL.submit(btrfs.plain_folders, pathmap.to_local(layer_dir))
+    # a delete's volume: its folder's identity and inner volume store read beside the
+    # rest, for the folder Docker keeps it in (used only if Docker names that folder)
+    early_volume: tuple[str, Future[tuple[tuple[int, int, int, int] | None, VolumeStores]]]
+    early_volume = ("", _done((None, VolumeStores())))
+    if scope is not None and scope.volume is not None and VOLUME_NAME.fullmatch(scope.volume):
+        expected = posixpath.join(data_root, "volumes", scope.volume, "_data")
+        early_volume = (expected, _POOL.submit(_volume_folder, btrfs, docker, pathmap, expected))
     mounts_index = mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces, f_holders)
 
     filesystems: dict[str, FsView] = {}
@@ -610,9 +617,11 @@ def _take(
         # a scoped snapshot needs them only of the volumes the delete touches
         touched = scope is None or v.name == scope.volume or bool(nested)
         if not in_use_by and v.mountpoint and touched:  # identity: which folder it is
-            stamp = btrfs.folder_stamp(pathmap.to_local(posixpath.dirname(v.mountpoint)))
+            if v.mountpoint == early_volume[0]:
+                stamp, inner = early_volume[1].result()
+            else:
+                stamp, inner = _volume_folder(btrfs, docker, pathmap, v.mountpoint)
             identity = f"{stamp[0]}:{stamp[1]}" if stamp is not None and stamp[1] else None
-            inner = docker.volume_stores(pathmap.to_local(v.mountpoint))
         if not in_use_by and (nested or v.anonymous) and scope is None:
             # Only a finding's age matters (an unused volume holding subvolumes, or an
             # unused anonymous one): no stat of the folders of the others.
@@ -648,6 +657,15 @@ def _take(
         layer_folders=_layer_folders(f_folders, layer_dir, refs, filesystems, pathmap),
         scope=scope,
     )
+
+
+def _volume_folder(
+    btrfs: Btrfs, docker: Docker, pathmap: PathMap, mountpoint: str
+) -> tuple[tuple[int, int, int, int] | None, VolumeStores]:
+    """The stamp of a volume's folder (``volumes/<name>``) and the volume store of a
+    daemon whose data root its ``_data`` was."""
+    stamp = btrfs.folder_stamp(pathmap.to_local(posixpath.dirname(mountpoint)))
+    return stamp, docker.volume_stores(pathmap.to_local(mountpoint))
 
 
 def _done(value: T) -> Future[T]:

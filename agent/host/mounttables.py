@@ -42,15 +42,14 @@ def read_proc_file(path: str) -> str:
     ``OSError`` as the kernel says."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.read(fd, _CHUNK)
-        if len(data) == _CHUNK:  # more to come (a seq_file gives a chunk at a time)
-            parts = [data]
-            while chunk := os.read(fd, _CHUNK):
-                parts.append(chunk)
-            data = b"".join(parts)
+        # to the end: a read of a seq_file (a mount table, maps) gives at most about a
+        # page whatever was asked, so a short read is no end
+        parts = []
+        while chunk := os.read(fd, _CHUNK):
+            parts.append(chunk)
     finally:
         os.close(fd)
-    return data.decode("utf-8", "surrogateescape")
+    return b"".join(parts).decode("utf-8", "surrogateescape")
 
 
 def read_mounts(proc_root: str) -> list[MountEntry]:

@@ -211,3 +211,15 @@ def test_a_namespace_no_process_is_in_is_read_by_entering_it(
     (table,) = [t for t in tables if t.pinned_at == str(pin)]
     assert table.pid == 0
     assert any(m.mountpoint == str(target) and m.fstype == "tmpfs" for m in table.mounts)
+
+
+def test_a_proc_file_longer_than_a_page_is_read_whole() -> None:
+    """A seq_file (a mount table, ``maps``) gives about a page per read, whatever was
+    asked: a short read is no end. This process's ``maps`` is several pages long."""
+    for _ in range(5):  # the interpreter may map something between the two reads
+        whole = Path("/proc/self/maps").read_bytes().decode("utf-8", "surrogateescape")
+        got = mounttables.read_proc_file("/proc/self/maps")
+        if got == whole:
+            break
+    assert len(whole) > 2 * 4096
+    assert got == whole
