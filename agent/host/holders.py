@@ -39,7 +39,12 @@ from collections.abc import Collection
 
 from agent.errors import HoldersUnavailable
 from agent.host.btrfs_parse import parse_mountinfo, unescape_mountinfo
-from agent.host.mounttables import enter_and_read, parse_mounts, read_proc_file
+from agent.host.mounttables import (
+    enter_and_read,
+    parse_mounts,
+    read_proc_file,
+    read_proc_record,
+)
 from agent.host.records import HeldPath, Holders, HolderTable, MountEntry, NamespaceTable
 
 __all__ = [
@@ -276,10 +281,11 @@ def _process_held(
     return found, root
 
 
-def _read_text(path: str) -> str | None:
-    """A small /proc file; None when its process is gone (or a zombie's)."""
+def _read_text(path: str, *, record: bool = False) -> str | None:
+    """A small /proc file (``record``: of one short record, as ``stat``); None when its
+    process is gone (or a zombie's)."""
     try:
-        return read_proc_file(path)
+        return read_proc_record(path) if record else read_proc_file(path)
     except OSError as exc:
         if exc.errno in _GONE or exc.errno == errno.EINVAL:
             return None
@@ -393,7 +399,7 @@ def read_holders(
     parents: dict[int, int] = {}
     names: dict[int, str] = {}  # the program's name, as /proc/<pid>/comm has it
     for pid in pids:
-        stat = _read_text(f"{proc_root}/{pid}/stat")
+        stat = _read_text(f"{proc_root}/{pid}/stat", record=True)
         if stat is not None:
             try:
                 ppid, flags = parse_stat(stat)

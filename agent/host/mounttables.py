@@ -52,6 +52,23 @@ def read_proc_file(path: str) -> str:
     return b"".join(parts).decode("utf-8", "surrogateescape")
 
 
+def read_proc_record(path: str) -> str:
+    """A ``/proc`` file of one short record (``stat``, ``comm``): the kernel gives a
+    whole record in one read when it fits, so one read of a page is all of it; a
+    longer answer is read on to its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 4096)
+        if len(data) == 4096:
+            parts = [data]
+            while chunk := os.read(fd, _CHUNK):
+                parts.append(chunk)
+            data = b"".join(parts)
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", "surrogateescape")
+
+
 def read_mounts(proc_root: str) -> list[MountEntry]:
     """Every mount this process sees, of any type (local paths)."""
     path = os.path.join(proc_root, "self/mountinfo")

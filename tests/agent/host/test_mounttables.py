@@ -223,3 +223,13 @@ def test_a_proc_file_longer_than_a_page_is_read_whole() -> None:
             break
     assert len(whole) > 2 * 4096
     assert got == whole
+
+
+def test_a_one_record_proc_file_is_read_in_one_go_and_a_long_one_whole(tmp_path: Path) -> None:
+    stat = Path("/proc/self/stat").read_text()
+    got = mounttables.read_proc_record("/proc/self/stat")
+    assert got.split(")", 1)[0] == stat.split(")", 1)[0]  # the same process, its name
+    assert got.endswith("\n") and len(got.split()) == len(stat.split())
+    long = tmp_path / "long"
+    long.write_bytes(b"x" * 10_000 + b"\n")  # longer than a page: read to its end
+    assert mounttables.read_proc_record(str(long)) == "x" * 10_000 + "\n"
