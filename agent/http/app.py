@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from flask import Flask
 
 from agent import __version__
 from agent.config import AgentConfig, load_config
 from agent.domain.inventory import Clock, utcnow
+from agent.errors import AgentError
 from agent.http.api import Api, require_json_bodies
 from agent.http.auth import TokenRegistry
 from agent.http.context import EXTENSION, HttpContext
@@ -100,3 +103,32 @@ def create_app(
     api.register_blueprint(metrics_views.blp)
     app.register_blueprint(docs.blp)  # not an API operation: outside the OpenAPI document
     return app
+
+
+START_WATCH_SECONDS = 5.0
+
+
+def scan_at_start(app: Flask) -> threading.Thread:
+    """One scan, and the default findings, in a thread of their own as soon as the
+    serving worker has made its app: the first read, the first ``/metrics`` scrape and
+    the first delete then find the filesystems, Docker's info and the kept scan known,
+    instead of paying for them (with cold caches: btrfs-progs and runc read from disk).
+    A scan that fails is logged; the next read tries again."""
+    inventory = app.extensions[EXTENSION].runtime.inventory
+
+    def scan() -> None:
+        started = time.monotonic()
+        if inventory.config.inventory_max_age_seconds > 0:
+            # a scan made while Docker's events are not followed yet is not kept
+            inventory.watch.start()
+            inventory.watch.wait_connected(START_WATCH_SECONDS)
+        try:
+            found = inventory.kept_findings()
+        except AgentError as exc:
+            log.warning("start-up scan failed: %s: %s", exc.code, exc.detail)
+            return
+        log.info("start-up scan: %d finding(s) in %.2f s", len(found), time.monotonic() - started)
+
+    thread = threading.Thread(target=scan, name="start-up-scan", daemon=True)
+    thread.start()
+    return thread

@@ -3,6 +3,7 @@ problems, deletes, plans, jobs, audit, restart."""
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 from datetime import timedelta
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.http.app import scan_at_start
 from tests.agent.http.apphelpers import BOTH, CLEAN, READ, AgentUnderTest, auth, build
 from tests.fakes import DEFAULT_NOW, FakeBtrfs, FakeDocker, LeakScenario, make_leak_scenario
 
@@ -753,3 +755,41 @@ def test_a_named_volume_without_subvolumes_is_not_ours_to_remove(agent: AgentUnd
     body = is_problem(r, 409, "protected")
     assert "docker volume rm" in body["detail"]
     assert agent.sc.docker.volume(agent.sc.named_volume) is not None
+
+
+def test_the_start_up_scan_leaves_the_first_delete_less_to_learn(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a scan learns and keeps (the filesystems' identities, Docker's info) is
+    known before the first request: the first delete asks neither again."""
+    a = build(tmp_path / "state")
+    inv = a.runtime.inventory
+    assert inv.scans == 0
+    with caplog.at_level(logging.INFO, logger="nas_janitor.agent"):
+        scan_at_start(a.app).join(30)
+    assert inv.scans == 1
+    assert any("start-up scan: " in r.getMessage() for r in caplog.records)
+
+    def asked() -> tuple[int, int]:
+        return a.sc.docker.calls.count("info"), len(a.sc.btrfs.calls_to("filesystem show"))
+
+    before = asked()
+    assert before[0] == 1 and before[1] >= 1
+    r = a.client.delete(
+        f"/v1/volumes/{a.sc.dind_volume}", query_string={"dry_run": "false"}, headers=auth(CLEAN)
+    )
+    assert r.status_code == 200, r.get_json()
+    assert asked() == before
+    assert inv.daemon_info.reused == 1
+
+
+def test_a_start_up_scan_that_fails_is_logged_and_the_next_read_tries_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = build(tmp_path / "state")
+    a.sc.docker.down = True
+    with caplog.at_level(logging.WARNING, logger="nas_janitor.agent"):
+        scan_at_start(a.app).join(30)
+    assert any("start-up scan failed: docker_unavailable" in r.getMessage() for r in caplog.records)
+    a.sc.docker.down = False
+    assert a.get("/v1/findings").status_code == 200
