@@ -106,3 +106,50 @@ def test_token_new_prints_a_token_and_its_hash(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_master_is_lean_and_its_worker_reads_the_config(tmp_path: Path) -> None:
+    """``serve`` checks the config, then becomes (same pid) a master that holds neither
+    click nor PyYAML nor the config's code; the worker reads the config itself and
+    serves as before, with the settings ``serve`` handed over."""
+    with running_agent(tmp_path, docker_host=NO_DOCKER) as agent:
+        pid = agent.proc.pid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:3] == [b"-m", b"agent.http.master"], argv
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "_yaml" not in maps  # PyYAML's C part is mapped once yaml is imported
+        (worker,) = _children(pid)
+        assert "_yaml" in Path(f"/proc/{worker}/maps").read_text()
+        with agent.client() as c:
+            assert c.get("/healthz").json() == {"status": "ok"}
+            # the settings and the hook handed over are there: a request line over
+            # limit_request_line (8190) is refused by gunicorn itself, as a problem
+            r = c.get("/healthz?q=" + "x" * 9000)
+            assert r.status_code == 414
+            assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_the_master_refuses_what_serve_did_not_hand_over() -> None:
+    for arg in (["{not json"], ["[1]"], []):
+        r = subprocess.run(
+            [sys.executable, "-m", "agent.http.master", *arg],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert r.returncode == 2, (arg, r.stderr)
+        assert "Traceback" not in r.stderr
