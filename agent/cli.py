@@ -103,15 +103,16 @@ def serve(config_path: str | None) -> None:
     # This process becomes gunicorn's master, lean: see agent.http.master.
     from agent.http import master
 
-    settings = master.handover(
-        config_path, gunicorn_options(config), config.gunicorn.request_timeout
-    )
+    handed = master.handover(config, gunicorn_options(config))
     sys.stdout.flush()
     sys.stderr.flush()
     if not sys.executable:  # no interpreter to start again: serve from this process
-        raise SystemExit(master.main([settings]))
+        os.environ[master.HANDOVER] = handed
+        raise SystemExit(master.main())
+    env = {**os.environ, master.HANDOVER: handed}
     # the same interpreter on a fixed module: no shell, nothing from outside
-    os.execv(sys.executable, [sys.executable, "-m", "agent.http.master", settings])  # noqa: S606
+    argv = [sys.executable, "-m", "agent.http.master"]
+    os.execve(sys.executable, argv, env)  # noqa: S606
 
 
 @cli.command()
