@@ -101,15 +101,17 @@ def serve(config_path: str | None) -> None:
         )
 
     # This process becomes gunicorn's master, lean: see agent.http.master.
-    from agent.http import master
+    from agent.http.handover import HANDOVER, handover
 
-    handed = master.handover(config, gunicorn_options(config))
+    handed = handover(config, gunicorn_options(config))
     sys.stdout.flush()
     sys.stderr.flush()
     if not sys.executable:  # no interpreter to start again: serve from this process
-        os.environ[master.HANDOVER] = handed
+        from agent.http import master
+
+        os.environ[HANDOVER] = handed
         raise SystemExit(master.main())
-    env = {**os.environ, master.HANDOVER: handed}
+    env = {**os.environ, HANDOVER: handed}
     # the same interpreter on a fixed module: no shell, nothing from outside
     argv = [sys.executable, "-m", "agent.http.master"]
     os.execve(sys.executable, argv, env)  # noqa: S606

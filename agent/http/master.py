@@ -1,17 +1,17 @@
 """gunicorn's master for ``janitor-agent serve``: the process the command becomes.
 
 ``janitor-agent serve`` reads and checks the config, prints its warnings, and then
-replaces itself (``os.execv``: the same process id) with ``python -m agent.http.master``,
+replaces itself (``os.execve``: the same process id) with ``python -m agent.http.master``,
 handing over the gunicorn settings and the checked config as JSON in the environment
-variable ``HANDOVER`` names (``handover``), which the master removes from its own
+variable ``HANDOVER`` names (``agent.http.handover``), which the master removes from its own
 environment at once: the programs the worker runs never get it (the process's first
 environment, ``/proc/PID/environ``, readable by its own user only, still shows it).
 
 This module imports only what gunicorn's arbiter and the worker class need, not click,
 PyYAML or the config's code: the worker is forked from this process, so whatever the
 master holds is resident in both. The worker makes its config from the handed-over
-JSON (``config_from_json``): every worker gunicorn starts serves the config ``serve``
-checked, as before, whatever happened to the file since.
+JSON (``agent.http.handover.config_from_json``): every worker gunicorn starts serves
+the config ``serve`` checked, as before, whatever happened to the file since.
 """
 
 from __future__ import annotations
@@ -19,62 +19,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from agent.http.handover import HANDOVER, config_from_json
 from agent.http.worker import buffering_worker
-
-if TYPE_CHECKING:
-    from agent.config import AgentConfig
-
-HANDOVER = "JANITOR_AGENT_SERVE"
-
-
-def handover(config: AgentConfig, options: dict[str, Any]) -> str:
-    """What ``serve`` hands over (the value of ``HANDOVER``): the checked config and
-    gunicorn's settings (plain JSON values)."""
-    return json.dumps({"config": config_to_json(config), "options": options})
-
-
-def config_to_json(config: AgentConfig) -> dict[str, Any]:
-    """The config as JSON values (sets as sorted lists)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, frozenset | set):
-            return sorted(value)
-        return value
-
-    return {k: plain(v) for k, v in asdict(config).items()}
-
-
-def config_from_json(data: dict[str, Any]) -> AgentConfig:
-    """The config ``config_to_json`` gave, as it was (``==``)."""
-    from agent.config import AgentConfig
-
-    return _build(AgentConfig, data)  # type: ignore[no-any-return]
-
-
-def _build(cls: Any, data: dict[str, Any]) -> Any:
-    hints = get_type_hints(cls)
-    return cls(**{f.name: _value(hints[f.name], data[f.name]) for f in fields(cls)})
-
-
-def _value(kind: Any, value: Any) -> Any:
-    if is_dataclass(kind):
-        return _build(kind, value)
-    origin = get_origin(kind)
-    if origin is tuple:
-        (item, *_) = get_args(kind)
-        return tuple(_value(item, v) for v in value)
-    if origin is frozenset:
-        return frozenset(value)
-    return value
 
 
 def problem_pages(worker: Any) -> None:

@@ -147,7 +147,7 @@ def test_the_master_is_lean_and_its_worker_reads_the_config(tmp_path: Path) -> N
 
 
 def test_the_master_refuses_what_serve_did_not_hand_over() -> None:
-    from agent.http.master import HANDOVER
+    from agent.http.handover import HANDOVER
 
     for value in ("{not json", "[1]", '{"options": {}}', None):
         env = {k: v for k, v in os.environ.items() if k != HANDOVER}
@@ -193,7 +193,7 @@ def test_a_new_worker_serves_the_config_serve_checked(tmp_path: Path) -> None:
 
 def test_the_config_goes_over_as_it_was() -> None:
     from agent.config import load_config
-    from agent.http.master import config_from_json, config_to_json
+    from agent.http.handover import config_from_json, config_to_json
 
     config = load_config(
         data={
