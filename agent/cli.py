@@ -20,8 +20,6 @@ import yaml
 
 from agent import __version__
 from agent.config import SCOPES, AgentConfig, ConfigError, load_config
-from agent.http.gunicorn import use_problem_pages
-from agent.http.worker import buffering_worker
 from shared.policy import DEFAULT_MIN_AGE_SECONDS, FINDING_KINDS, MAX_AGE_SECONDS
 
 CONFIG_OPTION = click.option(
@@ -48,13 +46,14 @@ def cli() -> None:
 
 
 def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
-    """gunicorn settings for a small NAS: one gthread worker with a buffering front
-    (``agent.http.worker``: a thread gets a request only once it has arrived whole,
-    within ``gunicorn.request_timeout``), a few threads, no control socket."""
+    """gunicorn settings for a small NAS, as plain JSON values: a few threads, no
+    control socket. ``agent.http.master`` adds the worker class (gthread with a
+    buffering front, ``agent.http.worker``: a thread gets a request only once it has
+    arrived whole, within ``gunicorn.request_timeout``) and the hook that makes
+    gunicorn's own error answers problems."""
     opts: dict[str, Any] = {
         "bind": config.listen,
         "workers": config.gunicorn.workers,
-        "worker_class": buffering_worker(config.gunicorn.request_timeout),
         "threads": config.gunicorn.threads,
         # open connections at most (each buffers at most 64 KiB of head and 256 KiB of
         # body: 160 MiB in all at worst); more wait in the listen backlog
@@ -70,9 +69,6 @@ def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
         # the longest request line gunicorn takes (its default is 4094 bytes): a query
         # may carry a whole path (``under``, up to 4096 bytes, PATH_MAX)
         "limit_request_line": 8190,
-        # what gunicorn answers itself (request line or headers too large, malformed
-        # requests) is a problem+json too, not an HTML page
-        "post_worker_init": use_problem_pages,
         # gunicorn 25.1+ opens a control socket ($XDG_RUNTIME_DIR or $HOME/.gunicorn/
         # gunicorn.ctl, shared by every gunicorn of the user) that can add workers or
         # stop the server: the agent has no use for it
@@ -84,7 +80,7 @@ def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
         opts["keyfile"] = config.tls.key
         if config.tls.client_ca:
             opts["ca_certs"] = config.tls.client_ca
-            opts["cert_reqs"] = ssl.CERT_REQUIRED
+            opts["cert_reqs"] = int(ssl.CERT_REQUIRED)
     return opts
 
 
@@ -92,8 +88,6 @@ def gunicorn_options(config: AgentConfig) -> dict[str, Any]:
 @CONFIG_OPTION
 def serve(config_path: str | None) -> None:
     """Serve the API under gunicorn (TLS when a certificate is configured)."""
-    from gunicorn.app.base import BaseApplication
-
     config = _load(config_path)
     if not config.tokens:
         click.echo("warning: no tokens configured; every /v1 request will get 401", err=True)
@@ -106,25 +100,21 @@ def serve(config_path: str | None) -> None:
             err=True,
         )
 
-    class Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            for key, value in gunicorn_options(config).items():
-                self.cfg.set(key, value)
+    # This process becomes gunicorn's master, lean: see agent.http.master.
+    from agent.http.handover import HANDOVER, handover
 
-        def load(self) -> Any:
-            from agent.domain.keptscan import tune_collector
-            from agent.http.app import create_app
+    handed = handover(config, gunicorn_options(config))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not sys.executable:  # no interpreter to start again: serve from this process
+        from agent.http import master
 
-            app = create_app(config)
-            tune_collector()  # in the worker, which serves: the app is made there
-            return app
-
-    # This process becomes gunicorn's master; it and its worker are the agent, whose own
-    # open files never count as a use of a target.
-    from agent.host import holders
-
-    holders.serving(os.getpid())
-    Server().run()
+        os.environ[HANDOVER] = handed
+        raise SystemExit(master.main())
+    env = {**os.environ, HANDOVER: handed}
+    # the same interpreter on a fixed module: no shell, nothing from outside
+    argv = [sys.executable, "-m", "agent.http.master"]
+    os.execve(sys.executable, argv, env)  # noqa: S606
 
 
 @cli.command()

@@ -43,6 +43,7 @@ from bench.common import (
     ratio,
     secs,
     spawn_agent,
+    status_kb,
     stop,
     verdict,
     wait_healthz,
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     done += 1
             time.sleep(SETTLE)
             after = memory(agent.proc.pid)
+            after_each = {pid: status_kb(pid, "VmRSS") for pid in after.pids}
         finally:
             stop(agent.proc)
 
@@ -254,11 +256,18 @@ def main(argv: list[str] | None = None) -> int:
         f"the load agent before the load: RSS {mb(before.rss_kb)}, PSS {mb(before.pss_kb)} "
         f"(pids {', '.join(map(str, before.pids))})"
     )
+    master, *workers = after.pids
+    res.notes.append(
+        f"idle after the load, RSS of each process: master (pid {master}) "
+        f"{mb(after_each[master])}, "
+        + ", ".join(f"worker (pid {w}) {mb(after_each[w])}" for w in workers)
+    )
     res.raw = {
         "startup": startup,
         "idle": {k: [m.__dict__ for m in v] for k, v in idle.items()},
         "before_load": before.__dict__,
         "after_load": after.__dict__,
+        "after_load_rss_kb_by_pid": after_each,
         "peak": {"rss_kb": sampler.peak_rss, "pss_kb": sampler.peak_pss},
     }
     res.emit(args.json)

@@ -20,7 +20,8 @@ is used again only while:
 
 Those checks cost a few system calls. A read that finds the kept scan stale scans
 again; concurrent reads wait for that one scan instead of making their own. Only one
-scan is kept (the pages of a listing in progress may hold the one before). Nothing
+scan is kept (the pages of a listing in progress may hold the one before); a big one is
+let go before the scan replacing it is made, so that two are not held at once. Nothing
 kept here is ever used to delete.
 """
 
@@ -50,8 +51,9 @@ log = logging.getLogger("nas_janitor.agent.inventory")
 # Findings kept per kept scan: one list per (kinds, min_age_seconds) asked, at most this
 # many (then they are computed again).
 KEPT_FINDINGS = 16
-# A scan of more subvolumes than this returns the memory of the one it replaces to the
-# system (a full garbage collection, then malloc_trim).
+# A kept scan of more subvolumes than this is freed before the scan replacing it is
+# made, and its memory returned to the system (a full garbage collection, then
+# malloc_trim): ``KeptScan._let_go``.
 BIG_SCAN = 2000
 
 FindingsKey = tuple[tuple[str, ...], int]
@@ -94,6 +96,9 @@ class KeptScan:
         self._compute = compute
         self.max_age = max_age
         self._kept: _Kept | None = None
+        # the default findings of a big kept scan let go before the scan replacing it
+        # (``_let_go``): what ``/metrics`` answers until that scan is made
+        self._stale: list[Finding] | None = None
         self._forgets = 0
         self._lock = threading.Lock()
         self._scan_lock = threading.Lock()  # one scan for the reads at a time
@@ -108,14 +113,18 @@ class KeptScan:
             self._forgets += 1
 
     def current(self) -> _Kept:
-        kept = self._kept
-        if kept is not None and self._still_valid(kept):
+        # (no reference to a stale kept scan is held while waiting for, or making, the
+        # scan that replaces it: ``_let_go`` frees it first)
+        kept = self._usable()
+        if kept is not None:
             return kept
         with self._scan_lock:
-            kept = self._kept  # another read may have scanned while this one waited
-            if kept is not None and self._still_valid(kept):
-                return kept
-            return self._scan()
+            kept = self._usable()  # another read may have scanned while this one waited
+            return kept if kept is not None else self._scan()
+
+    def _usable(self) -> _Kept | None:
+        kept = self._kept
+        return kept if kept is not None and self._still_valid(kept) else None
 
     def _scan(self) -> _Kept:
         """Scan for the reads (the caller holds ``_scan_lock``), reading every change
@@ -142,6 +151,11 @@ class KeptScan:
                 stamp = self.btrfs.folder_stamp(self._layer_dir(prev.snap))
             except (AgentError, OSError):
                 trusted = False
+        prev_root = prev.snap.docker.data_root if prev is not None else None
+        big = prev is not None and self.max_age > 0 and _size(prev.snap) > BIG_SCAN
+        del prev
+        if big:
+            self._let_go()
         try:
             snap = self._take()
         except AgentError as exc:
@@ -151,9 +165,9 @@ class KeptScan:
         self.scans += 1
         # Trusted only when every filesystem it holds was marked before it, against the
         # same Docker data root (the layer folder's stamp is of that root).
-        if prev is None or set(snap.filesystems) - set(marks):
+        if prev_root is None or set(snap.filesystems) - set(marks):
             trusted = False
-        elif snap.docker.data_root != prev.snap.docker.data_root:
+        elif snap.docker.data_root != prev_root:
             trusted = False
         elif not snap.mounts.held.known:
             # what is held open could not be read: no signal says when it can again
@@ -170,11 +184,24 @@ class KeptScan:
             layer_stamp=stamp,
         )
         if self.max_age > 0:
-            self._kept = kept
-            if prev is not None and _size(prev.snap) > BIG_SCAN:
-                del prev
-                release_memory()
+            with self._lock:
+                self._kept = kept
+                self._stale = None
         return kept
+
+    def _let_go(self) -> None:
+        """Free the (big, stale) kept scan before the scan that replaces it is made (the
+        caller holds ``_scan_lock`` and has read from it what the new scan is compared
+        with): two full scans are then never held at once, and the new one is made in
+        the memory the old one leaves, not in more of it. Its default findings (which
+        hold no part of it) stay for ``/metrics`` until the new scan is kept. After a
+        failed scan there is no kept scan: the next one has nothing to compare with."""
+        with self._lock:
+            prev, self._kept = self._kept, None
+            key = (tuple(FINDING_KINDS), DEFAULT_MIN_AGE_SECONDS)
+            self._stale = prev.findings.get(key) if prev is not None else None
+        del prev
+        release_memory()
 
     def _host_mounts(self) -> list[MountEntry] | None:
         try:
@@ -209,9 +236,17 @@ class KeptScan:
     def kept_findings(self) -> list[Finding]:
         """The default findings for ``/metrics``, which never waits for a scan: those of
         the kept scan even when it is stale (a scan for the next scrape then starts in
-        the background), a scan only when none was made yet. Raises the error of the
-        last scan when it failed."""
-        kept = self._kept
+        the background), or those of a big one let go while its successor is made
+        (``_let_go``); a scan only when none was made yet, or when the one let go had
+        no default findings computed. Raises the error of the last scan when it
+        failed."""
+        kept, stale = self._kept, self._stale
+        if kept is None and stale is not None and self.max_age > 0:
+            # the kept scan was let go for the one being made: its findings meanwhile
+            self.refresh_in_background()
+            if self._last_failure is not None:
+                raise self._last_failure
+            return stale
         if kept is None or self.max_age <= 0:
             return self.findings(tuple(FINDING_KINDS), DEFAULT_MIN_AGE_SECONDS)
         if not self._still_valid(kept):

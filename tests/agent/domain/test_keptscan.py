@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.domain.inventory import Inventory
+from agent.domain.snapshot import Snapshot
 from agent.errors import DockerUnavailable, InUse
 from agent.runtime import Backends, Runtime, build_runtime
 from tests.agent.http.apphelpers import agent_config
@@ -300,3 +302,65 @@ def test_a_serving_agent_tunes_the_collector() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def _watch_takes(inv: Inventory, before_take: Callable[[], None]) -> None:
+    """Run ``before_take`` each time the kept scan starts a scan (the real one after)."""
+    take = inv.kept._take
+
+    def watched() -> Snapshot:
+        before_take()
+        return take()
+
+    inv.kept._take = watched
+
+
+def test_a_big_stale_scan_is_let_go_before_the_scan_replacing_it(
+    inv: Inventory, sc: LeakScenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two full scans are never held at once: the stale one is freed (and its memory
+    given back) before the new one is made, which is then kept and trusted."""
+    from agent.domain import keptscan
+
+    monkeypatch.setattr(keptscan, "BIG_SCAN", 0)  # the fakes' few subvolumes count as big
+    scans = warm(inv)
+    old = weakref.ref(inv.current())
+    alive: list[bool] = []
+    _watch_takes(inv, lambda: alive.append(old() is not None))
+    sc.btrfs.create_subvolume(f"{sc.data_root}/btrfs/subvolumes/{'f' * 64}")
+    new = inv.current()
+    assert alive == [False] and old() is None
+    assert inv.scans == scans + 1
+    assert inv.current() is new and inv.scans == scans + 1  # kept, and trusted
+
+
+def test_metrics_answer_the_let_go_scans_findings_while_its_successor_is_made(
+    inv: Inventory, sc: LeakScenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.domain import keptscan
+
+    monkeypatch.setattr(keptscan, "BIG_SCAN", 0)
+    warm(inv)
+    before = inv.kept_findings()
+    scanning, finish = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        scanning.set()
+        assert finish.wait(10)
+
+    _watch_takes(inv, slow)
+    sc.btrfs.create_subvolume(f"{sc.data_root}/btrfs/subvolumes/{'a' * 64}")
+    reader = threading.Thread(target=inv.current)
+    reader.start()
+    try:
+        assert scanning.wait(5)
+        t0 = time.monotonic()
+        assert inv.kept_findings() is before  # at once: the scan let go, its findings
+        assert time.monotonic() - t0 < 1
+    finally:
+        finish.set()
+        reader.join(10)
+    deadline = time.monotonic() + 5
+    while len(inv.kept_findings()) == len(before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(inv.kept_findings()) == len(before) + 1

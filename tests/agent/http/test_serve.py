@@ -3,9 +3,13 @@ mutual TLS, auth, and a clean stop."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -106,3 +110,101 @@ def test_token_new_prints_a_token_and_its_hash(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_master_is_lean_and_its_worker_reads_the_config(tmp_path: Path) -> None:
+    """``serve`` checks the config, then becomes (same pid) a master that holds neither
+    click nor PyYAML nor the config's code; the worker reads the config itself and
+    serves as before, with the settings ``serve`` handed over."""
+    with running_agent(tmp_path, docker_host=NO_DOCKER) as agent:
+        pid = agent.proc.pid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:3] == [b"-m", b"agent.http.master"], argv
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "_yaml" not in maps  # PyYAML's C part is mapped once yaml is imported
+        (worker,) = _children(pid)
+        assert "_yaml" in Path(f"/proc/{worker}/maps").read_text()
+        with agent.client() as c:
+            assert c.get("/healthz").json() == {"status": "ok"}
+            # the settings and the hook handed over are there: a request line over
+            # limit_request_line (8190) is refused by gunicorn itself, as a problem
+            r = c.get("/healthz?q=" + "x" * 9000)
+            assert r.status_code == 414
+            assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_the_master_refuses_what_serve_did_not_hand_over() -> None:
+    from agent.http.handover import HANDOVER
+
+    for value in ("{not json", "[1]", '{"options": {}}', None):
+        env = {k: v for k, v in os.environ.items() if k != HANDOVER}
+        if value is not None:
+            env[HANDOVER] = value
+        r = subprocess.run(
+            [sys.executable, "-m", "agent.http.master"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+            env=env,
+        )
+        assert r.returncode == 2, (value, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_a_new_worker_serves_the_config_serve_checked(tmp_path: Path) -> None:
+    """gunicorn starts a new worker when one dies: it serves the config ``serve``
+    checked at start, not what the file holds now (here no longer a config at all)."""
+    with running_agent(tmp_path, docker_host=NO_DOCKER) as agent:
+        (worker,) = _children(agent.proc.pid)
+        agent.config_path.write_text("listen: [not, a, config\n")
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _children(agent.proc.pid)
+            if now and now != [worker]:
+                break
+            time.sleep(0.05)
+        with agent.client() as c:
+            while time.monotonic() < deadline:
+                try:
+                    if c.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            assert c.get("/v1/host").json()["code"] == "docker_unavailable"  # authorized
+            r = c.get("/v1/host", headers={"Authorization": "Bearer nj_wrong"})
+            assert r.status_code == 401
+        assert agent.proc.poll() is None
+
+
+def test_the_config_goes_over_as_it_was() -> None:
+    from agent.config import load_config
+    from agent.http.handover import config_from_json, config_to_json
+
+    config = load_config(
+        data={
+            "listen": "127.0.0.1:8443",
+            "tokens": [{"id": "a", "sha256": "0" * 64, "scopes": ["read", "clean"]}],
+            "roots": ["/volume1/docker"],
+            "gunicorn": {"threads": 2, "request_timeout": 7},
+            "unreadable_pids_allowed": [1234],
+            "inventory_max_age_seconds": 0,
+        },
+        env={},
+    )
+    sent = json.loads(json.dumps(config_to_json(config)))
+    assert config_from_json(sent) == config

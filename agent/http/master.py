@@ -1,0 +1,83 @@
+"""gunicorn's master for ``janitor-agent serve``: the process the command becomes.
+
+``janitor-agent serve`` reads and checks the config, prints its warnings, and then
+replaces itself (``os.execve``: the same process id) with ``python -m agent.http.master``,
+handing over the gunicorn settings and the checked config as JSON in the environment
+variable ``HANDOVER`` names (``agent.http.handover``), which the master removes from its own
+environment at once: the programs the worker runs never get it (the process's first
+environment, ``/proc/PID/environ``, readable by its own user only, still shows it).
+
+This module imports only what gunicorn's arbiter and the worker class need, not click,
+PyYAML or the config's code: the worker is forked from this process, so whatever the
+master holds is resident in both. The worker makes its config from the handed-over
+JSON (``agent.http.handover.config_from_json``): every worker gunicorn starts serves
+the config ``serve`` checked, as before, whatever happened to the file since.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from agent.http.handover import HANDOVER, config_from_json
+from agent.http.worker import buffering_worker
+
+
+def problem_pages(worker: Any) -> None:
+    """gunicorn ``post_worker_init`` hook: ``agent.http.gunicorn.use_problem_pages``,
+    imported in the worker only."""
+    from agent.http.gunicorn import use_problem_pages
+
+    use_problem_pages(worker)
+
+
+class Server(BaseApplication):  # type: ignore[misc]
+    """gunicorn with the handed-over settings; its worker makes the app of the
+    handed-over config."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.settings["options"].items():
+            self.cfg.set(key, value)
+        timeout = float(self.settings["config"]["gunicorn"]["request_timeout"])
+        self.cfg.set("worker_class", buffering_worker(timeout))
+        # what gunicorn answers itself (request line or headers too large, malformed
+        # requests) is a problem+json too, not an HTML page
+        self.cfg.set("post_worker_init", problem_pages)
+
+    def load(self) -> Any:
+        from agent.domain.keptscan import tune_collector
+        from agent.http.app import create_app
+
+        app = create_app(config_from_json(self.settings["config"]))
+        tune_collector()  # in the worker, which serves: the app is made there
+        return app
+
+
+def main() -> int:
+    text = os.environ.pop(HANDOVER, None)
+    try:
+        settings = json.loads(text) if text is not None else None
+    except ValueError:
+        settings = None
+    if not (isinstance(settings, dict) and {"config", "options"} <= settings.keys()):
+        print("agent.http.master is started by `janitor-agent serve`", file=sys.stderr)
+        return 2
+    # This process is gunicorn's master; it and its worker are the agent, whose own open
+    # files never count as a use of a target.
+    from agent.host import holders
+
+    holders.serving(os.getpid())
+    Server(settings).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
