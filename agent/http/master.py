@@ -17,6 +17,7 @@ the config ``serve`` checked, as before, whatever happened to the file since.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -54,10 +55,17 @@ class Server(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         from agent.domain.keptscan import tune_collector
-        from agent.http.app import create_app
+        from agent.http.app import create_app, scan_at_start
 
+        # the agent's own log lines (``nas_janitor.*``) go where gunicorn's go, from
+        # info up: without a handler only warnings would reach stderr
+        served = logging.getLogger("gunicorn.error")
+        ours = logging.getLogger("nas_janitor")
+        ours.handlers, ours.propagate = list(served.handlers), False
+        ours.setLevel(logging.INFO)
         app = create_app(config_from_json(self.settings["config"]))
         tune_collector()  # in the worker, which serves: the app is made there
+        scan_at_start(app)  # what the first requests would otherwise wait for
         return app
 
 

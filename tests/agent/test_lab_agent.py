@@ -326,3 +326,24 @@ def test_kill_9_during_apply_then_resume(lab: Lab, tmp_path: Path, btrfs_binary:
         assert bad["ok"] is False and bad["first_bad_seq"] == 3
     finally:
         third.kill()
+
+
+@pytest.mark.lab
+def test_the_served_agent_scans_at_start_up_before_any_read(lab: Lab, tmp_path: Path) -> None:
+    """Under gunicorn, the worker makes its kept scan as soon as it serves: before any
+    read, the log says so, and the first read and scrape are answered by it."""
+    extra = {"unreadable_pids_allowed": pids_root_may_not_read(), "orphan_min_age_seconds": 0}
+    agent = start_agent(tmp_path / "a", docker_host=lab.docker_host, extra=extra)
+    try:
+        deadline = time.monotonic() + 60
+        while "start-up scan: " not in agent.log() and time.monotonic() < deadline:
+            assert "start-up scan failed" not in agent.log(), agent.log()
+            time.sleep(0.1)
+        assert "start-up scan: " in agent.log(), agent.log()
+        with agent.client() as c:
+            r = c.get("/v1/findings", params={"min_age_seconds": 0})
+            assert r.status_code == 200, r.text
+            assert any(f["kind"] == "dind-volume" for f in r.json()["items"])
+            assert "nas_janitor_scan_ok 1.0" in c.get("/metrics").text
+    finally:
+        agent.kill()

@@ -767,8 +767,11 @@ def test_the_start_up_scan_leaves_the_first_delete_less_to_learn(
     assert inv.scans == 0
     with caplog.at_level(logging.INFO, logger="nas_janitor.agent"):
         scan_at_start(a.app).join(30)
-    assert inv.scans == 1
+    assert inv.scans == 2  # the first is never kept; the second is
     assert any("start-up scan: " in r.getMessage() for r in caplog.records)
+    assert a.get("/v1/findings").status_code == 200
+    assert a.get("/metrics").status_code == 200
+    assert inv.scans == 2  # both answered by the kept scan
 
     def asked() -> tuple[int, int]:
         return a.sc.docker.calls.count("info"), len(a.sc.btrfs.calls_to("filesystem show"))
@@ -780,7 +783,14 @@ def test_the_start_up_scan_leaves_the_first_delete_less_to_learn(
     )
     assert r.status_code == 200, r.get_json()
     assert asked() == before
-    assert inv.daemon_info.reused == 1
+    assert inv.daemon_info.reused == 2  # the second scan and the delete
+
+
+def test_with_no_kept_scan_one_start_up_scan_learns_what_is_kept(tmp_path: Path) -> None:
+    a = build(tmp_path / "state", inventory_max_age_seconds=0)
+    scan_at_start(a.app).join(30)
+    assert a.runtime.inventory.scans == 1
+    assert a.sc.docker.calls.count("info") == 1
 
 
 def test_a_start_up_scan_that_fails_is_logged_and_the_next_read_tries_again(
