@@ -248,8 +248,12 @@ class DockerClient:
                 return self._client.api
             if self._remover is None:
                 with self._boundary("connect"):
+                    # the API version the first client learnt: no second GET /version
+                    # (the daemon runs runc and docker-init for it)
                     self._remover = docker.DockerClient(
-                        base_url=self.base_url, timeout=self.remove_timeout
+                        base_url=self.base_url,
+                        timeout=self.remove_timeout,
+                        version=self._client.api.api_version,
                     )
             return self._remover.api
 

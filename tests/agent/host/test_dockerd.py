@@ -370,7 +370,14 @@ class _Answer(http.server.BaseHTTPRequestHandler):
         else:
             answer = {"ServerVersion": "1.12.6", "Driver": "btrfs", "DockerRootDir": "/d"}
             body = json.dumps(answer).encode()
-        self.send_response(200)
+        self._answer(200, body, headers)
+
+    def do_DELETE(self) -> None:  # a volume removed
+        self.server.paths.append(re.sub(r"^/v[\d.]+", "", self.path.split("?", 1)[0]))
+        self._answer(204, b"", {})
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
@@ -390,6 +397,15 @@ def _daemon(path: Path, *, ping_names_api: bool) -> Iterator[_Daemon]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_the_client_for_removals_asks_the_api_version_no_second_time(tmp_path: Path) -> None:
+    with _daemon(tmp_path / "d.sock", ping_names_api=True) as server:
+        client = DockerClient(base_url=f"unix://{tmp_path}/d.sock", timeout=5)
+        client.ping()
+        client.remove_volume("gone")
+    assert server.paths.count("/version") == 1, server.paths
+    assert "/volumes/gone" in server.paths
 
 
 @pytest.mark.parametrize("ping_names_api", [True, False])
