@@ -37,13 +37,14 @@ import errno
 import os
 from collections.abc import Collection
 
-from agent.errors import HoldersUnavailable
+from agent.errors import HoldersUnavailable, HostMountsUnavailable
 from agent.host.btrfs_parse import parse_mountinfo, unescape_mountinfo
 from agent.host.mounttables import (
+    TextMemo,
     enter_and_read,
+    first_mount_id,
     parse_mounts,
     read_proc_file,
-    read_proc_record,
 )
 from agent.host.records import HeldPath, Holders, HolderTable, MountEntry, NamespaceTable
 
@@ -104,21 +105,9 @@ def parse_maps(text: str) -> list[str]:
     return list(out)
 
 
-# The files of each ``maps`` text parsed lately: a process's mappings rarely change
-# between two reads a few milliseconds apart (a delete reads every process four
-# times). Keyed by the whole text, so a changed table is always parsed; bounded.
-_MAPS_MEMO: dict[str, tuple[str, ...]] = {}
-_MAPS_MEMO_MAX = 1024
-
-
-def _mapped_files(text: str) -> tuple[str, ...]:
-    known = _MAPS_MEMO.get(text)
-    if known is None:
-        known = tuple(parse_maps(text))
-        if len(_MAPS_MEMO) >= _MAPS_MEMO_MAX:
-            _MAPS_MEMO.clear()
-        _MAPS_MEMO[text] = known
-    return known
+# the files of each ``maps`` text parsed lately (a process's mappings rarely change
+# between two reads a few milliseconds apart)
+_mapped_files = TextMemo(lambda text: tuple(parse_maps(text)), 1024)
 
 
 def parse_swaps(text: str) -> list[str]:
@@ -285,7 +274,7 @@ def _read_text(path: str, *, record: bool = False) -> str | None:
     """A small /proc file (``record``: of one short record, as ``stat``); None when its
     process is gone (or a zombie's)."""
     try:
-        return read_proc_record(path) if record else read_proc_file(path)
+        return read_proc_file(path, record=record)
     except OSError as exc:
         if exc.errno in _GONE or exc.errno == errno.EINVAL:
             return None
@@ -295,13 +284,9 @@ def _read_text(path: str, *, record: bool = False) -> str | None:
 def _first_mount_id(path: str) -> bytes | None:
     """The mount id on the first line of a mount table (it names the namespace)."""
     try:
-        with open(path, "rb") as f:
-            head = f.readline(64)
-    except OSError as exc:
-        if exc.errno in (*_GONE, errno.EINVAL):
-            return None
-        raise HoldersUnavailable(f"cannot read the mount table {path}: {exc.strerror}") from exc
-    return head.split(b" ", 1)[0] or None
+        return first_mount_id(path)
+    except HostMountsUnavailable as exc:
+        raise HoldersUnavailable(exc.detail) from exc
 
 
 def _kernel_held(proc_root: str, sys_root: str) -> list[HeldPath]:

@@ -9,64 +9,63 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from agent.errors import BtrfsUnavailable, HostMountsUnavailable
 from agent.host.btrfs_parse import parse_mountinfo
 from agent.host.records import MountEntry, NamespaceTable
 
+T = TypeVar("T")
+
 # Mount namespaces read at most (every container has one; beyond: not all are seen).
 MAX_MOUNT_NAMESPACES = 4096
 
-# The mounts of each table text parsed lately: a table read again unchanged (a delete
-# reads every namespace's four times, the kept scan's checks two per request) is not
-# parsed again. Keyed by the whole text, so a changed table is always parsed; bounded.
-_PARSED: dict[str, tuple[MountEntry, ...]] = {}
-_PARSED_MAX = 256
 _CHUNK = 65536
 
 
-def parse_mounts(text: str) -> tuple[MountEntry, ...]:
-    """``parse_mountinfo(text)``, remembered for the same text."""
-    known = _PARSED.get(text)
-    if known is None:
-        known = tuple(parse_mountinfo(text))
-        if len(_PARSED) >= _PARSED_MAX:
-            _PARSED.clear()
-        _PARSED[text] = known
-    return known
+class TextMemo(Generic[T]):
+    """``parse(text)`` remembered for the same text, for the ``/proc`` files read again
+    and again unchanged (a delete reads every namespace's mount table and every
+    process's ``maps`` four times). Keyed by the whole text, so a changed file is always
+    parsed again; at most ``limit`` texts are kept (all are dropped when full)."""
+
+    def __init__(self, parse: Callable[[str], T], limit: int) -> None:
+        self._parse, self.limit = parse, limit
+        self.known: dict[str, T] = {}
+
+    def __call__(self, text: str) -> T:
+        known = self.known.get(text)
+        if known is None:
+            known = self._parse(text)
+            if len(self.known) >= self.limit:
+                self.known.clear()
+            self.known[text] = known
+        return known
 
 
-def read_proc_file(path: str) -> str:
+parse_mounts = TextMemo(lambda text: tuple(parse_mountinfo(text)), 256)
+
+
+def read_proc_file(path: str, *, record: bool = False) -> str:
     """The whole of a ``/proc`` file, by ``os.read`` (no buffered text file around it:
     the holders' read runs this for every process, several times per delete).
-    ``OSError`` as the kernel says."""
+    ``OSError`` as the kernel says.
+
+    Read to its end: a read of a seq_file (a mount table, ``maps``) gives at most about
+    a page whatever was asked, so a short read is no end. ``record``: a file of one
+    short record (``stat``): the kernel gives a whole record in one read when it fits,
+    so a first read shorter than a page is all of it."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        # to the end: a read of a seq_file (a mount table, maps) gives at most about a
-        # page whatever was asked, so a short read is no end
-        parts = []
-        while chunk := os.read(fd, _CHUNK):
-            parts.append(chunk)
+        first = os.read(fd, 4096 if record else _CHUNK)
+        parts = [first]
+        if first and not (record and len(first) < 4096):
+            while chunk := os.read(fd, _CHUNK):
+                parts.append(chunk)
     finally:
         os.close(fd)
     return b"".join(parts).decode("utf-8", "surrogateescape")
-
-
-def read_proc_record(path: str) -> str:
-    """A ``/proc`` file of one short record (``stat``, ``comm``): the kernel gives a
-    whole record in one read when it fits, so one read of a page is all of it; a
-    longer answer is read on to its end."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, 4096)
-        if len(data) == 4096:
-            parts = [data]
-            while chunk := os.read(fd, _CHUNK):
-                parts.append(chunk)
-            data = b"".join(parts)
-    finally:
-        os.close(fd)
-    return data.decode("utf-8", "surrogateescape")
 
 
 def read_mounts(proc_root: str) -> list[MountEntry]:
@@ -139,7 +138,7 @@ def read_namespace_mounts(proc_root: str) -> list[NamespaceTable]:
         raise HostMountsUnavailable(f"cannot list {proc_root}: {e.strerror}") from e
     for pid in pids:
         path = f"{proc_root}/{pid}/mountinfo"
-        key = _first_mount_id(path)
+        key = first_mount_id(path)
         if key is None or key in seen:
             continue
         seen.add(key)
@@ -258,7 +257,7 @@ def _pinned_tables(
 PROC_PID_INIT_INO = 0xEFFFFFFC
 
 
-def _first_mount_id(path: str) -> bytes | None:
+def first_mount_id(path: str) -> bytes | None:
     """The mount id on the first line of a mount table (it names the namespace); None
     when the process is gone or holds no table (a zombie). ``HostMountsUnavailable``
     when it exists and cannot be read."""

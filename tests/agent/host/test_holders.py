@@ -268,9 +268,9 @@ def test_a_namespace_held_open_by_an_fd_is_read_by_entering_it(
 def test_the_mapped_files_remembered_are_bounded_and_follow_the_text(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(holders, "_MAPS_MEMO", {})
+    monkeypatch.setattr(holders._mapped_files, "known", {})
     line = "7f00-7f01 r--p 00000000 08:01 {0} /lib/m{0}.so\n"
-    for i in range(3 * holders._MAPS_MEMO_MAX):
+    for i in range(3 * holders._mapped_files.limit):
         assert holders._mapped_files(line.format(i)) == (f"/lib/m{i}.so",)
-        assert len(holders._MAPS_MEMO) <= holders._MAPS_MEMO_MAX
+        assert len(holders._mapped_files.known) <= holders._mapped_files.limit
     assert holders._mapped_files(line.format(7) + line.format(8)) == ("/lib/m7.so", "/lib/m8.so")

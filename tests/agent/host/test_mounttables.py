@@ -55,7 +55,7 @@ def test_a_table_read_again_is_parsed_again_only_when_it_changed(
         return real_parse(text, fstype)
 
     monkeypatch.setattr(mounttables, "parse_mountinfo", counting_parse)
-    monkeypatch.setattr(mounttables, "_PARSED", {})  # what earlier tests parsed
+    monkeypatch.setattr(mounttables.parse_mounts, "known", {})  # what earlier tests parsed
     first = read_mounts(str(tmp_path))
     first.clear()  # what a caller does with its list is its own
     again = read_mounts(str(tmp_path))
@@ -66,12 +66,12 @@ def test_a_table_read_again_is_parsed_again_only_when_it_changed(
 
 
 def test_the_parsed_tables_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mounttables, "_PARSED", {})
+    monkeypatch.setattr(mounttables.parse_mounts, "known", {})
     line = "{0} 1 0:{0} / /m{0} rw - tmpfs t rw\n"
-    for i in range(3 * mounttables._PARSED_MAX):
+    for i in range(3 * mounttables.parse_mounts.limit):
         (entry,) = mounttables.parse_mounts(line.format(i + 1))
         assert entry.mountpoint == f"/m{i + 1}"
-        assert len(mounttables._PARSED) <= mounttables._PARSED_MAX
+        assert len(mounttables.parse_mounts.known) <= mounttables.parse_mounts.limit
 
 
 def test_mounts_unreadable_is_unavailable(tmp_path: Path) -> None:
@@ -227,9 +227,9 @@ def test_a_proc_file_longer_than_a_page_is_read_whole() -> None:
 
 def test_a_one_record_proc_file_is_read_in_one_go_and_a_long_one_whole(tmp_path: Path) -> None:
     stat = Path("/proc/self/stat").read_text()
-    got = mounttables.read_proc_record("/proc/self/stat")
+    got = mounttables.read_proc_file("/proc/self/stat", record=True)
     assert got.split(")", 1)[0] == stat.split(")", 1)[0]  # the same process, its name
     assert got.endswith("\n") and len(got.split()) == len(stat.split())
     long = tmp_path / "long"
     long.write_bytes(b"x" * 10_000 + b"\n")  # longer than a page: read to its end
-    assert mounttables.read_proc_record(str(long)) == "x" * 10_000 + "\n"
+    assert mounttables.read_proc_file(str(long), record=True) == "x" * 10_000 + "\n"
