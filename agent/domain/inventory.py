@@ -186,6 +186,21 @@ class Inventory:
     def refresh_in_background(self) -> None:
         self.kept.refresh_in_background()
 
+    def prime(self, watch_seconds: float = 5.0) -> list[Finding]:
+        """Make the kept scan now (at start-up), with its default findings: two scans,
+        the first is never kept (nothing was marked before it), the second is; Docker's
+        events followed first (a scan made before they are is not kept either), for up
+        to ``watch_seconds``. With no kept scan, one scan, which learns what every scan
+        keeps (the filesystems, Docker's info); no findings then."""
+        if self.config.inventory_max_age_seconds <= 0:
+            self.current()
+            return []
+        self.watch.start()
+        self.watch.wait_connected(watch_seconds)
+        self.current()
+        self.current()
+        return self.kept_findings()
+
     def _listing_snapshot(self, *, first_page: bool) -> Snapshot:
         """The snapshot a page of the subvolume listing is cut from: the current one
         for the first page, the same for the pages after it (up to

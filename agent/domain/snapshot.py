@@ -403,13 +403,12 @@ def take_snapshot(
         return snap
     if kept is None:
         return snap  # asked fresh throughout: what a snapshot without the cache is
-    # the daemon changed under the kept info: read again, asking it (once: nothing is
-    # kept now)
+    # the daemon changed under the kept info: read again, asking it
     daemon_info.forget()
-    return take_snapshot(
-        btrfs, docker, now=now, roots=roots, pathmap=pathmap, fs_cache=fs_cache,
-        data_root_hint=data_root_hint, scope=scope, daemon_info=daemon_info,
-    )  # fmt: skip
+    ident, _ = daemon_info.before(docker)
+    snap = take(None)
+    daemon_info.after(docker, ident, snap.docker, asked=True)
+    return snap
 
 
 def _take(
@@ -466,11 +465,10 @@ def _take(
     f_folders = _POOL.submit(btrfs.plain_folders, pathmap.to_local(layer_dir))
     # a delete's volume: its folder's identity and inner volume store read beside the
     # rest, for the folder Docker keeps it in (used only if Docker names that folder)
-    early_volume: tuple[str, Future[tuple[tuple[int, int, int, int] | None, VolumeStores]]]
-    early_volume = ("", _done((None, VolumeStores())))
+    folder_reads: dict[str, Future[tuple[tuple[int, int, int, int] | None, VolumeStores]]] = {}
     if scope is not None and scope.volume is not None and VOLUME_NAME.fullmatch(scope.volume):
         expected = posixpath.join(data_root, "volumes", scope.volume, "_data")
-        early_volume = (expected, _POOL.submit(_volume_folder, btrfs, docker, pathmap, expected))
+        folder_reads[expected] = _POOL.submit(_volume_folder, btrfs, docker, pathmap, expected)
     mounts_index = mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces, f_holders)
 
     filesystems: dict[str, FsView] = {}
@@ -617,8 +615,9 @@ def _take(
         # a scoped snapshot needs them only of the volumes the delete touches
         touched = scope is None or v.name == scope.volume or bool(nested)
         if not in_use_by and v.mountpoint and touched:  # identity: which folder it is
-            if v.mountpoint == early_volume[0]:
-                stamp, inner = early_volume[1].result()
+            read = folder_reads.get(v.mountpoint)
+            if read is not None:
+                stamp, inner = read.result()
             else:
                 stamp, inner = _volume_folder(btrfs, docker, pathmap, v.mountpoint)
             identity = f"{stamp[0]}:{stamp[1]}" if stamp is not None and stamp[1] else None

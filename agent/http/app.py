@@ -109,28 +109,17 @@ START_WATCH_SECONDS = 5.0
 
 
 def scan_at_start(app: Flask) -> threading.Thread:
-    """The kept scan made in a thread of its own as soon as the serving worker has its
-    app: the first read, the first ``/metrics`` scrape and the first delete then find
-    it, the filesystems and Docker's info known, instead of paying for them (with cold
-    caches: btrfs-progs and runc read from disk). Two scans: the first is never kept
-    (nothing was marked before it, ``agent.domain.keptscan``), the second is, with its
-    default findings. With no kept scan (``inventory_max_age_seconds: 0``) one scan
-    learns the filesystems and Docker's info. A scan that fails is logged; the next
-    read tries again."""
+    """The kept scan made (``Inventory.prime``) in a thread of its own as soon as the
+    serving worker has its app: the first read, the first ``/metrics`` scrape and the
+    first delete then find it, the filesystems and Docker's info known, instead of
+    paying for them (with cold caches: btrfs-progs and runc read from disk). A scan that
+    fails is logged; the next read tries again."""
     inventory = app.extensions[EXTENSION].runtime.inventory
-    keeps = inventory.config.inventory_max_age_seconds > 0
 
     def scan() -> None:
         started = time.monotonic()
         try:
-            if keeps:
-                # a scan made while Docker's events are not followed yet is not kept
-                inventory.watch.start()
-                inventory.watch.wait_connected(START_WATCH_SECONDS)
-            inventory.current()
-            if keeps:
-                inventory.current()  # marked by the first: kept
-            found = inventory.kept_findings() if keeps else []
+            found = inventory.prime(START_WATCH_SECONDS)
         except AgentError as exc:
             log.warning("start-up scan failed: %s: %s", exc.code, exc.detail)
             return

@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.domain.inventory import Inventory
 from agent.domain.snapshot import Scope
-from agent.runtime import real_backends
 from lab import Lab
-from lab.agentproc import pids_root_may_not_read
-from tests.agent.http.apphelpers import agent_config
+from tests.agent.http.apphelpers import real_inventory
 
 pytestmark = pytest.mark.lab
 
@@ -24,13 +21,7 @@ def test_the_info_is_kept_for_one_daemon_process_only(
     lab_factory: Callable[..., Lab], tmp_path: Path
 ) -> None:
     own = lab_factory(seed=False)  # a lab of its own: its daemon is restarted
-    cfg = agent_config(
-        tmp_path / "state",
-        docker_host=own.docker_host,
-        unreadable_pids_allowed=pids_root_may_not_read(),
-    )
-    be = real_backends(cfg)
-    inv = Inventory(cfg, btrfs=be.btrfs, docker=be.docker)
+    inv = real_inventory(tmp_path / "state", own.docker_host)
     first_pid = own.dockerd_pid
     assert inv.fresh_snapshot().docker.data_root == str(own.data_root)
     again = inv.fresh_snapshot(scope=Scope(volume="no-such-volume"))

@@ -13,22 +13,14 @@ import docker
 import pytest
 
 from agent.domain.inventory import Inventory
-from agent.runtime import real_backends
 from bench.common import make_subvolumes
 from lab import Lab
-from lab.agentproc import pids_root_may_not_read
-from tests.agent.http.apphelpers import agent_config
+from tests.agent.http.apphelpers import real_inventory
 
 
 @pytest.fixture
 def inv(lab: Lab, tmp_path: Path) -> Iterator[Inventory]:
-    cfg = agent_config(
-        tmp_path / "state",
-        docker_host=lab.docker_host,
-        unreadable_pids_allowed=pids_root_may_not_read(),
-    )
-    be = real_backends(cfg)
-    inventory = Inventory(cfg, btrfs=be.btrfs, docker=be.docker)
+    inventory = real_inventory(tmp_path / "state", lab.docker_host)
     inventory.current()
     inventory.current()
     assert inventory.watch.wait_connected(10), "Docker's event stream did not open"

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.domain.inventory import Inventory
 from agent.domain.safety import plan_subvolume_delete, plan_volume_delete
 from agent.domain.snapshot import Scope
-from agent.runtime import real_backends
 from bench.common import make_subvolumes
 from lab import Lab
-from lab.agentproc import pids_root_may_not_read
 from shared.policy import DEFAULT_PROTECT_LABELS
 from tests.agent.domain.test_scoped_snapshot import decision
-from tests.agent.http.apphelpers import agent_config
+from tests.agent.http.apphelpers import real_inventory
 
 pytestmark = pytest.mark.lab
 
@@ -35,14 +32,7 @@ def test_scoped_and_full_snapshots_decide_alike_on_the_lab(lab: Lab, tmp_path: P
     at.mkdir()
     subprocess.run(["mount", "--bind", str(bound.ro_parent_child), str(at)], check=True)
     sleeper = subprocess.Popen(["sleep", "600"], cwd=held.inner_container_subvolumes[0])
-    cfg = agent_config(
-        tmp_path / "state",
-        docker_host=lab.docker_host,
-        orphan_min_age_seconds=0,
-        unreadable_pids_allowed=pids_root_may_not_read(),
-    )
-    be = real_backends(cfg)
-    inv = Inventory(cfg, btrfs=be.btrfs, docker=be.docker)
+    inv = real_inventory(tmp_path / "state", lab.docker_host, orphan_min_age_seconds=0)
     try:
         full = inv.fresh_snapshot()
         names = list(full.volumes)

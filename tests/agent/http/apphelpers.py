@@ -13,6 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from agent.config import AgentConfig, load_config
+from agent.domain.inventory import Inventory
 from agent.http.app import create_app
 from agent.http.auth import hash_token
 from agent.runtime import Backends, Runtime
@@ -114,3 +115,15 @@ def build(
     )
     app.testing = True
     return AgentUnderTest(app=app, client=app.test_client(), sc=sc, state_dir=state_dir)
+
+
+def real_inventory(state_dir: Path, docker_host: str, **cfg: Any) -> Inventory:
+    """An ``Inventory`` over the real backends (the lab's dockerd at ``docker_host``),
+    allowed to pass over the pids root may not read on this machine."""
+    from agent.runtime import real_backends
+    from lab.agentproc import pids_root_may_not_read
+
+    cfg.setdefault("unreadable_pids_allowed", pids_root_may_not_read())
+    config = agent_config(state_dir, docker_host=docker_host, **cfg)
+    be = real_backends(config)
+    return Inventory(config, btrfs=be.btrfs, docker=be.docker)
