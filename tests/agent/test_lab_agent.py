@@ -12,7 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,18 @@ def never_touch_digests(lab: Lab) -> dict[str, str]:
     return out
 
 
-def test_findings_are_exactly_what_the_lab_seeded(lab: Lab, client: FlaskClient) -> None:
+@pytest.fixture(scope="module")
+def untouched_lab(lab_factory: Callable[..., Lab]) -> Lab:
+    """A lab of its own, only ever read: the session's lab holds whatever the tests run
+    before took from it or added to it (volumes seeded, leftovers deleted)."""
+    return lab_factory()
+
+
+def test_findings_are_exactly_what_the_lab_seeded(
+    untouched_lab: Lab, tmp_path: Path, btrfs_binary: str
+) -> None:
+    lab = untouched_lab
+    client = make_app(lab, tmp_path / "state", btrfs_binary).test_client()
     seeded = lab.seeded
     got = {(f["kind"], f["target"]["name"]) for f in findings(client)}
     assert got == {
