@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from agent.domain.mounts import MountIndex, UseIndex, container_uses, mount_index
 from agent.domain.paths import VOLUME_NAME, LinkMemo, PathMap, is_under
@@ -84,10 +84,11 @@ class LayerFolder:
     referenced_by: str | None  # "an image layer", "a container layer", ... or None
 
 
-@dataclass(frozen=True, slots=True)
-class SubvolView:
-    """One subvolume as the reads and the safety rules see it (slots: a kept scan
-    holds one per subvolume, by the ten thousand)."""
+class SubvolView(NamedTuple):
+    """One subvolume as the reads and the safety rules see it. A named tuple: immutable,
+    and quick to build by the ten thousand (a scan makes one per subvolume; built by
+    position, ``tuple.__new__``, in ``_take``: a frozen dataclass took 30 ms per
+    10,000, a tuple 2 ms)."""
 
     fs_uuid: str
     id: int
@@ -197,11 +198,17 @@ class Snapshot:
 
     def subtree(self, fs_uuid: str, sub_id: int) -> list[SubvolView]:
         """The subvolume and everything nested in it, deepest first (delete order)."""
+        subs = self.subvolumes.get(fs_uuid, {})
+        top = subs.get(sub_id)
+        if top is None:
+            return []
+        if not self.children(fs_uuid, sub_id):
+            return [top]  # most are leaves (a volume's layers): nothing to order
         out: list[tuple[int, SubvolView]] = []
         stack = [(sub_id, 0)]
         while stack:
             cur, depth = stack.pop()
-            sv = self.subvolume(fs_uuid, cur)
+            sv = subs.get(cur)
             if sv is None:
                 continue
             out.append((depth, sv))
@@ -547,6 +554,7 @@ def _take(
         # their local path is that mount point and their path inside the filesystem.
         top = views[0][1] if views and views[0][0] == "" else None
         layer_prefix, volumes_prefix = layer_dir + "/", volumes_dir + "/"
+        new_view = tuple.__new__
         for rec in sorted(records, key=lambda r: r.id):
             in_fs = "/" + rec.path.strip("/") if rec.path is not None else None
             if in_fs is None:
@@ -575,23 +583,27 @@ def _take(
                     if vol is not None:  # the volume's own name: one string per volume
                         kind, ref = "docker-volume", vol.name
             q = qg.get(rec.id) if qg is not None else None
-            subs[rec.id] = SubvolView(
-                fs_uuid=uuid,
-                id=rec.id,
-                parent_id=rec.parent_id,
-                path=host,
-                local_path=local,
-                in_fs=in_fs,
-                read_only=rec.read_only,
-                generation=rec.generation,
-                uuid=rec.uuid,
-                parent_uuid=rec.parent_uuid,
-                referenced_bytes=q.referenced if q else None,
-                exclusive_bytes=q.exclusive if q else None,
-                owner_kind=kind,
-                owner_ref=ref,
-                created_at=rec.created_at,
-                changed_at=rec.changed_at,
+            # SubvolView(...) by position, in the order of its fields
+            subs[rec.id] = new_view(
+                SubvolView,
+                (
+                    uuid,
+                    rec.id,
+                    rec.parent_id,
+                    host,
+                    local,
+                    in_fs,
+                    rec.read_only,
+                    rec.generation,
+                    rec.uuid,
+                    rec.parent_uuid,
+                    q.referenced if q else None,
+                    q.exclusive if q else None,
+                    kind,
+                    ref,
+                    rec.created_at,
+                    rec.changed_at,
+                ),
             )
         subvolumes[uuid] = subs
 
