@@ -101,7 +101,7 @@ def serve(config_path: str | None) -> None:
         )
 
     # This process becomes gunicorn's master, lean: see agent.http.master.
-    from agent.http.handover import HANDOVER, handover
+    from agent.http.handover import HANDOVER, handover, write_handover
 
     handed = handover(config, gunicorn_options(config))
     sys.stdout.flush()
@@ -109,9 +109,9 @@ def serve(config_path: str | None) -> None:
     if not sys.executable:  # no interpreter to start again: serve from this process
         from agent.http import master
 
-        os.environ[HANDOVER] = handed
-        raise SystemExit(master.main())
-    env = {**os.environ, HANDOVER: handed}
+        raise SystemExit(master.main(handed))
+    # the config goes over in an inherited anonymous file, not in the environment
+    env = {**os.environ, HANDOVER: str(write_handover(handed))}
     # the same interpreter on a fixed module: no shell, nothing from outside
     argv = [sys.executable, "-m", "agent.http.master"]
     os.execve(sys.executable, argv, env)  # noqa: S606

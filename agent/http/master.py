@@ -2,10 +2,9 @@
 
 ``janitor-agent serve`` reads and checks the config, prints its warnings, and then
 replaces itself (``os.execve``: the same process id) with ``python -m agent.http.master``,
-handing over the gunicorn settings and the checked config as JSON in the environment
-variable ``HANDOVER`` names (``agent.http.handover``), which the master removes from its own
-environment at once: the programs the worker runs never get it (the process's first
-environment, ``/proc/PID/environ``, readable by its own user only, still shows it).
+handing over the gunicorn settings and the checked config as JSON in an inherited
+anonymous file (``agent.http.handover``), which the master reads and closes at once: the
+config is in no process's environment, and the worker never holds the file.
 
 This module imports only what gunicorn's arbiter and the worker class need, not click,
 PyYAML or the config's code: the worker is forked from this process, so whatever the
@@ -24,7 +23,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from agent.http.handover import HANDOVER, config_from_json
+from agent.http.handover import HANDOVER, HandoverError, config_from_json, read_handover
 from agent.http.worker import buffering_worker
 
 
@@ -69,12 +68,15 @@ class Server(BaseApplication):  # type: ignore[misc]
         return app
 
 
-def main() -> int:
-    text = os.environ.pop(HANDOVER, None)
+def main(text: str | None = None) -> int:
+    """Serve what ``serve`` handed over: ``text``, else the file the descriptor in
+    ``HANDOVER`` names (read and closed here, the variable dropped)."""
+    named = os.environ.pop(HANDOVER, None)
+    settings = None
     try:
-        settings = json.loads(text) if text is not None else None
-    except ValueError:
-        settings = None
+        settings = json.loads(text if text is not None else read_handover(named))
+    except (HandoverError, ValueError):
+        pass
     if not (isinstance(settings, dict) and {"config", "options"} <= settings.keys()):
         print("agent.http.master is started by `janitor-agent serve`", file=sys.stderr)
         return 2

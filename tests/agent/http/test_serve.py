@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.agentproc import running_agent
 
@@ -147,22 +148,51 @@ def test_the_master_is_lean_and_its_worker_reads_the_config(tmp_path: Path) -> N
 
 
 def test_the_master_refuses_what_serve_did_not_hand_over() -> None:
-    from agent.http.handover import HANDOVER
+    from agent.http.handover import HANDOVER, write_handover
 
-    for value in ("{not json", "[1]", '{"options": {}}', None):
+    for value in ("{not json", "[1]", '{"options": {}}', None, "no descriptor"):
         env = {k: v for k, v in os.environ.items() if k != HANDOVER}
-        if value is not None:
-            env[HANDOVER] = value
-        r = subprocess.run(
-            [sys.executable, "-m", "agent.http.master"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-            env=env,
-        )
+        fds: tuple[int, ...] = ()
+        if value == "no descriptor":
+            env[HANDOVER] = "x"
+        elif value is not None:
+            fds = (write_handover(value),)
+            env[HANDOVER] = str(fds[0])
+        try:
+            r = subprocess.run(
+                [sys.executable, "-m", "agent.http.master"],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+                env=env,
+                pass_fds=fds,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
         assert r.returncode == 2, (value, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_the_config_is_in_no_environment_and_no_descriptor(tmp_path: Path) -> None:
+    """The config (token hashes in it) goes over in an anonymous file the master reads
+    and closes: it is not in the master's first environment (``/proc/PID/environ``,
+    which stays for the process's life), nor in the worker's; neither holds the file
+    (gunicorn's own unlinked heartbeat file in the worker is another)."""
+    with running_agent(tmp_path, docker_host=NO_DOCKER) as agent:
+        pid = agent.proc.pid
+        (worker,) = _children(pid)
+        with agent.client() as c:
+            assert c.get("/healthz").status_code == 200
+        hashes = [t["sha256"] for t in yaml.safe_load(agent.config_path.read_text())["tokens"]]
+        assert len(hashes) == 2
+        for p in (pid, worker):
+            environ = Path(f"/proc/{p}/environ").read_bytes()
+            assert not any(h.encode() in environ for h in hashes), p
+            assert b'"tokens"' not in environ
+            links = [os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")]
+            assert not [x for x in links if "janitor-agent-serve" in x], p
 
 
 def test_a_new_worker_serves_the_config_serve_checked(tmp_path: Path) -> None:
