@@ -67,6 +67,8 @@ class PathMap:
 
     def __init__(self, host_prefix: str = "") -> None:
         self.prefix = host_prefix.rstrip("/")
+        # a normal path behind it stays normal: nothing to normalise (symlink_free)
+        self._normal_prefix = not self.prefix or bool(_NORMAL_ABS.fullmatch(self.prefix))
 
     def to_local(self, host_path: str) -> str:
         return self.prefix + host_path if self.prefix else host_path
@@ -81,17 +83,22 @@ class PathMap:
             return local_path[len(self.prefix) :]
         return None
 
-    def symlink_free(self, host_path: str, memo: LinkMemo | None = None) -> bool:
+    def symlink_free(
+        self, host_path: str, memo: LinkMemo | None = None, *, normal: bool = False
+    ) -> bool:
         """True when no component of the (local) path is a symlink: resolving it
         changes nothing. A path that does not exist resolves to itself.
 
         ``memo`` lets many checks under the same folders share their system calls:
         10,000 subvolumes in one volume cost a few directory reads, not one ``lstat``
-        per component of their paths (see ``LinkMemo``)."""
+        per component of their paths (see ``LinkMemo``). ``normal``: ``host_path`` is
+        known to be in normal form (``check_abs`` accepted it)."""
         local = self.to_local(host_path)
         if memo is None:
             return os.path.realpath(local) == posixpath.normpath(local)
-        return memo.no_link(posixpath.normpath(local))
+        if not (normal and self._normal_prefix):
+            local = posixpath.normpath(local)
+        return memo.no_link(local)
 
 
 class LinkMemo:

@@ -88,9 +88,9 @@ def _check_root_path(snap: Snapshot, path: str, what: str) -> str:
         raise OutsideRoots(f"{what}: {exc}") from None
     if not under_any(path, snap.roots):
         raise OutsideRoots(f"{path} is outside the configured roots {list(snap.roots)}")
-    if any(path == r.rstrip("/") for r in snap.roots):
+    if path in snap.root_paths:
         raise Protected(f"{path} is a configured root itself")
-    if not snap.pathmap.symlink_free(path, snap.path_memo):
+    if not snap.pathmap.symlink_free(path, snap.path_memo, normal=True):
         raise OutsideRoots(f"{path} goes through a symbolic link")
     return path
 

@@ -13,6 +13,7 @@ metadata (the layerdb), never from a directory listing alone.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -166,6 +167,11 @@ class Snapshot:
     scope: Scope | None = None
 
     # -- lookups ------------------------------------------------------------------
+    @functools.cached_property
+    def root_paths(self) -> frozenset[str]:
+        """The configured roots without a trailing "/": a path that is one of them."""
+        return frozenset(r.rstrip("/") for r in self.roots)
+
     def fs_for_host_path(self, path: str) -> FsView | None:
         best: tuple[int, FsView] | None = None
         for fs in self.filesystems.values():
@@ -476,7 +482,6 @@ def _take(
     if scope is not None and scope.volume is not None and VOLUME_NAME.fullmatch(scope.volume):
         expected = posixpath.join(data_root, "volumes", scope.volume, "_data")
         folder_reads[expected] = _POOL.submit(_volume_folder, btrfs, docker, pathmap, expected)
-    mounts_index = mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces, f_holders)
 
     filesystems: dict[str, FsView] = {}
     subvolumes: dict[str, dict[int, SubvolView]] = {}
@@ -516,6 +521,9 @@ def _take(
             scan = _FsScan.start(btrfs, mounts[0].mountpoint)
         scans.append((uuid, label, mounts, host_mps, scan))
     # (what is left in ``early`` was not asked for: never read, its failures neither)
+    # the mount tables and what is held open, once the listings run: reading what
+    # processes hold is the longest of these (a delete's listing waited for it)
+    mounts_index = mount_index(all_mounts, f_host_mounts, pathmap, f_namespaces, f_holders)
 
     volumes = f_volumes.result()
     containers = tuple(f_containers.result())

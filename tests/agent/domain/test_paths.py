@@ -85,6 +85,25 @@ def test_link_memo_answers_like_lstat_before_and_after_reading_a_folder(tmp_path
     assert m.symlink_free(str(many / "missing"), memo)
 
 
+@pytest.mark.parametrize("shape", ["", "{t}", "{t}/", "{t}//.", "{t}/./"])
+def test_a_normal_path_behind_any_prefix_is_judged_as_without_the_hint(
+    tmp_path: Path, shape: str
+) -> None:
+    """``normal=True`` (the path is known normal: no normalising) gives the answers
+    the check gives without it, whatever the shape of the prefix ("/host/./" too)."""
+    host = tmp_path / "host"
+    (host / "real" / "in").mkdir(parents=True)
+    (host / "link").symlink_to(host / "real")
+    m = PathMap(shape.format(t=host))
+    base = "" if m.prefix else str(host)
+    for path in (f"{base}/real/in", f"{base}/link/in", f"{base}/link", f"{base}/missing/x"):
+        want = m.symlink_free(path, LinkMemo())
+        assert m.symlink_free(path, LinkMemo(), normal=True) == want, (shape, path)
+        assert want == (m.symlink_free(path) if m.prefix else want)
+    assert not m.symlink_free(f"{base}/link/in", LinkMemo(), normal=True)
+    assert m.symlink_free(f"{base}/real/in", LinkMemo(), normal=True)
+
+
 @pytest.mark.parametrize("name", ["..", "a/b", "", "-x", "a\0b", "%2e%2e", "a b"])
 def test_volume_name_pattern_refuses(name: str) -> None:
     assert not VOLUME_NAME.match(name)
