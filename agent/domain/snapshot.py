@@ -203,7 +203,8 @@ class Snapshot:
         return self._children.get((fs_uuid, sub_id), [])
 
     def subtree(self, fs_uuid: str, sub_id: int) -> list[SubvolView]:
-        """The subvolume and everything nested in it, deepest first (delete order)."""
+        """The subvolume and everything nested in it, deepest first (delete order);
+        each once, also where parents make a loop (a malformed root tree)."""
         subs = self.subvolumes.get(fs_uuid, {})
         top = subs.get(sub_id)
         if top is None:
@@ -212,11 +213,13 @@ class Snapshot:
             return [top]  # most are leaves (a volume's layers): nothing to order
         out: list[tuple[int, SubvolView]] = []
         stack = [(sub_id, 0)]
+        seen: set[int] = set()
         while stack:
             cur, depth = stack.pop()
             sv = subs.get(cur)
-            if sv is None:
+            if sv is None or cur in seen:
                 continue
+            seen.add(cur)
             out.append((depth, sv))
             stack.extend((c, depth + 1) for c in self.children(fs_uuid, cur))
         out.sort(key=lambda t: (-t[0], t[1].id))
