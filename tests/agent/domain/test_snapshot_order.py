@@ -1,12 +1,11 @@
-"""``Snapshot.delete_order`` and ``Snapshot.subtree`` (agent/domain/snapshot.py) give what
-their plain walks gave, on any shape of parents: chains, missing parents, loops (which a
-real root tree never has, but a malformed one may: the subtree's walk used to go round
-one for ever)."""
+"""On any shape of parents (chains, missing parents, loops, which a real root tree never
+has but a malformed one may): ``Snapshot.subtree`` (agent/domain/snapshot.py) gives what
+the plain walk gives, taking each subvolume once (the walk used to go round a loop for
+ever), and ``Snapshot.delete_order`` puts every subvolume after those nested in it."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 
 import pytest
 from hypothesis import given, settings
@@ -19,18 +18,16 @@ from tests.fakes import make_leak_scenario
 FS = "0b5f"
 
 
-def plain_delete_order(snap: Snapshot, subs: Iterable[SubvolView]) -> list[SubvolView]:
-    def depth(sv: SubvolView) -> int:
-        d, cur, seen = 0, sv, set()
-        while cur.parent_id not in seen:
-            seen.add(cur.parent_id)
-            parent = snap.subvolume(cur.fs_uuid, cur.parent_id)
-            if parent is None:
-                break
-            d, cur = d + 1, parent
-        return d
-
-    return sorted(subs, key=lambda s: (-depth(s), -len(s.path or ""), s.id))
+def parents_of(snap: Snapshot, sv: SubvolView) -> tuple[list[int], bool]:
+    """``sv``'s parents upwards, each once, and whether they run into a loop."""
+    up: list[int] = []
+    cur = snap.subvolume(FS, sv.parent_id)
+    while cur is not None:
+        if cur.id in up or cur.id == sv.id:
+            return up, True
+        up.append(cur.id)
+        cur = snap.subvolume(FS, cur.parent_id)
+    return up, False
 
 
 def plain_subtree(snap: Snapshot, sub_id: int) -> list[SubvolView]:
@@ -69,7 +66,7 @@ parents = st.dictionaries(st.integers(256, 270), st.integers(250, 272), min_size
 
 @settings(max_examples=300, deadline=None)
 @given(parents, st.data())
-def test_the_order_and_the_subtrees_are_the_plain_walks(
+def test_subtrees_are_the_plain_walk_and_children_go_first(
     base: Snapshot, links: dict[int, int], data: st.DataObject
 ) -> None:
     lens = data.draw(st.lists(st.integers(0, 3), min_size=len(links), max_size=len(links)))
@@ -77,7 +74,13 @@ def test_the_order_and_the_subtrees_are_the_plain_walks(
     snap = dataclasses.replace(base, subvolumes={FS: subs}, _children={}, _sorted_ids={})
     picked = data.draw(st.lists(st.sampled_from(sorted(subs)), unique=True))
     chosen = [subs[i] for i in picked]
-    assert snap.delete_order(chosen) == plain_delete_order(snap, chosen)
-    assert snap.delete_order(subs.values()) == plain_delete_order(snap, subs.values())
+    for given_ in (chosen, list(subs.values())):
+        ordered = snap.delete_order(given_)
+        assert sorted(s.id for s in ordered) == sorted(s.id for s in given_)
+        # children before parents, wherever the parents make no loop
+        for i, a in enumerate(ordered):
+            for b in ordered[i + 1 :]:
+                up, loop = parents_of(snap, b)
+                assert loop or a.id not in up, (a.id, b.id)
     for sid in [*subs, 249, 5]:
         assert snap.subtree(FS, sid) == plain_subtree(snap, sid)
