@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.domain.paths import (
     VOLUME_NAME,
@@ -65,6 +68,31 @@ def test_check_abs_fast_path_agrees_with_normpath(path: str) -> None:
 
     norm = posixpath.normpath(path)
     assert check_abs(path) == norm
+
+
+def _check_abs_step_by_step(path: str) -> str | None:
+    """What ``check_abs`` accepts, checked one rule at a time (None: refused)."""
+    if "\0" in path or not path.startswith("/"):
+        return None
+    if any(p in ("..", ".") for p in path.split("/")[1:]):
+        return None
+    norm = posixpath.normpath(path)
+    if norm != path.rstrip("/") and not (norm == "/" and path == "/"):
+        return None
+    return norm
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet="/.a\0\\é", max_size=12))
+def test_check_abs_quick_paths_accept_and_refuse_as_the_rules_do(path: str) -> None:
+    """The string scans and the regex that accept a path at once give what the rules
+    checked one by one give, for accepted and refused paths alike."""
+    want = _check_abs_step_by_step(path)
+    try:
+        got: str | None = check_abs(path)
+    except PathRefused:
+        got = None
+    assert got == want, path
 
 
 def test_link_memo_answers_like_lstat_before_and_after_reading_a_folder(tmp_path: Path) -> None:
