@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from agent.domain.mounts import MountIndex, UseIndex
-from agent.domain.paths import VOLUME_NAME, PathRefused, check_abs, is_under, under_any
+from agent.domain.paths import VOLUME_NAME, PathRefused, check_abs, is_under
 from agent.domain.snapshot import TOP_LEVEL_ID, LayerFolder, Snapshot, SubvolView, VolumeView
 from agent.errors import (
     HeldByKernel,
@@ -86,7 +86,7 @@ def _check_root_path(snap: Snapshot, path: str, what: str) -> str:
         path = check_abs(path)
     except PathRefused as exc:
         raise OutsideRoots(f"{what}: {exc}") from None
-    if not under_any(path, snap.roots):
+    if not snap.under_roots(path):
         raise OutsideRoots(f"{path} is outside the configured roots {list(snap.roots)}")
     if path in snap.root_paths:
         raise Protected(f"{path} is a configured root itself")

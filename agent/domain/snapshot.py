@@ -172,6 +172,15 @@ class Snapshot:
         """The configured roots without a trailing "/": a path that is one of them."""
         return frozenset(r.rstrip("/") for r in self.roots)
 
+    @functools.cached_property
+    def _root_prefixes(self) -> tuple[str, ...]:
+        return tuple(b + "/" for b in self.root_paths)  # the root "/" gives "/"
+
+    def under_roots(self, path: str) -> bool:
+        """``under_any(path, self.roots)`` for an absolute ``path``: it is a configured
+        root or inside one (by components), in one set lookup and one ``startswith``."""
+        return path in self.root_paths or path.startswith(self._root_prefixes)
+
     def fs_for_host_path(self, path: str) -> FsView | None:
         best: tuple[int, FsView] | None = None
         for fs in self.filesystems.values():
@@ -225,19 +234,54 @@ class Snapshot:
         out.sort(key=lambda t: (-t[0], t[1].id))
         return [sv for _, sv in out]
 
+    @functools.cached_property
+    def _depths(self) -> dict[tuple[str, int], int]:
+        """(fs uuid, id) -> how many subvolumes hold it, for those whose parents make no
+        loop: what ``delete_order`` has worked out on this snapshot (not a field: a copy
+        made with ``dataclasses.replace`` starts without it)."""
+        return {}
+
+    def _depth(self, sv: SubvolView) -> int:
+        """How many listed subvolumes hold ``sv``: up its parents to the top, to one whose
+        depth is known, or round a loop (a malformed root tree: then counted as far as
+        the loop, and not kept)."""
+        memo = self._depths
+        known = memo.get((sv.fs_uuid, sv.id))
+        if known is not None:
+            return known
+        subs = self.subvolumes.get(sv.fs_uuid, {})
+        chain, on_chain = [sv], {sv.id}
+        cur, base = sv, 0
+        while True:
+            parent = subs.get(cur.parent_id)
+            if parent is None:
+                break
+            above = memo.get((parent.fs_uuid, parent.id))
+            if above is not None:
+                base = above + 1
+                break
+            if parent.id in on_chain:
+                return self._depth_through_loop(sv)
+            chain.append(parent)
+            on_chain.add(parent.id)
+            cur = parent
+        for d, node in enumerate(reversed(chain), start=base):
+            memo[(node.fs_uuid, node.id)] = d
+        return base + len(chain) - 1
+
+    def _depth_through_loop(self, sv: SubvolView) -> int:
+        d, cur, seen = 0, sv, set()
+        while cur.parent_id not in seen:
+            seen.add(cur.parent_id)
+            parent = self.subvolume(cur.fs_uuid, cur.parent_id)
+            if parent is None:
+                break
+            d, cur = d + 1, parent
+        return d
+
     def delete_order(self, subs: Iterable[SubvolView]) -> list[SubvolView]:
         """Children before parents: deeper in the subvolume tree first."""
-
-        def depth(sv: SubvolView) -> int:
-            d, cur, seen = 0, sv, set()
-            while cur.parent_id not in seen:
-                seen.add(cur.parent_id)
-                parent = self.subvolume(cur.fs_uuid, cur.parent_id)
-                if parent is None:
-                    break
-                d, cur = d + 1, parent
-            return d
-
+        depth = self._depth
         return sorted(subs, key=lambda s: (-depth(s), -len(s.path or ""), s.id))
 
     def volume_users(self, name: str) -> tuple[str, ...]:

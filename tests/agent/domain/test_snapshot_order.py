@@ -1,7 +1,8 @@
 """On any shape of parents (chains, missing parents, loops, which a real root tree never
 has but a malformed one may): ``Snapshot.subtree`` (agent/domain/snapshot.py) gives what
 the plain walk gives, taking each subvolume once (the walk used to go round a loop for
-ever), and ``Snapshot.delete_order`` puts every subvolume after those nested in it."""
+ever), and ``Snapshot.delete_order`` puts every subvolume after those nested in it, by
+depths it keeps that are the plain walk's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.domain.paths import under_any
 from agent.domain.snapshot import Snapshot, SubvolView
 from tests.agent.domain.scenes import snapshot
 from tests.fakes import make_leak_scenario
@@ -46,6 +48,18 @@ def plain_subtree(snap: Snapshot, sub_id: int) -> list[SubvolView]:
         stack.extend((c, depth + 1) for c in snap.children(FS, cur))
     out.sort(key=lambda t: (-t[0], t[1].id))
     return [sv for _, sv in out]
+
+
+def plain_depth(snap: Snapshot, sv: SubvolView) -> int:
+    """How many subvolumes hold ``sv``, walked up one by one (as far as a loop)."""
+    d, cur, seen = 0, sv, set()
+    while cur.parent_id not in seen:
+        seen.add(cur.parent_id)
+        parent = snap.subvolume(FS, cur.parent_id)
+        if parent is None:
+            break
+        d, cur = d + 1, parent
+    return d
 
 
 def view(sub_id: int, parent_id: int, path_len: int) -> SubvolView:
@@ -84,3 +98,24 @@ def test_subtrees_are_the_plain_walk_and_children_go_first(
                 assert loop or a.id not in up, (a.id, b.id)
     for sid in [*subs, 249, 5]:
         assert snap.subtree(FS, sid) == plain_subtree(snap, sid)
+    # the depths kept while ordering (asked in the order drawn) are the plain walk's
+    for sv in chosen + list(subs.values()):
+        assert snap._depth(sv) == plain_depth(snap, sv), sv.id
+
+
+# roots and paths over a few components, trailing "/" and the root "/" included
+component = st.sampled_from(["a", "ab", "b", "a.b"])
+abs_path = st.lists(component, max_size=4).map(lambda parts: "/" + "/".join(parts))
+root = st.tuples(abs_path, st.booleans()).map(lambda t: t[0] + ("/" if t[1] else ""))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(root, max_size=3), st.lists(abs_path, min_size=1, max_size=5))
+def test_under_roots_answers_as_under_any(
+    base: Snapshot, roots: list[str], paths: list[str]
+) -> None:
+    """``Snapshot.under_roots`` (a set and a ``startswith``) is ``under_any`` over the
+    roots: by components, a root written with a trailing "/" holds itself, "/" all."""
+    snap = dataclasses.replace(base, roots=tuple(roots))
+    for path in paths:
+        assert snap.under_roots(path) == under_any(path, roots), (roots, path)
