@@ -14,6 +14,7 @@ metadata (the layerdb), never from a directory listing alone.
 from __future__ import annotations
 
 import functools
+import operator
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -140,6 +141,9 @@ class VolumeView:
         return self.record.name
 
 
+_view_id = operator.attrgetter("id")
+
+
 @dataclass
 class Snapshot:
     """``scope``: None for a full snapshot; else the snapshot lists only the subvolumes
@@ -235,8 +239,8 @@ class Snapshot:
         return [sv for _, sv in out]
 
     @functools.cached_property
-    def _depths(self) -> dict[tuple[str, int], int]:
-        """(fs uuid, id) -> how many subvolumes hold it, for those whose parents make no
+    def _depths(self) -> dict[str, dict[int, int]]:
+        """fs uuid -> id -> how many subvolumes hold it, for those whose parents make no
         loop: what ``delete_order`` has worked out on this snapshot (not a field: a copy
         made with ``dataclasses.replace`` starts without it)."""
         return {}
@@ -245,28 +249,30 @@ class Snapshot:
         """How many listed subvolumes hold ``sv``: up its parents to the top, to one whose
         depth is known, or round a loop (a malformed root tree: then counted as far as
         the loop, and not kept)."""
-        memo = self._depths
-        known = memo.get((sv.fs_uuid, sv.id))
+        memo = self._depths.get(sv.fs_uuid)
+        if memo is None:
+            memo = self._depths[sv.fs_uuid] = {}
+        known = memo.get(sv.id)
         if known is not None:
             return known
         subs = self.subvolumes.get(sv.fs_uuid, {})
-        chain, on_chain = [sv], {sv.id}
+        chain, on_chain = [sv.id], {sv.id}
         cur, base = sv, 0
         while True:
             parent = subs.get(cur.parent_id)
             if parent is None:
                 break
-            above = memo.get((parent.fs_uuid, parent.id))
+            above = memo.get(parent.id)
             if above is not None:
                 base = above + 1
                 break
             if parent.id in on_chain:
                 return self._depth_through_loop(sv)
-            chain.append(parent)
+            chain.append(parent.id)
             on_chain.add(parent.id)
             cur = parent
-        for d, node in enumerate(reversed(chain), start=base):
-            memo[(node.fs_uuid, node.id)] = d
+        for d, sid in enumerate(reversed(chain), start=base):
+            memo[sid] = d
         return base + len(chain) - 1
 
     def _depth_through_loop(self, sv: SubvolView) -> int:
@@ -282,7 +288,11 @@ class Snapshot:
     def delete_order(self, subs: Iterable[SubvolView]) -> list[SubvolView]:
         """Children before parents: deeper in the subvolume tree first."""
         depth = self._depth
-        return sorted(subs, key=lambda s: (-depth(s), -len(s.path or ""), s.id))
+        # (-depth, -len(path), id) ascending, as two sorts of plain ints (comparing
+        # tuples is most of the time of one sort): by id, then stably by depth and
+        # length; a path is far shorter than 2**32 characters
+        by_id = sorted(subs, key=_view_id)
+        return sorted(by_id, key=lambda s: (-depth(s) << 32) - len(s.path or ""))
 
     def volume_users(self, name: str) -> tuple[str, ...]:
         return tuple(c.id for c in self.containers if name in c.volume_names)

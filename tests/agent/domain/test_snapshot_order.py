@@ -91,6 +91,9 @@ def test_subtrees_are_the_plain_walk_and_children_go_first(
     for given_ in (chosen, list(subs.values())):
         ordered = snap.delete_order(given_)
         assert sorted(s.id for s in ordered) == sorted(s.id for s in given_)
+        # deepest first, then longest path, then by id: the order as defined
+        defined = sorted(given_, key=lambda s: (-plain_depth(snap, s), -len(s.path or ""), s.id))
+        assert ordered == defined
         # children before parents, wherever the parents make no loop
         for i, a in enumerate(ordered):
             for b in ordered[i + 1 :]:
