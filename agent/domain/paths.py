@@ -139,7 +139,12 @@ class LinkMemo:
         ok = self._folders.get(parent)
         if ok is None:
             ok = self._folders[parent] = self.no_link(parent)
-        return ok and not self._is_link(parent, name, path)
+        if not ok:
+            return False
+        listing = self._links.get(parent)
+        if listing is not None and name in listing[1]:  # seen when the folder was read
+            return name not in listing[0]
+        return not self._is_link(parent, name, path)
 
     def _is_link(self, parent: str, name: str, path: str) -> bool:
         listing = self._links.get(parent)

@@ -81,11 +81,14 @@ class DeleteSet:
 # ---------------------------------------------------------------------- the checks
 
 
-def _check_root_path(snap: Snapshot, path: str, what: str) -> str:
+def _check_root_path(snap: Snapshot, path: str, what: str | int) -> str:
+    """``what``: the path's owner in words, or a subvolume's id (put in words only for
+    an error: this runs once per subvolume a plan touches)."""
     try:
         path = check_abs(path)
     except PathRefused as exc:
-        raise OutsideRoots(f"{what}: {exc}") from None
+        named = what if isinstance(what, str) else f"subvolume {what}"
+        raise OutsideRoots(f"{named}: {exc}") from None
     if not snap.under_roots(path):
         raise OutsideRoots(f"{path} is outside the configured roots {list(snap.roots)}")
     if path in snap.root_paths:
@@ -101,7 +104,7 @@ def _check_path(snap: Snapshot, sv: SubvolView) -> str:
             f"subvolume {sv.id}: its path is not known for sure (not visible under any mount "
             "of the agent, or longer than the kernel reports)"
         )
-    return _check_root_path(snap, sv.path, f"subvolume {sv.id}")
+    return _check_root_path(snap, sv.path, sv.id)
 
 
 def check_no_mounts(
@@ -294,17 +297,19 @@ def _readonly_parents(snap: Snapshot, subs: Sequence[SubvolView]) -> tuple[Subvo
 
 
 @functools.lru_cache(maxsize=16)
-def _layer_dir_of(data_root: str) -> tuple[str, str]:
-    """Docker's layers folder for ``data_root``, as joined and without a trailing "/"."""
+def _layer_dir_of(data_root: str) -> tuple[str, str, str]:
+    """Docker's layers folder for ``data_root``: as joined, without a trailing "/", and
+    the start of every path inside it (``is_under`` without its strings per call)."""
     layer_dir = posixpath.join(data_root, "btrfs", "subvolumes")
-    return layer_dir, layer_dir.rstrip("/")
+    base = layer_dir.rstrip("/")
+    return layer_dir, base, base + "/"
 
 
 def _layer_of(snap: Snapshot, path: str) -> str | None:
     """The layer (``<data_root>/btrfs/subvolumes/<name>``) that host path ``path`` is or
     lies in; None when it is in none."""
-    layer_dir, base = _layer_dir_of(snap.docker.data_root)
-    if not is_under(path, layer_dir) or path.rstrip("/") == base:
+    layer_dir, base, inside = _layer_dir_of(snap.docker.data_root)
+    if not path.startswith(inside) or path.rstrip("/") == base:
         return None
     name = path[len(base) + 1 :].split("/", 1)[0]
     return posixpath.join(layer_dir, name)
