@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from agent import __version__
+from agent import __version__, collector
 from agent.config import AgentConfig
 from agent.domain.changes import DockerWatch
 from agent.domain.findings import Finding, compute_findings
@@ -374,16 +374,18 @@ class Inventory:
                 for sv in subs.values():
                     if sv.owner_kind == "orphan-layer" and sv.created_at is None:
                         created[(uuid, sv.id)] = self.created_at(sv)
-        return compute_findings(
-            snap,
-            now=snap.taken_at,
-            created_at=created,
-            rmdir_deletes_subvolumes=self.btrfs.rmdir_deletes_subvolumes(),
-            min_age_seconds=min_age_seconds,
-            protect_labels=protect_labels,
-            kinds=kinds,
-            orphan_floor_seconds=self.config.orphan_min_age_seconds,
-        )
+        rmdir_ok = self.btrfs.rmdir_deletes_subvolumes()
+        with collector.paused():  # computing only (and lstat of local paths)
+            return compute_findings(
+                snap,
+                now=snap.taken_at,
+                created_at=created,
+                rmdir_deletes_subvolumes=rmdir_ok,
+                min_age_seconds=min_age_seconds,
+                protect_labels=protect_labels,
+                kinds=kinds,
+                orphan_floor_seconds=self.config.orphan_min_age_seconds,
+            )
 
     def findings(
         self,

@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import operator
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple, TypeVar
 
+from agent import collector
 from agent.domain.mounts import MountIndex, UseIndex, container_uses, mount_index
 from agent.domain.paths import VOLUME_NAME, LinkMemo, PathMap, is_under
 from agent.errors import BtrfsUnavailable
@@ -34,6 +35,7 @@ from agent.host.records import (
     FsUsage,
     LayerRefs,
     MountEntry,
+    Qgroup,
     QgroupReport,
     ScopeRecords,
     SubvolumeRecord,
@@ -613,64 +615,11 @@ def _take(
             dev=mounts[0].dev,
             stale_qgroups=stale,
         )
-        subs: dict[int, SubvolView] = {}
-        views = _view_mounts(mounts, pathmap, wanted)
-        # Most subvolumes are read through the first view, a mount of the top level:
-        # their local path is that mount point and their path inside the filesystem.
-        top = views[0][1] if views and views[0][0] == "" else None
-        layer_prefix, volumes_prefix = layer_dir + "/", volumes_dir + "/"
-        new_view = tuple.__new__
-        for rec in sorted(records, key=lambda r: r.id):
-            in_fs = "/" + rec.path.strip("/") if rec.path is not None else None
-            if in_fs is None:
-                local = None
-            elif top is not None and in_fs != "/":
-                local = top + in_fs  # what _map_path gives through that first view
-            else:
-                local = _map_path(in_fs, views)
-            host = pathmap.to_host(local) if local is not None else None
-            kind, ref = "other", None
-            if host is not None:
-                # (a path whose folder is the layers folder starts with it and a "/")
-                parent_dir, name = (
-                    posixpath.split(host) if host.startswith(layer_prefix) else ("", "")
-                )
-                if parent_dir == layer_dir:
-                    if name in referenced:
-                        kind, ref = "docker-layer", name
-                    elif layerdb_known:
-                        kind, ref = "orphan-layer", name
-                    else:
-                        kind, ref = "other", name
-                elif host.startswith(volumes_prefix):
-                    vname = host[len(volumes_prefix) :].split("/", 1)[0]
-                    vol = vol_by_name.get(vname)
-                    if vol is not None:  # the volume's own name: one string per volume
-                        kind, ref = "docker-volume", vol.name
-            q = qg.get(rec.id) if qg is not None else None
-            # SubvolView(...) by position, in the order of its fields
-            subs[rec.id] = new_view(
-                SubvolView,
-                (
-                    uuid,
-                    rec.id,
-                    rec.parent_id,
-                    host,
-                    local,
-                    in_fs,
-                    rec.read_only,
-                    rec.generation,
-                    rec.uuid,
-                    rec.parent_uuid,
-                    q.referenced if q else None,
-                    q.exclusive if q else None,
-                    kind,
-                    ref,
-                    rec.created_at,
-                    rec.changed_at,
-                ),
-            )
-        subvolumes[uuid] = subs
+        with collector.paused():  # computing only
+            subvolumes[uuid] = _views(
+                uuid, records, qg, mounts, pathmap, wanted, layer_dir, volumes_dir,
+                referenced, layerdb_known, vol_by_name,
+            )  # fmt: skip
 
     nested_by_volume: dict[str, list[SubvolView]] = {}
     quota_by_fs = {u: fs.quota_enabled for u, fs in filesystems.items()}
@@ -733,6 +682,80 @@ def _take(
         layer_folders=_layer_folders(f_folders, layer_dir, refs, filesystems, pathmap),
         scope=scope,
     )
+
+
+def _views(
+    uuid: str,
+    records: list[SubvolumeRecord],
+    qg: Mapping[int, Qgroup] | None,
+    mounts: list[MountEntry],
+    pathmap: PathMap,
+    wanted: Sequence[str],
+    layer_dir: str,
+    volumes_dir: str,
+    referenced: Collection[str],
+    layerdb_known: bool,
+    vol_by_name: Mapping[str, VolumeRecord],
+) -> dict[int, SubvolView]:
+    """The views of one filesystem's subvolumes: where each is (inside the filesystem,
+    here and on the host) and what owns it (a layer Docker references, an orphan layer,
+    a volume, or nothing of Docker's)."""
+    subs: dict[int, SubvolView] = {}
+    views = _view_mounts(mounts, pathmap, wanted)
+    # Most subvolumes are read through the first view, a mount of the top level:
+    # their local path is that mount point and their path inside the filesystem.
+    top = views[0][1] if views and views[0][0] == "" else None
+    layer_prefix, volumes_prefix = layer_dir + "/", volumes_dir + "/"
+    new_view = tuple.__new__
+    for rec in sorted(records, key=lambda r: r.id):
+        in_fs = "/" + rec.path.strip("/") if rec.path is not None else None
+        if in_fs is None:
+            local = None
+        elif top is not None and in_fs != "/":
+            local = top + in_fs  # what _map_path gives through that first view
+        else:
+            local = _map_path(in_fs, views)
+        host = pathmap.to_host(local) if local is not None else None
+        kind, ref = "other", None
+        if host is not None:
+            # (a path whose folder is the layers folder starts with it and a "/")
+            parent_dir, name = posixpath.split(host) if host.startswith(layer_prefix) else ("", "")
+            if parent_dir == layer_dir:
+                if name in referenced:
+                    kind, ref = "docker-layer", name
+                elif layerdb_known:
+                    kind, ref = "orphan-layer", name
+                else:
+                    kind, ref = "other", name
+            elif host.startswith(volumes_prefix):
+                vname = host[len(volumes_prefix) :].split("/", 1)[0]
+                vol = vol_by_name.get(vname)
+                if vol is not None:  # the volume's own name: one string per volume
+                    kind, ref = "docker-volume", vol.name
+        q = qg.get(rec.id) if qg is not None else None
+        # SubvolView(...) by position, in the order of its fields
+        subs[rec.id] = new_view(
+            SubvolView,
+            (
+                uuid,
+                rec.id,
+                rec.parent_id,
+                host,
+                local,
+                in_fs,
+                rec.read_only,
+                rec.generation,
+                rec.uuid,
+                rec.parent_uuid,
+                q.referenced if q else None,
+                q.exclusive if q else None,
+                kind,
+                ref,
+                rec.created_at,
+                rec.changed_at,
+            ),
+        )
+    return subs
 
 
 def _volume_folder(

@@ -27,6 +27,7 @@ import struct
 from collections.abc import Collection
 from datetime import datetime
 
+from agent import collector
 from agent.errors import BtrfsCommandError, BtrfsUnavailable
 from agent.host import btrfs_tree as tree
 from agent.host.btrfs_listing import BlockDigest, QuotaTree, RootTree
@@ -322,7 +323,8 @@ class Ioctls:
         ``mount``: paths are relative to the top level. A subvolume being dropped (no
         backref any more) is not listed. See ``agent.host.btrfs_listing.RootTree``.
         """
-        with _Fs(mount) as fs:
+        # parsing and ioctls on the mounted filesystem only (``agent.collector``)
+        with _Fs(mount) as fs, collector.paused():
             listing = RootTree()
             self._walk(
                 fs,
