@@ -27,18 +27,16 @@ import re
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-
-import docker
-import docker.errors
-import requests.exceptions
 
 from agent.errors import DockerUnavailable, InUse, NotFound, ToolFailed
 from agent.host.boltdb import BoltError, BoltFile
@@ -52,6 +50,35 @@ from agent.host.records import (
     VolumeRecord,
     VolumeStores,
 )
+
+
+def _without_charset_guessing() -> None:
+    """``requests`` (the SDK's HTTP client) imports a character-set detector when it is
+    first imported (``charset_normalizer``, about 2-3 MB resident: its tables and
+    compiled modules), only to guess the encoding of a body whose ``Content-Type`` names
+    none (``Response.apparent_encoding``). Without a detector it takes UTF-8, as it
+    documents there, which is what dockerd writes. Every answer the SDK reads names its
+    encoding anyway: ``application/json`` is UTF-8 to ``requests``, and dockerd's plain
+    text says ``charset=utf-8``. So the detector is not imported: an entry of None in
+    ``sys.modules`` makes its import fail (``ModuleNotFoundError``), which ``requests``
+    handles, and its warning about the missing detector is not shown. Nothing else of
+    the agent imports either detector; a process that imported ``requests`` before this
+    module keeps what it has."""
+    if "requests" in sys.modules:
+        return
+    for name in ("charset_normalizer", "chardet"):
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unable to find acceptable character detection")
+        import requests  # noqa: F401
+
+
+_without_charset_guessing()
+
+import docker  # noqa: E402
+import docker.errors  # noqa: E402
+import requests.exceptions  # noqa: E402
 
 ANONYMOUS_LABEL = "com.docker.volume.anonymous"  # set by Docker 23 and later
 _ANONYMOUS_NAME = re.compile(r"[0-9a-f]{64}")  # how Docker 20.10 names anonymous volumes

@@ -16,6 +16,7 @@ import signal
 import socket
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -424,6 +425,27 @@ def test_info_takes_the_api_version_from_the_ping_and_asks_version_only_without_
     else:
         assert info.api_version == "1.24"
         assert sorted(server.paths) == ["/_ping", "/info", "/version"]
+
+
+def test_no_character_set_detector_is_imported_and_bodies_are_read_as_utf8() -> None:
+    # a fresh interpreter, warnings as errors: importing the module loads the SDK and
+    # requests without charset_normalizer or chardet, and no warning about it is shown
+    code = (
+        "import sys\n"
+        "import agent.host.dockerd\n"
+        "import requests.models\n"
+        "assert 'requests' in sys.modules and 'docker' in sys.modules\n"
+        "assert sys.modules.get('charset_normalizer') is None\n"
+        "assert sys.modules.get('chardet') is None\n"
+        "r = requests.models.Response()\n"
+        "r._content = 'd\u00e9j\u00e0 vu'.encode()\n"
+        "r.headers['Content-Type'] = 'application/octet-stream'\n"
+        "assert (r.apparent_encoding, r.text) == ('utf-8', 'd\u00e9j\u00e0 vu')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_daemon_is_told_by_the_process_that_listens(tmp_path: Path) -> None:
