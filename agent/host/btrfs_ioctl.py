@@ -323,7 +323,8 @@ class Ioctls:
         ``mount``: paths are relative to the top level. A subvolume being dropped (no
         backref any more) is not listed. See ``agent.host.btrfs_listing.RootTree``.
         """
-        # parsing and ioctls on the mounted filesystem only (``agent.collector``)
+        # parsing and ioctls on the mounted filesystem only (``agent.collector``); the
+        # items are let go before the collector runs again: it then walks the records only
         with _Fs(mount) as fs, collector.paused():
             listing = RootTree()
             self._walk(
@@ -333,7 +334,9 @@ class Ioctls:
                 (tree.BTRFS_LAST_FREE_OBJECTID, tree.ROOT_BACKREF_KEY, _U64_MAX),
                 listing.page,
             )
-            return listing.records(fs.ino_lookup)
+            records = listing.records(fs.ino_lookup)
+            del listing
+        return records
 
     def list_scope(
         self, mount: str, *, ids: Collection[int] = (), folder: str | None = None
