@@ -258,6 +258,13 @@ class Snapshot:
         if known is not None:
             return known
         subs = self.subvolumes.get(sv.fs_uuid, {})
+        # most: right in the top level, or in a subvolume whose depth is known (not
+        # itself: its depth is not known yet)
+        parent = subs.get(sv.parent_id)
+        above = memo.get(parent.id) if parent is not None else -1
+        if above is not None:
+            memo[sv.id] = above + 1
+            return above + 1
         chain, on_chain = [sv.id], {sv.id}
         cur, base = sv, 0
         while True:
