@@ -143,7 +143,12 @@ class VolumeView:
         return self.record.name
 
 
-_view_id = operator.attrgetter("id")
+_view_id = operator.attrgetter("id")  # of a SubvolView or a SubvolumeRecord
+# ``_views`` unpacks a record by position
+assert SubvolumeRecord._fields == (
+    "id", "parent_id", "generation", "uuid", "parent_uuid", "read_only", "created_at",
+    "changed_at", "ctransid", "path",
+)  # fmt: skip
 
 
 @dataclass
@@ -714,8 +719,12 @@ def _views(
     top = views[0][1] if views and views[0][0] == "" else None
     layer_prefix, volumes_prefix = layer_dir + "/", volumes_dir + "/"
     new_view = tuple.__new__
-    for rec in sorted(records, key=lambda r: r.id):
-        in_fs = "/" + rec.path.strip("/") if rec.path is not None else None
+    for rec in sorted(records, key=_view_id):
+        # the record's fields in one step (SubvolumeRecord's order), not one lookup each
+        sid, parent_id, generation, sub_uuid, parent_uuid, read_only, created, changed, _, path = (
+            rec
+        )
+        in_fs = "/" + path.strip("/") if path is not None else None
         if in_fs is None:
             local = None
         elif top is not None and in_fs != "/":
@@ -739,27 +748,27 @@ def _views(
                 vol = vol_by_name.get(vname)
                 if vol is not None:  # the volume's own name: one string per volume
                     kind, ref = "docker-volume", vol.name
-        q = qg.get(rec.id) if qg is not None else None
+        q = qg.get(sid) if qg is not None else None
         # SubvolView(...) by position, in the order of its fields
-        subs[rec.id] = new_view(
+        subs[sid] = new_view(
             SubvolView,
             (
                 uuid,
-                rec.id,
-                rec.parent_id,
+                sid,
+                parent_id,
                 host,
                 local,
                 in_fs,
-                rec.read_only,
-                rec.generation,
-                rec.uuid,
-                rec.parent_uuid,
+                read_only,
+                generation,
+                sub_uuid,
+                parent_uuid,
                 q.referenced if q else None,
                 q.exclusive if q else None,
                 kind,
                 ref,
-                rec.created_at,
-                rec.changed_at,
+                created,
+                changed,
             ),
         )
     return subs
