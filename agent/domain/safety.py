@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -211,31 +211,46 @@ def _check_member(
     own_volume: str | None = None,
 ) -> None:
     """A subvolume that a delete would destroy (the target or one nested in it)."""
-    fs = snap.filesystems[sv.fs_uuid]
-    if sv.id == TOP_LEVEL_ID:
-        raise Protected("subvolume 5 is the filesystem's top level")
-    if sv.id == fs.default_id:
-        raise Protected(f"subvolume {sv.id} is the filesystem's default subvolume")
-    path = _check_path(snap, sv)
-    if sv.owner_kind == "docker-layer":
-        raise Protected(f"{path} is a Docker layer that an image or container references")
-    layer = _layer_of(snap, path)
-    if layer is not None and not snap.layerdb_known:
-        raise Protected(
-            f"{path} is in Docker's layers folder, and Docker's layer records cannot be "
-            "read (none yet, or unreadable): a layer being written cannot be told from "
-            "an orphan"
-        )
-    if layer is not None and layer != path and posixpath.basename(layer) in snap.refs.all:
-        # a subvolume made inside a layer, e.g. by a docker-in-docker container that
-        # keeps its data in its own (stopped) container layer
-        raise Protected(
-            f"{path} is inside {layer}, a Docker layer that an image or container references"
-        )
-    if sv.owner_kind == "docker-volume" and sv.owner_ref and sv.owner_ref != own_volume:
-        vol = snap.volumes.get(sv.owner_ref)
-        if vol is not None:
-            _check_volume_usable(vol, protect_labels)
+    _check_members(snap, (sv,), protect_labels, own_volume=own_volume)
+
+
+def _check_members(
+    snap: Snapshot,
+    members: Iterable[SubvolView],
+    protect_labels: Sequence[str],
+    *,
+    own_volume: str | None = None,
+) -> None:
+    """``_check_member`` of each of ``members``, in their order (the first refused
+    raises): one loop, what they share looked up once."""
+    filesystems = snap.filesystems
+    layer_dirs = _layer_dir_of(snap.docker.data_root)
+    for sv in members:
+        fs = filesystems[sv.fs_uuid]
+        if sv.id == TOP_LEVEL_ID:
+            raise Protected("subvolume 5 is the filesystem's top level")
+        if sv.id == fs.default_id:
+            raise Protected(f"subvolume {sv.id} is the filesystem's default subvolume")
+        path = _check_path(snap, sv)
+        if sv.owner_kind == "docker-layer":
+            raise Protected(f"{path} is a Docker layer that an image or container references")
+        layer = _layer_in(path, layer_dirs)
+        if layer is not None and not snap.layerdb_known:
+            raise Protected(
+                f"{path} is in Docker's layers folder, and Docker's layer records cannot be "
+                "read (none yet, or unreadable): a layer being written cannot be told from "
+                "an orphan"
+            )
+        if layer is not None and layer != path and posixpath.basename(layer) in snap.refs.all:
+            # a subvolume made inside a layer, e.g. by a docker-in-docker container that
+            # keeps its data in its own (stopped) container layer
+            raise Protected(
+                f"{path} is inside {layer}, a Docker layer that an image or container references"
+            )
+        if sv.owner_kind == "docker-volume" and sv.owner_ref and sv.owner_ref != own_volume:
+            vol = snap.volumes.get(sv.owner_ref)
+            if vol is not None:
+                _check_volume_usable(vol, protect_labels)
 
 
 def in_fs_path(snap: Snapshot, fs_uuid: str, host_path: str) -> str | None:
@@ -286,8 +301,9 @@ def _check_inner_volumes(vol: VolumeView, protect_labels: Sequence[str]) -> None
 
 def _readonly_parents(snap: Snapshot, subs: Sequence[SubvolView]) -> tuple[SubvolView, ...]:
     out: dict[int, SubvolView] = {}
+    by_fs = snap.subvolumes
     for sv in subs:
-        parent = snap.subvolume(sv.fs_uuid, sv.parent_id)
+        parent = by_fs.get(sv.fs_uuid, {}).get(sv.parent_id)
         if parent is not None and parent.read_only:
             out[parent.id] = parent
     return tuple(out[k] for k in sorted(out))
@@ -308,7 +324,12 @@ def _layer_dir_of(data_root: str) -> tuple[str, str, str]:
 def _layer_of(snap: Snapshot, path: str) -> str | None:
     """The layer (``<data_root>/btrfs/subvolumes/<name>``) that host path ``path`` is or
     lies in; None when it is in none."""
-    layer_dir, base, inside = _layer_dir_of(snap.docker.data_root)
+    return _layer_in(path, _layer_dir_of(snap.docker.data_root))
+
+
+def _layer_in(path: str, layer_dirs: tuple[str, str, str]) -> str | None:
+    """``_layer_of`` with the layers folder given (``_layer_dir_of``)."""
+    layer_dir, base, inside = layer_dirs
     if not path.startswith(inside) or path.rstrip("/") == base:
         return None
     name = path[len(base) + 1 :].split("/", 1)[0]
@@ -399,8 +420,7 @@ def plan_subvolume_delete(
         raise Protected(f"{path} holds Docker's data root {snap.docker.data_root}")
     guard = ((path, snap.filesystems[fs_uuid].dev, sv.in_fs),)
     check_guard(snap, guard, snap.mounts)
-    for member in subtree:
-        _check_member(snap, member, protect_labels)
+    _check_members(snap, subtree, protect_labels)
     ordered = tuple(snap.delete_order(subtree))
     parent = snap.subvolume(fs_uuid, sv.parent_id)
     if parent is not None and parent.read_only and parent.id != TOP_LEVEL_ID:
@@ -498,8 +518,7 @@ def plan_volume_delete(
             members[(member.fs_uuid, member.id)] = member
     if {k[0] for k in members} - {holder.uuid}:
         raise Protected(f"volume {name} spans several filesystems; refusing")
-    for member in members.values():
-        _check_member(snap, member, protect_labels, own_volume=name)
+    _check_members(snap, members.values(), protect_labels, own_volume=name)
     ordered = tuple(snap.delete_order(members.values()))
     return DeleteSet(
         fs_uuid=holder.uuid,
