@@ -201,7 +201,7 @@ class Inventory:
         self.current()
         return self.kept_findings()
 
-    def _listing_snapshot(self, *, first_page: bool) -> Snapshot:
+    def listing_snapshot(self, *, first_page: bool) -> Snapshot:
         """The snapshot a page of the subvolume listing is cut from: the current one
         for the first page, the same for the pages after it (up to
         ``PAGE_SNAPSHOT_SECONDS``), so a listing of N pages scans the system at most
@@ -303,6 +303,18 @@ class Inventory:
         self, fs_uuid: str, *, under: str | None, limit: int, cursor: str | None
     ) -> tuple[list[SubvolView], str | None]:
         """One page of a filesystem's subvolumes by id, after ``cursor``."""
+        after, under = self.page_args(cursor, under)
+        snap = self.listing_snapshot(first_page=cursor is None)
+        items, next_cursor = self.page_of(snap, fs_uuid, under=under, limit=limit, after=after)
+        if next_cursor is None:
+            self.listing_done()
+        return items, next_cursor
+
+    @staticmethod
+    def page_args(cursor: str | None, under: str | None) -> tuple[int, str | None]:
+        """A listing's ``cursor`` as the id the page starts after, and ``under`` in
+        normal form; ``ValidationFailed`` (before anything is scanned) when either is
+        not acceptable."""
         after = 0
         if cursor is not None:
             # ASCII digits only: str.isdigit() is also true for "²", which int() refuses
@@ -314,7 +326,15 @@ class Inventory:
                 under = check_abs(under)
             except PathRefused as exc:
                 raise ValidationFailed("bad path", errors={"under": [str(exc)]}) from None
-        snap = self._listing_snapshot(first_page=cursor is None)
+        return after, under
+
+    @staticmethod
+    def page_of(
+        snap: Snapshot, fs_uuid: str, *, under: str | None, limit: int, after: int
+    ) -> tuple[list[SubvolView], str | None]:
+        """The page of ``snap``'s subvolumes of ``fs_uuid`` after id ``after`` (those of
+        a known path, inside ``under`` when given), and the next page's cursor (None:
+        the last page)."""
         subs = snap.subvolumes.get(fs_uuid)
         if subs is None:
             raise NotFound(f"no btrfs filesystem with uuid {fs_uuid}")
@@ -332,10 +352,12 @@ class Inventory:
                 break
             items.append(sv)
         next_cursor = str(items[-1].id) if more and items else None
-        if next_cursor is None:
-            with self._lock:
-                self._paged = None  # the listing is complete: no page needs it
         return items, next_cursor
+
+    def listing_done(self) -> None:
+        """A listing's last page was answered: no page needs its snapshot any more."""
+        with self._lock:
+            self._paged = None
 
     def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView:
         snap = self.current()

@@ -11,6 +11,7 @@ from flask import current_app
 
 from agent.http.auth import TokenRegistry
 from agent.http.metrics import Metrics
+from agent.http.pages import PagesAhead
 from agent.runtime import Runtime
 
 EXTENSION = "nas_janitor"
@@ -51,6 +52,7 @@ class HttpContext:
     tokens: TokenRegistry
     metrics: Metrics
     answers: AnswerCache = field(default_factory=AnswerCache)
+    pages: PagesAhead = field(default_factory=PagesAhead)  # listings' next pages
 
 
 def http() -> HttpContext:

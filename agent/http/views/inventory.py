@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flask import Response
@@ -10,6 +11,7 @@ from flask_smorest import Blueprint
 from agent.domain.inventory import Inventory
 from agent.domain.keptscan import trim_malloc
 from agent.domain.paths import VOLUME_NAME_PARAMETER
+from agent.domain.snapshot import Snapshot
 from agent.http import wire
 from agent.http.api import needs
 from agent.http.context import http, runtime
@@ -60,11 +62,30 @@ def filesystems() -> dict[str, Any]:
 def subvolumes(fs_uuid: str, *, limit: int, cursor: str | None, under: str | None) -> Response:
     """Subvolumes of one filesystem with their owner, paged by id."""
     i = inv()
-    items, next_cursor = i.subvolumes(fs_uuid, under=under, limit=limit, cursor=cursor)
+    after, under = i.page_args(cursor, under)
+    snap = i.listing_snapshot(first_page=cursor is None)
+    ahead = http().pages
+    page = ahead.take(snap, (fs_uuid, under, limit, after))
+    if page is None:
+        page = _page(i, snap, fs_uuid, under, limit, after)
+    body, next_cursor = page
+    if next_cursor is None:
+        i.listing_done()
+    else:  # made while the client reads this one (agent.http.pages)
+        nxt = int(next_cursor)
+        make = functools.partial(_page, i, snap, fs_uuid, under, limit, nxt)
+        ahead.start(snap, (fs_uuid, under, limit, nxt), make)
+    return Response(body, mimetype="application/json")
+
+
+def _page(
+    i: Inventory, snap: Snapshot, fs_uuid: str, under: str | None, limit: int, after: int
+) -> tuple[bytes, str | None]:
+    items, next_cursor = i.page_of(snap, fs_uuid, under=under, limit=limit, after=after)
     body = wire.subvolume_page_json(items, i.created_at, next_cursor)
     if len(items) > BIG_PAGE:
         trim_malloc()  # the page's pieces go back to the system, not to the heap's top
-    return Response(body, mimetype="application/json")
+    return body, next_cursor
 
 
 @blp.get("/filesystems/<string:fs_uuid>/subvolumes/<int:sub_id>")
