@@ -3,7 +3,8 @@
 A client pages through a listing one request at a time: while it reads and decodes a
 page (a page of 500 is some 280 KB of JSON), the agent has nothing to do, and then it
 makes the next page after the request for it arrives. ``PagesAhead`` makes that next
-page in a thread of its own as soon as the page before it is answered: the answer for
+page in a thread of its own as soon as the page before it is answered (from the second
+page on: a client that reads only the first makes nothing be made ahead): the answer for
 the very same page of the very same snapshot (the object: a listing's pages are cut from
 one snapshot, ``Inventory.listing_snapshot``), with the same query. A request finds it
 made, or waits for it to be done, or (another snapshot, another query, an error, or

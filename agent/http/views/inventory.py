@@ -71,7 +71,9 @@ def subvolumes(fs_uuid: str, *, limit: int, cursor: str | None, under: str | Non
     body, next_cursor = page
     if next_cursor is None:
         i.listing_done()
-    else:  # made while the client reads this one (agent.http.pages)
+    elif cursor is not None:
+        # a client that asked for a page after the first pages through the listing:
+        # the next page is made while it reads this one (agent.http.pages)
         nxt = int(next_cursor)
         make = functools.partial(_page, i, snap, fs_uuid, under, limit, nxt)
         ahead.start(snap, (fs_uuid, under, limit, nxt), make)
