@@ -20,13 +20,15 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from agent.domain.inventory import PAGE_SNAPSHOT_SECONDS
+
 # (the body, the next page's cursor)
 Page = tuple[bytes, str | None]
 
 
 class PagesAhead:
     MAX = 4
-    MAX_AGE = 30.0  # seconds; a listing's snapshot is kept as long (PAGE_SNAPSHOT_SECONDS)
+    MAX_AGE = PAGE_SNAPSHOT_SECONDS  # as long as a listing's pages share its snapshot
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
