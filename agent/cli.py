@@ -22,6 +22,9 @@ from agent import __version__
 from agent.config import SCOPES, AgentConfig, ConfigError, load_config
 from shared.policy import DEFAULT_MIN_AGE_SECONDS, FINDING_KINDS, MAX_AGE_SECONDS
 
+# the environment variable glibc reads for how many malloc arenas a process may have
+MALLOC_ARENA_MAX = "MALLOC_ARENA_MAX"
+
 CONFIG_OPTION = click.option(
     "--config",
     "config_path",
@@ -112,6 +115,11 @@ def serve(config_path: str | None) -> None:
         raise SystemExit(master.main(handed))
     # the config goes over in an inherited anonymous file, not in the environment
     env = {**os.environ, HANDOVER: str(write_handover(handed))}
+    # glibc's malloc gives each new thread an arena of its own (up to 8 per core), and
+    # what a thread frees stays in its arena: the worker's request threads and scan
+    # pools would each keep some. Two arenas, as gunicorn's docs advise for threaded
+    # workers (BENCHMARKS.md, B4); a value set by the user is kept.
+    env.setdefault(MALLOC_ARENA_MAX, "2")
     # the same interpreter on a fixed module: no shell, nothing from outside
     argv = [sys.executable, "-m", "agent.http.master"]
     os.execve(sys.executable, argv, env)  # noqa: S606

@@ -147,6 +147,24 @@ def test_the_master_is_lean_and_its_worker_reads_the_config(tmp_path: Path) -> N
             assert r.headers["content-type"] == "application/problem+json"
 
 
+@pytest.mark.parametrize("given", [None, "4"])
+def test_the_server_runs_with_few_malloc_arenas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str | None
+) -> None:
+    """``serve`` starts the master (and so its worker) with ``MALLOC_ARENA_MAX=2``
+    unless the user set it: glibc reads it when the process starts."""
+    if given is None:
+        monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    else:
+        monkeypatch.setenv("MALLOC_ARENA_MAX", given)
+    with running_agent(tmp_path, docker_host=NO_DOCKER) as agent:
+        pid = agent.proc.pid
+        (worker,) = _children(pid)
+        for p in (pid, worker):
+            environ = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+            assert f"MALLOC_ARENA_MAX={given or 2}".encode() in environ, p
+
+
 def test_the_master_refuses_what_serve_did_not_hand_over() -> None:
     from agent.http.handover import HANDOVER, write_handover
 
