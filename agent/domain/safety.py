@@ -418,7 +418,7 @@ def plan_subvolume_delete(
     path = _check_path(snap, sv)
     if is_under(snap.docker.data_root, path):
         raise Protected(f"{path} holds Docker's data root {snap.docker.data_root}")
-    guard = ((path, snap.filesystems[fs_uuid].dev, sv.in_fs),)
+    guard = ((path, snap.filesystems[fs_uuid].dev, snap.in_fs(sv)),)
     check_guard(snap, guard, snap.mounts)
     _check_members(snap, subtree, protect_labels)
     ordered = tuple(snap.delete_order(subtree))

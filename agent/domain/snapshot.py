@@ -74,6 +74,9 @@ class FsView:
     dev: str = ""  # "major:minor" of the filesystem, as mount tables name it
     # level-0 qgroups whose subvolume is gone (kernels before 6.11 leave them behind)
     stale_qgroups: tuple[int, ...] = ()
+    # this process's mount point of the filesystem's top level that the subvolumes' local
+    # paths were made through ("" for "/"), or None when none shows the top level
+    top_view: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,10 @@ class SubvolView(NamedTuple):
     parent_id: int
     path: str | None  # host path; None when no mount of this process shows it
     local_path: str | None
-    in_fs: str | None  # its path inside the filesystem from the top level ("/docker/...")
+    # its path inside the filesystem from the top level ("/docker/..."), kept only where
+    # it is not the local path below the filesystem's top-level mount (``FsView.top_view``):
+    # ``Snapshot.in_fs`` gives it either way (not kept twice: 10,000 paths are ~2 MB)
+    in_fs_apart: str | None
     read_only: bool
     generation: int
     uuid: str | None
@@ -210,6 +216,20 @@ class Snapshot:
 
     def subvolume(self, fs_uuid: str, sub_id: int) -> SubvolView | None:
         return self.subvolumes.get(fs_uuid, {}).get(sub_id)
+
+    def in_fs(self, sv: SubvolView) -> str | None:
+        """Where ``sv`` lies inside its filesystem, from the top level ("/docker/...");
+        None when that is not known. Kept in the view where its local path was not made
+        from it through the top-level mount; else the local path without that mount
+        point (``_views`` made it as mount point + path)."""
+        if sv.in_fs_apart is not None:
+            return sv.in_fs_apart
+        fs = self.filesystems.get(sv.fs_uuid)
+        top = fs.top_view if fs is not None else None
+        local = sv.local_path
+        if top is None or local is None or not local.startswith(top + "/"):
+            return None
+        return local[len(top) :]
 
     def subvolumes_list(self) -> list[SubvolView]:
         """Every subvolume of every filesystem."""
@@ -615,6 +635,10 @@ def _take(
         stale: tuple[int, ...] = ()
         if qg and scope is None:  # a scoped listing does not tell which are gone
             stale = tuple(sorted(i for i in qg if i not in live and i != TOP_LEVEL_ID))
+        views = _view_mounts(mounts, pathmap, wanted)
+        # Most subvolumes are read through the first view, a mount of the top level:
+        # their local path is that mount point and their path inside the filesystem.
+        top = views[0][1] if views and views[0][0] == "" else None
         filesystems[uuid] = FsView(
             uuid=uuid,
             label=label,
@@ -626,10 +650,11 @@ def _take(
             mounts=tuple(mounts),
             dev=mounts[0].dev,
             stale_qgroups=stale,
+            top_view=top,
         )
         with collector.paused():  # computing only
             subvolumes[uuid] = _views(
-                uuid, records, qg, mounts, pathmap, wanted, layer_dir, volumes_dir,
+                uuid, records, qg, views, top, pathmap, layer_dir, volumes_dir,
                 referenced, layerdb_known, vol_by_name,
             )  # fmt: skip
 
@@ -700,9 +725,9 @@ def _views(
     uuid: str,
     records: list[SubvolumeRecord],
     qg: Mapping[int, Qgroup] | None,
-    mounts: list[MountEntry],
+    views: Sequence[tuple[str, str]],
+    top: str | None,
     pathmap: PathMap,
-    wanted: Sequence[str],
     layer_dir: str,
     volumes_dir: str,
     referenced: Collection[str],
@@ -711,12 +736,9 @@ def _views(
 ) -> dict[int, SubvolView]:
     """The views of one filesystem's subvolumes: where each is (inside the filesystem,
     here and on the host) and what owns it (a layer Docker references, an orphan layer,
-    a volume, or nothing of Docker's)."""
+    a volume, or nothing of Docker's). ``views``: the mounts their paths are read
+    through (``_view_mounts``), ``top`` the first when it shows the top level."""
     subs: dict[int, SubvolView] = {}
-    views = _view_mounts(mounts, pathmap, wanted)
-    # Most subvolumes are read through the first view, a mount of the top level:
-    # their local path is that mount point and their path inside the filesystem.
-    top = views[0][1] if views and views[0][0] == "" else None
     layer_prefix, volumes_prefix = layer_dir + "/", volumes_dir + "/"
     new_view = tuple.__new__
     for rec in sorted(records, key=_view_id):
@@ -724,13 +746,17 @@ def _views(
         sid, parent_id, generation, sub_uuid, parent_uuid, read_only, created, changed, _, path = (
             rec
         )
-        in_fs = "/" + path.strip("/") if path is not None else None
-        if in_fs is None:
+        inside = path.strip("/") if path is not None else None
+        apart: str | None = None
+        if inside is None:
             local = None
-        elif top is not None and in_fs != "/":
-            local = top + in_fs  # what _map_path gives through that first view
+        elif top is not None and inside:
+            # what _map_path gives through that first view; its path inside the
+            # filesystem is not kept (Snapshot.in_fs: this without top), nor made
+            local = f"{top}/{inside}"
         else:
-            local = _map_path(in_fs, views)
+            apart = "/" + inside
+            local = _map_path(apart, views)
         host = pathmap.to_host(local) if local is not None else None
         kind, ref = "other", None
         if host is not None:
@@ -758,7 +784,7 @@ def _views(
                 parent_id,
                 host,
                 local,
-                in_fs,
+                apart,
                 read_only,
                 generation,
                 sub_uuid,

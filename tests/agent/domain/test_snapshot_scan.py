@@ -70,3 +70,29 @@ def test_only_a_volume_that_can_be_a_finding_has_its_folders_read(tmp_path: Path
     assert sc.named_volume not in kinds and sc.keep_volume not in kinds
     assert kinds[sc.dind_volume] == "dind-volume"
     assert kinds[dangling_name] == "dangling-volume"
+
+
+def test_where_each_subvolume_lies_inside_its_filesystem_is_told_as_listed() -> None:
+    """``Snapshot.in_fs`` gives every subvolume's path inside its filesystem as the
+    listing has it: from the local path for those shown through the top-level mount
+    (the path itself is not kept twice), kept for those shown only through another."""
+    sc = make_leak_scenario()
+    fs2 = sc.btrfs.add_filesystem(mount="/volume2")
+    sc.btrfs.create_subvolume("/volume2/data")
+    sc.btrfs.create_subvolume("/volume2/data/inner")
+    sc.btrfs.mount_subvolume("/volume2/data", "/srv/data")
+    sc.btrfs.unmount("/volume2")  # only the subvol= mount shows it now
+    snap = take_snapshot(sc.btrfs, sc.docker, now=sc.now, roots=(sc.docker.data_root, "/srv/data"))
+    assert fs2.uuid in snap.subvolumes
+    for uuid, subs in snap.subvolumes.items():
+        fs = snap.filesystems[uuid]
+        listed = {r.id: r.path for r in sc.btrfs.list_subvolumes(fs.local_mount)}
+        for sv in subs.values():
+            path = listed[sv.id]
+            assert snap.in_fs(sv) == ("/" + path.strip("/") if path is not None else None)
+            if fs.top_view is not None and sv.local_path is not None:
+                assert sv.in_fs_apart is None  # given from the local path
+    assert snap.filesystems[fs2.uuid].top_view is None
+    inner = next(s for s in snap.subvolumes[fs2.uuid].values() if s.local_path == "/srv/data/inner")
+    assert inner.in_fs_apart == "/data/inner"  # kept: no top-level mount to give it
+    assert snap.in_fs(inner) == "/data/inner"

@@ -29,7 +29,7 @@ def _sv(sub_id: int, path: str | None, **kw: Any) -> SubvolView:
         "parent_id": 5,
         "path": path,
         "local_path": path,
-        "in_fs": path,
+        "in_fs_apart": path,
         "read_only": False,
         "generation": 7,
         "uuid": None,
